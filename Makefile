@@ -1,0 +1,34 @@
+# Two commands do all the set-up: `make serve` and `make test` (see README.md).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+
+.PHONY: install serve serve-random test lint bench
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	# torch first, pinned: the CUDA build runs on CPU too; see docs/ and the README.
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet -e '.[test]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP)
+
+# Fetches the default model's checkpoint when it is missing (needs internet once), then serves.
+serve: install
+	-$(VENV)/bin/labelserve weights fetch mobile_sam
+	$(VENV)/bin/labelserve serve
+
+# Same server with seeded random weights where checkpoints are missing: real speed, meaningless masks.
+serve-random: install
+	$(VENV)/bin/labelserve serve --random-init
+
+test: install
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
+
+lint: install
+	$(PY) -m ruff check .
+
+bench: install
+	$(PY) bench/bench_sam.py

@@ -1,0 +1,176 @@
+"""SAM-family segmenters (SAM ViT-B/L/H, MobileSAM) with segment-anything's exact pre- and post-processing.
+
+Masks are bit-for-bit SamPredictor's up to the 1024-pixel intermediate; the final upsampling to the original
+resolution is done only inside the region where the mask can be positive (see `upsample`), which is what
+makes clicks on 12 MP images cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from segment_anything.utils.transforms import ResizeLongestSide
+
+from models.base import Decoded, ImageEmbedding, Prompt, Segmenter
+from server.masks import RegionMask
+
+# Logit magnitude given to a binary mask used as a prompt (SAM's own logits are of this order).
+MASK_PROMPT_LOGIT = 10.0
+# cv2.warpAffine cannot write images wider or taller than this.
+_CV2_MAX_SIDE = 32766
+
+SAM_ARCHITECTURES = ("sam_vit_b", "sam_vit_l", "sam_vit_h", "mobile_sam")
+
+
+def build_sam(architecture: str, checkpoint: Path | None) -> torch.nn.Module:
+    """Build a SAM architecture; with no checkpoint the weights are whatever torch's RNG gives."""
+    if architecture == "mobile_sam":
+        with _quiet_timm():
+            from mobile_sam import sam_model_registry as registry
+        key = "vit_t"
+    elif architecture in SAM_ARCHITECTURES:
+        from segment_anything import sam_model_registry as registry
+
+        key = architecture.removeprefix("sam_")
+    else:
+        raise ValueError(f"unknown SAM architecture {architecture!r}")
+    return registry[key](checkpoint=str(checkpoint) if checkpoint else None).eval()
+
+
+@contextlib.contextmanager
+def _quiet_timm():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+class SamSegmenter(Segmenter):
+    preprocessing_version = "sam-rls1024-v1"
+
+    def __init__(
+        self,
+        name: str,
+        sam: torch.nn.Module,
+        device: torch.device,
+        cache_dtype: torch.dtype = torch.float16,
+        cache_on_model_device: bool = False,
+        encoder_autocast: torch.dtype | None = None,
+    ) -> None:
+        self.name = name
+        self.sam = sam.to(device)
+        self.device = device
+        self.cache_dtype = cache_dtype
+        self.cache_device = device if cache_on_model_device else torch.device("cpu")
+        self.encoder_autocast = encoder_autocast if device.type == "cuda" else None
+        self.transform = ResizeLongestSide(sam.image_encoder.img_size)
+        self.encoder_lock = threading.Lock()  # parallel encodes only fight over the same cores
+        self._dense_pe = self.sam.prompt_encoder.get_dense_pe().detach()
+
+    # ---- encode -------------------------------------------------------------------------------------------
+    def encode(self, image: np.ndarray) -> ImageEmbedding:
+        resized = self.transform.apply_image(image)
+        tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
+        with self.encoder_lock, torch.inference_mode(), self._autocast():
+            features = self.sam.image_encoder(self.sam.preprocess(tensor))
+        return ImageEmbedding(
+            features=features.to(self.cache_device, self.cache_dtype),
+            original_size=(int(image.shape[0]), int(image.shape[1])),
+            input_size=(int(tensor.shape[-2]), int(tensor.shape[-1])),
+        )
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.encoder_autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda", dtype=self.encoder_autocast)
+
+    # ---- decode -------------------------------------------------------------------------------------------
+    def decode(self, embedding: ImageEmbedding, prompt: Prompt, multimask: bool) -> Decoded:
+        points = None
+        if len(prompt.points):
+            coords = self.transform.apply_coords(prompt.points.astype(np.float32), embedding.original_size)
+            points = (
+                torch.as_tensor(coords, dtype=torch.float, device=self.device)[None],
+                torch.as_tensor(prompt.labels, dtype=torch.int, device=self.device)[None],
+            )
+        boxes = None
+        if prompt.box is not None:
+            box = self.transform.apply_boxes(prompt.box[None].astype(np.float32), embedding.original_size)
+            boxes = torch.as_tensor(box, dtype=torch.float, device=self.device)
+        masks = None
+        if prompt.mask_input is not None:
+            masks = prompt.mask_input.to(self.device, torch.float)[None]
+        with torch.inference_mode():
+            sparse, dense = self.sam.prompt_encoder(points=points, boxes=boxes, masks=masks)
+            low_res, iou = self.sam.mask_decoder(
+                image_embeddings=embedding.features.to(self.device, torch.float),
+                image_pe=self._dense_pe,
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask,
+            )
+        return Decoded(low_res_logits=low_res[0].float().cpu(), scores=iou[0].float().cpu().numpy())
+
+    # ---- post-processing ----------------------------------------------------------------------------------
+    def upsample(self, embedding: ImageEmbedding, low_res_logits: torch.Tensor) -> RegionMask:
+        height, width = embedding.original_size
+        in_h, in_w = embedding.input_size
+        size = self.sam.image_encoder.img_size
+        # Step 1, exactly as Sam.postprocess_masks: to the padded encoder size, then crop the padding.
+        mid = F.interpolate(
+            low_res_logits[None, None].float(), (size, size), mode="bilinear", align_corners=False
+        )
+        mid = mid[0, 0, :in_h, :in_w].contiguous().numpy()
+        positive = mid > self.sam.mask_threshold
+        rows = np.flatnonzero(positive.any(axis=1))
+        if rows.size == 0:
+            return RegionMask(np.zeros((0, 0), bool), 0, 0, width, height)
+        cols = np.flatnonzero(positive.any(axis=0))
+        # Step 2, bilinear to the original size, computed only where a positive source pixel is a neighbour:
+        # elsewhere every interpolated value is a mix of non-positive values, hence background.
+        sy, sx = in_h / height, in_w / width
+        r0, r1 = _output_span(rows[0], rows[-1], sy, height)
+        c0, c1 = _output_span(cols[0], cols[-1], sx, width)
+        if max(r1 - r0, c1 - c0) > _CV2_MAX_SIDE:
+            full = F.interpolate(
+                torch.from_numpy(mid)[None, None], (height, width), mode="bilinear", align_corners=False
+            )[0, 0].numpy()
+            return RegionMask(full > self.sam.mask_threshold, 0, 0, width, height)
+        # Output pixel (x, y) samples the source at ((x + 0.5) * s - 0.5), the same half-pixel convention
+        # as torch's align_corners=False; border replication equals torch's clamping.
+        affine = np.array(
+            [[sx, 0.0, sx * (c0 + 0.5) - 0.5], [0.0, sy, sy * (r0 + 0.5) - 0.5]], dtype=np.float64
+        )
+        region = cv2.warpAffine(
+            mid,
+            affine,
+            (c1 - c0, r1 - r0),
+            flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+            borderMode=cv2.BORDER_REPLICATE,
+        )
+        return RegionMask(region > self.sam.mask_threshold, c0, r0, width, height)
+
+    def low_res_from_mask(self, embedding: ImageEmbedding, mask: RegionMask) -> torch.Tensor:
+        in_h, in_w = embedding.input_size
+        size = self.sam.image_encoder.img_size
+        full = mask.to_full().astype(np.float32)
+        resized = cv2.resize(full, (in_w, in_h), interpolation=cv2.INTER_AREA)
+        padded = np.zeros((size, size), np.float32)
+        padded[:in_h, :in_w] = resized
+        low = size // 4
+        small = cv2.resize(padded, (low, low), interpolation=cv2.INTER_AREA)
+        return torch.from_numpy((small * 2.0 - 1.0) * MASK_PROMPT_LOGIT)[None]
+
+
+def _output_span(first: int, last: int, scale: float, limit: int) -> tuple[int, int]:
+    """Output pixels [start, stop) whose bilinear neighbours can include source pixels first..last."""
+    start = int(np.floor((first - 0.5) / scale - 0.5)) - 1
+    stop = int(np.ceil((last + 1.5) / scale - 0.5)) + 2
+    return max(start, 0), min(stop, limit)

@@ -1,0 +1,81 @@
+"""The FastAPI application: a thin HTTP layer over the model registry and the services."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+
+from models.base import ModelLoading, ModelUnavailable, UnknownModel
+from models.registry import ModelRegistry
+from server.errors import error_body, install_error_handlers
+from server.routes import sam, system
+from server.sam_service import SamService
+from server.schemas import EmbedRequest, SegmentRequest
+from server.settings import Settings, get_settings
+from server.state import Services
+
+log = logging.getLogger("labelserve")
+
+
+def create_app(settings: Settings | None = None, *, load_models_in_background: bool = True) -> FastAPI:
+    settings = settings or get_settings()
+    registry = ModelRegistry(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if load_models_in_background:
+            registry.start_loading()
+        else:
+            registry.load_enabled()
+        yield
+
+    app = FastAPI(
+        title="labelserve",
+        version="0.1.0",
+        description="AI-assisted labeling inference: SAM clicks on cached embeddings.",
+        lifespan=lifespan,
+    )
+    app.state.services = Services(settings, registry, SamService(registry, settings))
+    install_error_handlers(app)
+    _install_model_errors(app)
+    app.include_router(sam.router)
+    app.include_router(system.router)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _install_model_errors(app: FastAPI) -> None:
+    @app.exception_handler(UnknownModel)
+    async def _unknown(_: Request, exc: UnknownModel) -> JSONResponse:
+        return JSONResponse(error_body("unknown_model", str(exc)), status_code=404)
+
+    @app.exception_handler(ModelUnavailable)
+    async def _unavailable(_: Request, exc: ModelUnavailable) -> JSONResponse:
+        message = f"{exc} Fix: {exc.fix}" if exc.fix else str(exc)
+        return JSONResponse(error_body("model_unavailable", message), status_code=503)
+
+    @app.exception_handler(ModelLoading)
+    async def _loading(_: Request, exc: ModelLoading) -> JSONResponse:
+        return JSONResponse(
+            error_body("model_loading", str(exc)), status_code=503, headers={"Retry-After": "5"}
+        )
+
+
+def _openapi(app: FastAPI) -> dict:
+    if app.openapi_schema is None:
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        # Request bodies are parsed by hand (JSON or multipart), so their models are added explicitly.
+        for model in (EmbedRequest, SegmentRequest):
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(body.pop("$defs", {}))
+            components[model.__name__] = body
+        app.openapi_schema = schema
+    return app.openapi_schema

@@ -1,0 +1,134 @@
+"""Byte-bounded, thread-safe LRU caches: embeddings (with single-flight encodes) and refinement logits."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+V = TypeVar("V")
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    inflight_waits: int = 0
+    uncacheable: int = 0
+
+
+class ByteLRU(Generic[V]):
+    """LRU map whose total size (as reported by `size_of`) never exceeds `max_bytes`."""
+
+    def __init__(self, max_bytes: int, size_of: Callable[[V], int]) -> None:
+        self.max_bytes = max_bytes
+        self._size_of = size_of
+        self._items: OrderedDict[Hashable, tuple[V, int]] = OrderedDict()
+        self._bytes = 0
+        self.lock = threading.RLock()
+        self.stats = CacheStats()
+
+    def get(self, key: Hashable) -> V | None:
+        with self.lock:
+            item = self._items.get(key)
+            if item is None:
+                self.stats.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.stats.hits += 1
+            return item[0]
+
+    def put(self, key: Hashable, value: V) -> bool:
+        """Store `value`; returns False when it alone is larger than the whole cache."""
+        size = self._size_of(value)
+        with self.lock:
+            self._discard(key)
+            if size > self.max_bytes:
+                self.stats.uncacheable += 1
+                return False
+            while self._bytes + size > self.max_bytes and self._items:
+                _, (_, evicted) = self._items.popitem(last=False)
+                self._bytes -= evicted
+                self.stats.evictions += 1
+            self._items[key] = (value, size)
+            self._bytes += size
+            return True
+
+    def _discard(self, key: Hashable) -> None:
+        item = self._items.pop(key, None)
+        if item is not None:
+            self._bytes -= item[1]
+
+    def discard(self, key: Hashable) -> None:
+        with self.lock:
+            self._discard(key)
+
+    def clear(self) -> int:
+        with self.lock:
+            count = len(self._items)
+            self._items.clear()
+            self._bytes = 0
+            return count
+
+    def __contains__(self, key: Hashable) -> bool:
+        with self.lock:
+            return key in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            return {
+                "entries": len(self._items),
+                "bytes": self._bytes,
+                "max_bytes": self.max_bytes,
+                **vars(self.stats),
+            }
+
+
+class EmbeddingCache(ByteLRU[V]):
+    """A ByteLRU whose misses are computed once: concurrent requests for a key being encoded wait for it."""
+
+    def __init__(self, max_bytes: int, size_of: Callable[[V], int]) -> None:
+        super().__init__(max_bytes, size_of)
+        self._inflight: dict[Hashable, Future[V]] = {}
+
+    def get_or_compute(self, key: Hashable, compute: Callable[[], V]) -> tuple[V, bool]:
+        """Returns (value, was_cached). Exceptions from `compute` reach every waiter and nothing is cached."""
+        with self.lock:
+            value = self.get(key)
+            if value is not None:
+                return value, True
+            future = self._inflight.get(key)
+            owner = future is None
+            if owner:
+                future = self._inflight[key] = Future()
+            else:
+                self.stats.inflight_waits += 1
+        if not owner:
+            return future.result(), True
+        try:
+            value = compute()
+        except BaseException as exc:
+            future.set_exception(exc)
+            raise
+        else:
+            self.put(key, value)
+            future.set_result(value)
+            return value, False
+        finally:
+            with self.lock:
+                self._inflight.pop(key, None)
+
+    def snapshot(self) -> dict:
+        with self.lock:
+            return {**super().snapshot(), "inflight": len(self._inflight)}

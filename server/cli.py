@@ -1,0 +1,52 @@
+"""`labelserve` command line: serve, and manage weights."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from weights.cli import add_weights_commands
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.app import create_app
+    from server.settings import Settings
+
+    overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
+    if args.random_init:
+        overrides["random_init"] = True
+    if args.models:
+        overrides["models"] = args.models.split(",")
+    settings = Settings(**overrides)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="labelserve", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run the HTTP server (settings: LABELSERVE_* variables)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--models", help="comma-separated model names (default: LABELSERVE_MODELS)")
+    serve.add_argument(
+        "--random-init",
+        action="store_true",
+        help="build models whose weights are missing with seeded random weights (tests/benchmarks only)",
+    )
+    serve.set_defaults(func=_serve)
+    add_weights_commands(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""SAM requests end to end: image bytes or id → cached embedding → prompts → masks in the asked formats."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from models.base import ImageEmbedding, Prompt, Segmenter
+from models.registry import ModelRegistry
+from server.cache import EmbeddingCache
+from server.errors import ApiError
+from server.images import decode_image, image_id
+from server.masks import RegionMask, coco_rle_decode, cvat_rle_decode
+from server.refine import PromptKey, RefinementHistory
+from server.schemas import MaskPrompt, SegmentRequest
+from server.settings import Settings
+from server.shapes import render_mask
+from server.timing import Timings
+
+
+@dataclass(frozen=True)
+class Embedded:
+    image_id: str
+    embedding: ImageEmbedding
+    cached: bool
+
+
+class SamService:
+    def __init__(self, registry: ModelRegistry, settings: Settings) -> None:
+        self.registry = registry
+        self.settings = settings
+        self.cache: EmbeddingCache[ImageEmbedding] = EmbeddingCache(settings.cache_bytes, lambda e: e.nbytes)
+        self.history = RefinementHistory(settings.prompt_history_bytes)
+
+    def _key(self, segmenter: Segmenter, content_id: str) -> tuple[str, str, str]:
+        return (segmenter.name, content_id, segmenter.preprocessing_version)
+
+    def embed(self, model: str, data: bytes, timings: Timings) -> Embedded:
+        segmenter = self.registry.segmenter(model)
+        with timings.stage("hash"):
+            content_id = image_id(data)
+
+        def compute() -> ImageEmbedding:
+            with timings.stage("decode_image"):
+                image = decode_image(data, self.settings.max_image_pixels)
+            with timings.stage("encode"):
+                return segmenter.encode(image)
+
+        with timings.stage("embedding"):
+            embedding, cached = self.cache.get_or_compute(self._key(segmenter, content_id), compute)
+        return Embedded(content_id, embedding, cached)
+
+    def cached_embedding(self, model: str, content_id: str) -> Embedded:
+        segmenter = self.registry.segmenter(model)
+        embedding = self.cache.get(self._key(segmenter, content_id))
+        if embedding is None:
+            raise ApiError(
+                404,
+                "image_not_cached",
+                f"No embedding of image {content_id} for model {model!r} (never sent, or evicted from the "
+                "cache); send the image itself in 'image', or POST it to /v1/sam/{model}/embed first.",
+            )
+        return Embedded(content_id, embedding, True)
+
+    def segment(self, model: str, data: bytes | None, request: SegmentRequest, timings: Timings) -> dict:
+        segmenter = self.registry.segmenter(model)
+        if data is not None:
+            embedded = self.embed(model, data, timings)
+        else:
+            assert request.image_id is not None
+            embedded = self.cached_embedding(model, request.image_id)
+        embedding = embedded.embedding
+        height, width = embedding.original_size
+        prompt = build_prompt(request, width, height)
+        if request.mask_input is not None:
+            with timings.stage("mask_prompt"):
+                mask = _decode_mask_prompt(request.mask_input, width, height)
+                prompt = Prompt(
+                    prompt.points, prompt.labels, prompt.box, segmenter.low_res_from_mask(embedding, mask)
+                )
+
+        key = PromptKey.of(prompt.points, prompt.labels, prompt.box)
+        refined_from = None
+        if request.refine and prompt.mask_input is None:
+            base = self.history.base_for(model, embedded.image_id, key)
+            if base is not None:
+                prompt = Prompt(prompt.points, prompt.labels, prompt.box, base[0])
+                refined_from = base[1]
+        multimask = request.multimask_output
+        if multimask is None:
+            multimask = len(prompt.points) == 1 and prompt.box is None and prompt.mask_input is None
+
+        with timings.stage("decode_mask"):
+            decoded = segmenter.decode(embedding, prompt, multimask)
+        order = np.argsort(-decoded.scores, kind="stable")
+        self.history.record(model, embedded.image_id, key, decoded.low_res_logits[order[0]][None])
+
+        masks = []
+        tolerance = (
+            self.settings.polygon_tolerance
+            if request.polygon_tolerance is None
+            else request.polygon_tolerance
+        )
+        for index in order[: request.max_masks]:
+            with timings.stage("upsample"):
+                region = segmenter.upsample(embedding, decoded.low_res_logits[index])
+            with timings.stage("serialize"):
+                masks.append(
+                    {
+                        "score": round(float(decoded.scores[index]), 6),
+                        **render_mask(region, request.formats, tolerance),
+                    }
+                )
+        return {
+            "image_id": embedded.image_id,
+            "model": model,
+            "width": width,
+            "height": height,
+            "cached": embedded.cached,
+            "refined_from_points": refined_from,
+            "masks": masks,
+        }
+
+    def clear(self) -> dict:
+        return {"embeddings": self.cache.clear(), "refinement": self.history.clear()}
+
+    def stats(self) -> dict:
+        return {"embeddings": self.cache.snapshot(), "refinement": self.history.snapshot()}
+
+
+def _finite(values: list[float], what: str) -> None:
+    if not all(math.isfinite(v) for v in values):
+        raise ApiError(422, "bad_prompt", f"{what} contains NaN or infinite coordinates.")
+
+
+def build_prompt(request: SegmentRequest, width: int, height: int) -> Prompt:
+    """Validate prompts against the image (pixel-edge coordinates, 0..W × 0..H)."""
+    points = np.asarray(request.points, dtype=np.float32).reshape(-1, 2)
+    _finite(points.ravel().tolist(), "points")
+    labels = request.labels if request.labels is not None else [1] * len(points)
+    if len(labels) != len(points):
+        raise ApiError(
+            422, "bad_prompt", f"{len(points)} points but {len(labels)} labels; give one label per point."
+        )
+    if any(label not in (0, 1) for label in labels):
+        raise ApiError(422, "bad_prompt", "labels must be 1 (positive) or 0 (negative).")
+    outside = [(float(x), float(y)) for x, y in points if not (0 <= x <= width and 0 <= y <= height)]
+    if outside:
+        raise ApiError(
+            422,
+            "prompt_outside_image",
+            f"points {outside[:3]} lie outside the {width}x{height} image; "
+            f"clicks must be within 0..{width} × 0..{height}.",
+        )
+    box = None
+    if request.box is not None:
+        _finite(list(request.box), "box")
+        x1, y1, x2, y2 = request.box
+        if x2 <= x1 or y2 <= y1:
+            raise ApiError(
+                422,
+                "bad_prompt",
+                f"box {list(request.box)} is empty or reversed; "
+                "send [x1, y1, x2, y2] with x1 < x2 and y1 < y2.",
+            )
+        if x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
+            raise ApiError(
+                422,
+                "prompt_outside_image",
+                f"box {list(request.box)} lies outside the {width}x{height} image.",
+            )
+        # A box dragged past the image edge is clipped, as CVAT clips shapes.
+        box = np.array([max(x1, 0), max(y1, 0), min(x2, width), min(y2, height)], dtype=np.float32)
+    if not len(points) and box is None and request.mask_input is None:
+        raise ApiError(422, "no_prompt", "No prompt: give at least one point, a box or a mask_input.")
+    return Prompt(points, np.asarray(labels, dtype=np.int32), box)
+
+
+def _decode_mask_prompt(prompt: MaskPrompt, width: int, height: int) -> RegionMask:
+    try:
+        if prompt.cvat is not None:
+            return cvat_rle_decode(prompt.cvat, width, height)
+        mask = coco_rle_decode(prompt.coco_rle or {})
+    except ValueError as exc:
+        raise ApiError(422, "bad_mask_input", f"mask_input is not a valid mask: {exc}") from None
+    if (mask.image_width, mask.image_height) != (width, height):
+        raise ApiError(
+            422,
+            "bad_mask_input",
+            f"mask_input is {mask.image_width}x{mask.image_height} but the image is {width}x{height}.",
+        )
+    return mask

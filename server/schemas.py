@@ -1,0 +1,107 @@
+"""Request and response bodies of the HTTP API (they also make the OpenAPI schema at /docs)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from server.shapes import MASK_FORMATS
+from server.sources import ImageRef
+
+
+class MaskPrompt(BaseModel):
+    """A previous mask used as a prompt, as CVAT RLE (+ inclusive bbox) or COCO RLE."""
+
+    cvat: list[float] | None = Field(
+        default=None, description="CVAT mask points: RLE runs + [xtl, ytl, xbr, ybr]."
+    )
+    coco_rle: dict | None = Field(default=None, description='COCO RLE {"size": [h, w], "counts": ...}.')
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> MaskPrompt:
+        if (self.cvat is None) == (self.coco_rle is None):
+            raise ValueError("give exactly one of 'cvat' or 'coco_rle'")
+        return self
+
+
+class EmbedRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    image: ImageRef
+
+
+class SegmentRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    image: ImageRef | None = Field(
+        default=None, description="The image; or give `image_id` of an embedded one."
+    )
+    image_id: str | None = Field(
+        default=None, description="sha256 of the image bytes, as returned by /embed."
+    )
+    points: list[tuple[float, float]] = Field(
+        default_factory=list, description="Clicks [[x, y], ...] in pixels."
+    )
+    labels: list[int] | None = Field(
+        default=None, description="1 = positive, 0 = negative, one per point; omitted = all positive."
+    )
+    box: tuple[float, float, float, float] | None = Field(
+        default=None, description="[x1, y1, x2, y2] in pixels."
+    )
+    mask_input: MaskPrompt | None = None
+    multimask_output: bool | None = Field(
+        default=None,
+        description="Ask SAM for 3 candidate masks; default: only for a single click with no box.",
+    )
+    max_masks: int = Field(default=1, ge=1, le=3, description="Return the best N masks, best first.")
+    refine: bool = Field(
+        default=True, description="Reuse the logits of an earlier decode whose prompts this one extends."
+    )
+    formats: list[str] = Field(default=["cvat"], description=f"Mask encodings among {list(MASK_FORMATS)}.")
+    polygon_tolerance: float | None = Field(
+        default=None, ge=0, le=100, description="Pixels; default from settings."
+    )
+
+    @field_validator("formats")
+    @classmethod
+    def _known_formats(cls, formats: list[str]) -> list[str]:
+        unknown = sorted(set(formats) - set(MASK_FORMATS))
+        if unknown:
+            raise ValueError(f"unknown mask formats {unknown}; choose among {list(MASK_FORMATS)}")
+        return formats
+
+    @model_validator(mode="after")
+    def _one_image(self, info: ValidationInfo) -> SegmentRequest:
+        uploaded = bool(info.context and info.context.get("upload"))
+        if (self.image is not None) + (self.image_id is not None) + uploaded != 1:
+            raise ValueError("give exactly one image: 'image', 'image_id', or (multipart) a 'file' part")
+        return self
+
+
+class EmbedResponse(BaseModel):
+    image_id: str
+    model: str
+    width: int
+    height: int
+    cached: bool
+    timings_ms: dict[str, float]
+
+
+class MaskOut(BaseModel):
+    score: float
+    bbox: list[int] = Field(description="[x, y, width, height] of the mask's pixels.")
+    area: int
+    cvat: list[int] | None = None
+    coco_rle: dict | None = None
+    polygons: list[list[float]] | None = None
+
+
+class SegmentResponse(BaseModel):
+    image_id: str
+    model: str
+    width: int
+    height: int
+    cached: bool
+    refined_from_points: int | None = Field(
+        description="Size of the earlier prompt set whose logits were reused."
+    )
+    masks: list[MaskOut]
+    timings_ms: dict[str, float]

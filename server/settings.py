@@ -1,0 +1,76 @@
+"""All of labelserve's configuration, read from LABELSERVE_* environment variables (or a .env file)."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from weights.store import default_weights_dir
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LABELSERVE_", env_file=".env", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+    # Models
+    models: Annotated[list[str], NoDecode] = Field(
+        default=["mobile_sam"], description="Models loaded at start-up (comma-separated or JSON list)."
+    )
+    weights_dir: Path = Field(default_factory=default_weights_dir)
+    random_init: bool = Field(
+        default=False,
+        description="Build models whose weights are missing with seeded random weights (tests, benchmarks).",
+    )
+    random_seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    encoder_dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        default="float16", description="Autocast dtype of the image encoder on CUDA (ignored on CPU)."
+    )
+    torch_threads: int = Field(default=0, description="CPU threads for torch; 0 = all cores.")
+
+    # Embedding cache
+    cache_bytes: int = Field(default=2 * 1024**3, description="Byte cap of the in-process embedding cache.")
+    cache_dtype: Literal["float16", "float32"] = "float16"
+    cache_device: Literal["cpu", "model"] = Field(
+        default="cpu", description="Keep cached embeddings on the CPU, or on the model's device (GPU)."
+    )
+    prompt_history_bytes: int = Field(
+        default=64 * 1024**2, description="Byte cap of the low-res logits kept for automatic refinement."
+    )
+
+    # Input limits
+    max_image_pixels: int = Field(default=64_000_000, description="Larger images are refused (413).")
+    max_request_bytes: int = Field(
+        default=64 * 1024**2, description="Larger request bodies are refused (413)."
+    )
+    url_timeout_s: float = 20.0
+    url_allow_private: bool = Field(
+        default=False, description="Allow image URLs that resolve to private/loopback addresses."
+    )
+
+    # Output
+    polygon_tolerance: float = 1.0
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_names(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            return (
+                json.loads(text)
+                if text.startswith("[")
+                else [n.strip() for n in text.split(",") if n.strip()]
+            )
+        return value
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

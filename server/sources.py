@@ -1,0 +1,118 @@
+"""Where image bytes come from: inline base64, or a URL whose scheme picks a reader (http/https now;
+object-store schemes register themselves in READERS)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import ipaddress
+import socket
+from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
+
+import httpx
+from pydantic import BaseModel, Field, model_validator
+
+from server.errors import ApiError
+from server.settings import Settings
+
+
+class ImageRef(BaseModel):
+    """An image given inline (`base64`) or by reference (`url`). Exactly one of them."""
+
+    base64: str | None = Field(
+        default=None, description="Base64 of the file bytes (a data: URI prefix is fine)."
+    )
+    url: str | None = Field(default=None, description="http(s) URL of the image file.")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ImageRef:
+        if (self.base64 is None) == (self.url is None):
+            raise ValueError("give exactly one of 'base64' or 'url'")
+        return self
+
+
+Reader = Callable[[str, Settings], Awaitable[bytes]]
+READERS: dict[str, Reader] = {}
+
+
+def decode_base64(text: str) -> bytes:
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "bad_base64", "The image is not valid base64; encode the file's bytes.") from None
+
+
+async def read_image_ref(ref: ImageRef, settings: Settings) -> bytes:
+    if ref.base64 is not None:
+        return decode_base64(ref.base64)
+    assert ref.url is not None
+    scheme = urlsplit(ref.url).scheme.lower()
+    reader = READERS.get(scheme)
+    if reader is None:
+        raise ApiError(
+            400, "unsupported_url", f"URL scheme {scheme!r} is not supported; use one of {sorted(READERS)}."
+        )
+    return await reader(ref.url, settings)
+
+
+def _is_public(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    return ip.is_global and not ip.is_multicast
+
+
+async def _check_host(host: str, port: int) -> None:
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise ApiError(
+            400, "url_unreachable", f"The host {host!r} of the image URL does not resolve."
+        ) from None
+    blocked = sorted({info[4][0] for info in infos if not _is_public(info[4][0])})
+    if blocked:
+        raise ApiError(
+            403,
+            "url_forbidden",
+            f"The image URL resolves to a private or loopback address ({', '.join(blocked)}); such URLs are "
+            "refused unless the operator sets LABELSERVE_URL_ALLOW_PRIVATE=true.",
+        )
+
+
+async def read_http(url: str, settings: Settings) -> bytes:
+    parts = urlsplit(url)
+    if not parts.hostname:
+        raise ApiError(400, "bad_url", f"The image URL {url!r} has no host.")
+    if not settings.url_allow_private:
+        await _check_host(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+    limit = settings.max_request_bytes
+    try:
+        async with (
+            httpx.AsyncClient(timeout=settings.url_timeout_s, follow_redirects=False) as client,
+            client.stream("GET", url) as response,
+        ):
+            if response.status_code != 200:
+                raise ApiError(
+                    400, "url_status", f"The image URL answered HTTP {response.status_code}; check the URL."
+                )
+            chunks, total = [], 0
+            async for chunk in response.aiter_bytes():
+                total += len(chunk)
+                if total > limit:
+                    raise ApiError(
+                        413, "image_too_large", f"The image at the URL is larger than {limit} bytes."
+                    )
+                chunks.append(chunk)
+            return b"".join(chunks)
+    except httpx.TimeoutException:
+        raise ApiError(
+            400, "url_timeout", f"The image URL did not answer within {settings.url_timeout_s} s."
+        ) from None
+    except httpx.HTTPError as exc:
+        raise ApiError(400, "url_unreachable", f"The image URL could not be fetched: {exc}.") from None
+
+
+READERS["http"] = read_http
+READERS["https"] = read_http

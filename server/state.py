@@ -1,0 +1,22 @@
+"""The long-lived objects one app instance serves with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from models.registry import ModelRegistry
+from server.sam_service import SamService
+from server.settings import Settings
+
+
+@dataclass
+class Services:
+    settings: Settings
+    registry: ModelRegistry
+    sam: SamService
+
+
+def services(request: Request) -> Services:
+    return request.app.state.services

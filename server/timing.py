@@ -1,0 +1,26 @@
+"""Per-stage wall-clock timings of a request, for the response body and the Server-Timing header."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+class Timings:
+    def __init__(self) -> None:
+        self.stages: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stages[name] = self.stages.get(name, 0.0) + (time.perf_counter() - started) * 1000.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {name: round(ms, 2) for name, ms in self.stages.items()}
+
+    def header(self) -> str:
+        return ", ".join(f"{name};dur={ms:.2f}" for name, ms in self.stages.items())

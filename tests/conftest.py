@@ -1,0 +1,74 @@
+"""Shared fixtures: test images, and apps serving MobileSAM with seeded random weights (the real
+architecture and compute; no real checkpoint can be downloaded where the tests run)."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from server.app import create_app
+from server.settings import Settings
+
+
+def ultralytics_asset(name: str) -> Path:
+    spec = importlib.util.find_spec("ultralytics")
+    assert spec and spec.origin
+    return Path(spec.origin).parent / "assets" / name
+
+
+@pytest.fixture(scope="session")
+def bus_jpg() -> bytes:
+    return ultralytics_asset("bus.jpg").read_bytes()
+
+
+def encode_image(array: np.ndarray, fmt: str = "PNG", **save: object) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt, **save)
+    return buffer.getvalue()
+
+
+def synthetic_scene(width: int = 640, height: int = 480, seed: int = 0) -> np.ndarray:
+    """Textured background with a bright disc and a dark rectangle: ground truth by construction."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(60, 120, (height, width, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[:height, :width]
+    disc = (xx - width * 0.3) ** 2 + (yy - height * 0.5) ** 2 < (min(width, height) * 0.2) ** 2
+    image[disc] = (230, 200, 40)
+    image[int(height * 0.2) : int(height * 0.6), int(width * 0.6) : int(width * 0.85)] = (20, 30, 160)
+    return image
+
+
+def make_settings(tmp: Path, **overrides: object) -> Settings:
+    values: dict = {"models": ["mobile_sam"], "random_init": True, "weights_dir": tmp / "weights"}
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture(scope="session")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return make_settings(tmp_path_factory.mktemp("app"))
+
+
+@pytest.fixture(scope="session")
+def client(settings: Settings) -> Iterator[TestClient]:
+    app = create_app(settings, load_models_in_background=False)
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="session")
+def exact_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    """fp32 embeddings in the cache, for bit-level comparison with SamPredictor."""
+    app = create_app(
+        make_settings(tmp_path_factory.mktemp("exact"), cache_dtype="float32"),
+        load_models_in_background=False,
+    )
+    with TestClient(app) as test_client:
+        yield test_client
