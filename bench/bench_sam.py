@@ -1,0 +1,216 @@
+"""SAM click and embed latency: labelserve over HTTP against segment-anything's SamPredictor, in one run.
+
+    python bench/bench_sam.py [--clicks 40] [--cold 3] [--rss-images 500] [--rss-cache-mib 256]
+
+Both sides run MobileSAM with the same seeded random weights (real compute; no checkpoint is obtainable here)
+on the same machine, one after the other (never concurrently). Prints markdown tables; writes bench/out/sam.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models.sam import build_sam  # noqa: E402
+from server.images import decode_image  # noqa: E402
+from tests.conftest import encode_image, synthetic_scene, ultralytics_asset  # noqa: E402
+
+MODEL = "mobile_sam"
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q))
+
+
+def timed(fn, repeat: int) -> list[float]:
+    out = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - start) * 1000)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    def __init__(self, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.weights = tempfile.mkdtemp(prefix="labelserve-bench-")
+        environ = {**os.environ, "LABELSERVE_WEIGHTS_DIR": self.weights, "LABELSERVE_MODELS": MODEL, **env}
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port), "--random-init"],
+            cwd=ROOT, env=environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        self.http = httpx.Client(base_url=self.url, timeout=300)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if self.http.get("/readyz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.3)
+        raise RuntimeError("labelserve did not start")
+
+    def rss_mib(self) -> float:
+        return psutil.Process(self.process.pid).memory_info().rss / 2**20
+
+    def close(self) -> None:
+        self.http.close()
+        self.process.terminate()
+        self.process.wait(30)
+
+
+def test_images() -> dict[str, bytes]:
+    bus = ultralytics_asset("bus.jpg").read_bytes()
+    big = io.BytesIO()
+    Image.open(io.BytesIO(bus)).convert("RGB").resize((4000, 3000), Image.LANCZOS).save(big, "JPEG", quality=90)
+    return {"bus.jpg 810x1080": bus, "4000x3000 (12 MP)": big.getvalue()}
+
+
+def reference_side(sam: torch.nn.Module, data: bytes, point: list[float], clicks: int, cold: int) -> dict:
+    from segment_anything import SamPredictor
+
+    predictor = SamPredictor(sam)
+    image = decode_image(data, 10**9)
+    with torch.inference_mode():
+        set_image = timed(lambda: predictor.set_image(image), cold)
+        coords = predictor.transform.apply_coords(np.array([point], np.float32), predictor.original_size)
+        points = (torch.as_tensor(coords)[None], torch.ones(1, 1, dtype=torch.int))
+
+        def floor() -> None:
+            sparse, dense = sam.prompt_encoder(points=points, boxes=None, masks=None)
+            sam.mask_decoder(image_embeddings=predictor.features, image_pe=sam.prompt_encoder.get_dense_pe(),
+                             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=True)
+
+        floor()
+        floor_ms = timed(floor, clicks)
+        predict_ms = timed(lambda: predictor.predict(np.array([point]), np.array([1]), multimask_output=True), clicks)
+    return {"set_image": set_image, "floor": floor_ms, "predict": predict_ms}
+
+
+def server_side(server: Server, data: bytes, point: list[float], clicks: int, cold: int) -> dict:
+    cold_ms, server_encode = [], []
+    for _ in range(cold):
+        server.http.delete("/v1/cache")
+        start = time.perf_counter()
+        response = server.http.post(f"/v1/sam/{MODEL}/embed", content=data,
+                                    headers={"content-type": "image/jpeg"})
+        cold_ms.append((time.perf_counter() - start) * 1000)
+        server_encode.append(response.json()["timings_ms"]["encode"])
+    image_id = response.json()["image_id"]
+    body = {"image_id": image_id, "points": [point]}
+    server.http.post(f"/v1/sam/{MODEL}/segment", json=body)  # warm-up
+    warm, sizes = [], []
+    for _ in range(clicks):
+        start = time.perf_counter()
+        reply = server.http.post(f"/v1/sam/{MODEL}/segment", json=body)
+        warm.append((time.perf_counter() - start) * 1000)
+        sizes.append(len(reply.content))
+    stages = reply.json()["timings_ms"]
+    return {"cold": cold_ms, "cold_encode": server_encode, "warm": warm, "reply_bytes": statistics.median(sizes),
+            "last_stages": stages, "mask_area": reply.json()["masks"][0]["area"]}
+
+
+def rss_run(images: int, cache_mib: int) -> dict:
+    server = Server(LABELSERVE_CACHE_BYTES=str(cache_mib * 2**20))
+    try:
+        first = encode_image(synthetic_scene(320, 240, seed=10_000))
+        server.http.post(f"/v1/sam/{MODEL}/embed", content=first, headers={"content-type": "image/png"})
+        baseline = server.rss_mib()
+        samples = []
+        for i in range(images):
+            data = encode_image(synthetic_scene(320, 240, seed=i))
+            server.http.post(f"/v1/sam/{MODEL}/embed", content=data, headers={"content-type": "image/png"})
+            if (i + 1) % 50 == 0:
+                samples.append((i + 1, round(server.rss_mib())))
+        stats = server.http.get("/v1/cache/stats").json()["embeddings"]
+        return {"images": images, "cache_cap_mib": cache_mib, "rss_after_first_mib": round(baseline),
+                "rss_after_mib": round(server.rss_mib()), "samples": samples,
+                "cache_bytes_mib": round(stats["bytes"] / 2**20, 1), "entries": stats["entries"],
+                "evictions": stats["evictions"]}
+    finally:
+        server.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clicks", type=int, default=40)
+    parser.add_argument("--cold", type=int, default=3)
+    parser.add_argument("--rss-images", type=int, default=500)
+    parser.add_argument("--rss-cache-mib", type=int, default=256)
+    args = parser.parse_args()
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)  # the server's default LABELSERVE_RANDOM_SEED: identical weights on both sides
+    sam = build_sam(MODEL, None)
+    server = Server()
+    results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                          f"torch {torch.__version__}, {torch.get_num_threads()} threads", "images": {}}
+    try:
+        for name, data in test_images().items():
+            width, height = Image.open(io.BytesIO(data)).size
+            point = [width * 0.45, height * 0.6]
+            ref = reference_side(sam, data, point, args.clicks, args.cold)
+            ours = server_side(server, data, point, args.clicks, args.cold)
+            results["images"][name] = {"reference": ref, "labelserve": ours}
+    finally:
+        server.close()
+    if args.rss_images:
+        results["rss"] = rss_run(args.rss_images, args.rss_cache_mib)
+    out = ROOT / "bench" / "out"
+    out.mkdir(exist_ok=True)
+    (out / "sam.json").write_text(json.dumps(results, indent=1))
+    print_tables(results)
+
+
+def print_tables(results: dict) -> None:
+    med = statistics.median
+    print(f"\nMachine: {results['machine']}. MobileSAM, random-init weights, 1 positive click.\n")
+    print("| image | floor: prompt enc + mask dec (p50) | SamPredictor.predict (p50) | labelserve warm click "
+          "HTTP p50 / p95 | click / floor | click / predict | reply size |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in results["images"].items():
+        floor, predict, warm = med(r["reference"]["floor"]), med(r["reference"]["predict"]), r["labelserve"]["warm"]
+        print(f"| {name} | {floor:.1f} ms | {predict:.1f} ms | {med(warm):.1f} / {percentile(warm, 95):.1f} ms | "
+              f"{med(warm) / floor:.2f}× | {med(warm) / predict:.2f}× | {r['labelserve']['reply_bytes'] / 1024:.0f} KiB |")
+    print("\n| image | raw set_image (p50) | labelserve cold embed over HTTP (p50) | server overhead |")
+    print("|---|---|---|---|")
+    for name, r in results["images"].items():
+        raw, cold = med(r["reference"]["set_image"]), med(r["labelserve"]["cold"])
+        print(f"| {name} | {raw:.0f} ms | {cold:.0f} ms | {100 * (cold / raw - 1):+.1f} % |")
+    if "rss" in results:
+        rss = results["rss"]
+        print(f"\nRSS after {rss['images']} distinct images with a {rss['cache_cap_mib']} MiB cache cap: "
+              f"{rss['rss_after_mib']} MiB (after the first image: {rss['rss_after_first_mib']} MiB; growth "
+              f"{rss['rss_after_mib'] - rss['rss_after_first_mib']} MiB ≤ cap). Cache holds "
+              f"{rss['entries']} embeddings = {rss['cache_bytes_mib']} MiB, {rss['evictions']} evictions. "
+              f"Samples (images, MiB): {rss['samples']}")
+
+
+if __name__ == "__main__":
+    main()
