@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 
 from models.base import ModelLoading, ModelUnavailable, UnknownModel
 from models.registry import ModelRegistry
+from server.cvat import nuclio
 from server.errors import error_body, install_error_handlers
 from server.routes import sam, system
 from server.sam_service import SamService
@@ -45,6 +46,7 @@ def create_app(settings: Settings | None = None, *, load_models_in_background: b
     _install_model_errors(app)
     app.include_router(sam.router)
     app.include_router(system.router)
+    app.include_router(nuclio.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

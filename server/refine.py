@@ -44,6 +44,7 @@ class RefinementHistory:
 
     def __init__(self, max_bytes: int, per_image: int = 8) -> None:
         self.per_image = per_image
+        self.reused = 0  # decodes that started from earlier logits
         self._lru: ByteLRU[tuple[_Decode, ...]] = ByteLRU(
             max_bytes, lambda decodes: sum(d.logits.numel() * d.logits.element_size() for d in decodes)
         )
@@ -55,6 +56,7 @@ class RefinementHistory:
         if not candidates:
             return None
         best = max(candidates, key=lambda d: len(d.key.points))
+        self.reused += 1
         return best.logits, len(best.key.points)
 
     def record(self, model: str, image_id: str, key: PromptKey, logits: torch.Tensor) -> None:
@@ -67,4 +69,4 @@ class RefinementHistory:
         return self._lru.clear()
 
     def snapshot(self) -> dict:
-        return self._lru.snapshot()
+        return {**self._lru.snapshot(), "reused": self.reused}

@@ -27,6 +27,13 @@ class Embedded:
     cached: bool
 
 
+@dataclass(frozen=True)
+class Prediction:
+    embedded: Embedded
+    masks: list[tuple[RegionMask, float]]  # best first
+    refined_from: int | None  # size of the earlier prompt set whose logits were reused
+
+
 class SamService:
     def __init__(self, registry: ModelRegistry, settings: Settings) -> None:
         self.registry = registry
@@ -64,7 +71,9 @@ class SamService:
             )
         return Embedded(content_id, embedding, True)
 
-    def segment(self, model: str, data: bytes | None, request: SegmentRequest, timings: Timings) -> dict:
+    def predict(
+        self, model: str, data: bytes | None, request: SegmentRequest, timings: Timings
+    ) -> Prediction:
         segmenter = self.registry.segmenter(model)
         if data is not None:
             embedded = self.embed(model, data, timings)
@@ -96,30 +105,37 @@ class SamService:
             decoded = segmenter.decode(embedding, prompt, multimask)
         order = np.argsort(-decoded.scores, kind="stable")
         self.history.record(model, embedded.image_id, key, decoded.low_res_logits[order[0]][None])
-
         masks = []
+        for index in order[: request.max_masks]:
+            with timings.stage("upsample"):
+                masks.append(
+                    (
+                        segmenter.upsample(embedding, decoded.low_res_logits[index]),
+                        float(decoded.scores[index]),
+                    )
+                )
+        return Prediction(embedded, masks, refined_from)
+
+    def segment(self, model: str, data: bytes | None, request: SegmentRequest, timings: Timings) -> dict:
+        prediction = self.predict(model, data, request, timings)
         tolerance = (
             self.settings.polygon_tolerance
             if request.polygon_tolerance is None
             else request.polygon_tolerance
         )
-        for index in order[: request.max_masks]:
-            with timings.stage("upsample"):
-                region = segmenter.upsample(embedding, decoded.low_res_logits[index])
-            with timings.stage("serialize"):
-                masks.append(
-                    {
-                        "score": round(float(decoded.scores[index]), 6),
-                        **render_mask(region, request.formats, tolerance),
-                    }
-                )
+        with timings.stage("serialize"):
+            masks = [
+                {"score": round(score, 6), **render_mask(region, request.formats, tolerance)}
+                for region, score in prediction.masks
+            ]
+        height, width = prediction.embedded.embedding.original_size
         return {
-            "image_id": embedded.image_id,
+            "image_id": prediction.embedded.image_id,
             "model": model,
             "width": width,
             "height": height,
-            "cached": embedded.cached,
-            "refined_from_points": refined_from,
+            "cached": prediction.embedded.cached,
+            "refined_from_points": prediction.refined_from,
             "masks": masks,
         }
 

@@ -58,6 +58,17 @@ class Settings(BaseSettings):
     # Output
     polygon_tolerance: float = 1.0
 
+    # CVAT
+    cvat_interactor_reply: Literal["shapes", "legacy"] = Field(
+        default="shapes",
+        description='"legacy" answers interactors with {"mask": H×W} for CVAT older than 2.60.',
+    )
+    cvat_browser_sam_model: str = Field(
+        default="sam_vit_h",
+        description="Model behind CVAT's in-browser SAM decoder (pth-facebookresearch-sam-vit-h); "
+        "CVAT's decoder only works with sam_vit_h weights.",
+    )
+
     @field_validator("models", mode="before")
     @classmethod
     def _split_names(cls, value: object) -> object:

@@ -5,9 +5,15 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import os
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -72,3 +78,43 @@ def exact_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClien
     )
     with TestClient(app) as test_client:
         yield test_client
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "LABELSERVE_WEIGHTS_DIR": str(tmp_path_factory.mktemp("w")),
+        "LABELSERVE_MODELS": "mobile_sam",
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--random-init"],
+        env=env,
+        cwd=Path(__file__).parents[1],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None, process.stdout.read().decode() if process.stdout else ""
+            time.sleep(0.3)
+        else:
+            pytest.fail("server did not become ready in 90 s")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=20)

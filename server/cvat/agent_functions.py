@@ -1,0 +1,123 @@
+"""CVAT AI-agent functions (CVAT Enterprise/Online) backed by a labelserve server.
+
+The agent stays thin: models and the embedding cache stay on the labelserve (GPU) host. This file imports only
+cvat-sdk, httpx and Pillow, so it can be loaded with `--function-file` from any machine that runs cvat-cli:
+
+    cvat-cli function create-native "labelserve SAM" --function-file agent_functions.py \\
+        -p url=str:http://labelserve:8080 -p model=str:mobile_sam
+    cvat-cli function run-agent <FUNCTION_ID> --function-file agent_functions.py \\
+        -p url=str:http://labelserve:8080 -p model=str:mobile_sam
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any, NamedTuple
+
+import cvat_sdk.auto_annotation as cvataa
+import httpx
+import PIL.Image
+from cvat_sdk import models
+
+
+class LabelserveError(RuntimeError):
+    """labelserve refused a request; the message is its explanation, which the agent reports to CVAT."""
+
+
+class EmbeddedImage(NamedTuple):
+    """What preprocess_image hands to detect: the server's image id, and the bytes to re-send if the server
+    evicted the embedding meanwhile (the agent caches this for 10 minutes).
+
+    Not a dataclass: cvat-cli's --function-file loader runs this file as a module missing from sys.modules,
+    where dataclasses cannot resolve postponed annotations."""
+
+    image_id: str
+    png: bytes
+
+
+class InteractionFunction:
+    """SAM clicks: preprocess_image uploads the frame once; each detect sends only the prompts."""
+
+    def __init__(
+        self, url: str, model: str = "mobile_sam", api_key: str = "", timeout: float = 120.0
+    ) -> None:
+        self.model = model
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(base_url=url.rstrip("/"), timeout=timeout, headers=headers)
+        # Box-only and point-only prompts both work; negative points are allowed.
+        self.spec = cvataa.InteractionFunctionSpec(min_pos_points=0, min_neg_points=0, min_bounding_boxes=0)
+
+    def preprocess_image(
+        self, context: cvataa.InteractionFunctionContext, image: PIL.Image.Image
+    ) -> EmbeddedImage:
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, format="PNG", compress_level=1)  # lossless, fast to write
+        png = buffer.getvalue()
+        return EmbeddedImage(self._embed(png), png)
+
+    def detect(
+        self,
+        context: cvataa.InteractionFunctionContext,
+        pp_image: EmbeddedImage,
+        prompts: cvataa.InteractionPrompts,
+    ) -> list[cvataa.InteractionResultShape]:
+        body: dict[str, Any] = {
+            "image_id": pp_image.image_id,
+            "points": [list(p) for p in (*prompts.pos_points, *prompts.neg_points)],
+            "labels": [1] * len(prompts.pos_points) + [0] * len(prompts.neg_points),
+            "formats": ["cvat"],
+        }
+        if prompts.bounding_box is not None:
+            (x1, y1), (x2, y2) = prompts.bounding_box
+            body["box"] = [min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)]
+        response = self._http.post(f"/v1/sam/{self.model}/segment", json=body)
+        if _error_code(response) == "image_not_cached":  # evicted on the server: send the frame once more
+            self._embed(pp_image.png)
+            response = self._http.post(f"/v1/sam/{self.model}/segment", json=body)
+        masks = _json(response)["masks"]
+        return [
+            cvataa.InteractionResultShape(
+                type="mask",
+                points=mask["cvat"],
+                attributes=[
+                    models.AttributeValRequest(
+                        spec_id=cvataa.InteractionResultAttributes.CONFIDENCE,
+                        value=f"{min(max(mask['score'], 0.0), 1.0):.4f}",
+                    )
+                ],
+            )
+            for mask in masks
+            if mask["area"] > 0
+        ]
+
+    def _embed(self, png: bytes) -> str:
+        response = self._http.post(
+            f"/v1/sam/{self.model}/embed", content=png, headers={"content-type": "image/png"}
+        )
+        return _json(response)["image_id"]
+
+
+def _error_code(response: httpx.Response) -> str | None:
+    if response.is_success:
+        return None
+    try:
+        return response.json()["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def _json(response: httpx.Response) -> Any:
+    if response.is_success:
+        return response.json()
+    try:
+        message = response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = response.text[:500]
+    raise LabelserveError(f"labelserve answered HTTP {response.status_code}: {message}")
+
+
+def create(
+    url: str, model: str = "mobile_sam", api_key: str = "", timeout: float = 120.0
+) -> InteractionFunction:
+    """Called by cvat-cli with the `-p NAME=TYPE:VALUE` parameters."""
+    return InteractionFunction(url, model=model, api_key=api_key, timeout=timeout)
