@@ -10,6 +10,7 @@ bench/out/sam.json.
 from __future__ import annotations
 
 import argparse
+import base64
 import io
 import json
 import os
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import orjson
 import psutil
 import torch
 from PIL import Image
@@ -33,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from models.sam import build_sam  # noqa: E402
 from server.images import decode_image  # noqa: E402
+from server.masks import cvat_rle_decode  # noqa: E402
 from tests.conftest import encode_image, synthetic_scene, ultralytics_asset  # noqa: E402
 
 MODEL = "mobile_sam"
@@ -146,6 +149,7 @@ def server_side(server: Server, data: bytes, point: list[float], clicks: int, co
         warm.append((time.perf_counter() - start) * 1000)
         sizes.append(len(reply.content))
     stages = reply.json()["timings_ms"]
+    cvat = cvat_clicks(server, data, point, clicks)
     return {
         "cold": cold_ms,
         "cold_encode": server_encode,
@@ -153,6 +157,35 @@ def server_side(server: Server, data: bytes, point: list[float], clicks: int, co
         "reply_bytes": statistics.median(sizes),
         "last_stages": stages,
         "mask_area": reply.json()["masks"][0]["area"],
+        **cvat,
+    }
+
+
+def cvat_clicks(server: Server, data: bytes, point: list[float], clicks: int) -> dict:
+    """CVAT's interactor path: the whole frame as base64 in every click, routed by the Nuclio header."""
+    payload = {
+        "image": base64.b64encode(data).decode(),
+        "pos_points": [point],
+        "neg_points": [],
+        "obj_bbox": [],
+    }
+    headers = {"x-nuclio-function-name": f"labelserve-{MODEL.replace('_', '-')}", "x-nuclio-path": "/"}
+    url = "/api/function_invocations"
+    server.http.post(url, json=payload, headers=headers)
+    times = []
+    for _ in range(clicks):
+        start = time.perf_counter()
+        reply = server.http.post(url, json=payload, headers=headers)
+        times.append((time.perf_counter() - start) * 1000)
+    points = reply.json()["shapes"][0]["points"]
+    width, height = Image.open(io.BytesIO(data)).size
+    full = cvat_rle_decode(points, width, height).to_full()
+    legacy = orjson.dumps({"mask": (full.astype(np.uint8) * 255).tolist()})
+    return {
+        "cvat_warm": times,
+        "cvat_reply_bytes": len(reply.content),
+        "legacy_reply_bytes": len(legacy),
+        "request_bytes": len(orjson.dumps(payload)),
     }
 
 
@@ -252,6 +285,20 @@ def print_tables(results: dict) -> None:
         print(
             f"| {name} | {raw:.0f} ms | {cold:.0f} ms | {100 * (cold / raw - 1):+.1f} % | {outside:.0f} ms | "
             f"{100 * outside / raw:.1f} % |"
+        )
+    print(
+        "\n| image | native warm click p50 | CVAT warm click p50 / p95 (whole frame as base64 each click) | "
+        'CVAT / native | CVAT request | CVAT reply | legacy {"mask": H×W} reply |'
+    )
+    print("|---|---|---|---|---|---|---|")
+    for name, r in results["images"].items():
+        ours = r["labelserve"]
+        native, cvat = med(ours["warm"]), ours["cvat_warm"]
+        ratio = med(cvat) / native
+        print(
+            f"| {name} | {native:.1f} ms | {med(cvat):.1f} / {percentile(cvat, 95):.1f} ms | {ratio:.2f}× "
+            f"| {ours['request_bytes'] / 2**20:.1f} MiB | {ours['cvat_reply_bytes'] / 1024:.0f} KiB "
+            f"| {ours['legacy_reply_bytes'] / 2**20:.1f} MiB |"
         )
     if "rss" in results:
         rss = results["rss"]
