@@ -7,11 +7,13 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
 
 from models.base import ModelLoading, ModelUnavailable, Segmenter, UnknownModel
+from models.detector import Detector
 from models.sam import SAM_ARCHITECTURES, SamSegmenter, build_sam
 from server.settings import Settings
 from weights import store
@@ -31,7 +33,8 @@ class ModelRecord:
     message: str = ""
     fix: str | None = None
     load_seconds: float | None = None
-    model: Segmenter | None = field(default=None, repr=False)
+    path: Path | None = None  # a local checkpoint the operator configured (not in the manifest)
+    model: Segmenter | Detector | None = field(default=None, repr=False)
 
     def describe(self) -> dict:
         return {
@@ -44,6 +47,15 @@ class ModelRecord:
             "message": self.message,
             "fix": self.fix,
             "load_seconds": self.load_seconds,
+            **(
+                {
+                    "task": self.model.info.task,
+                    "classes": self.model.info.class_names,
+                    "keypoints": list(self.model.info.keypoint_names),
+                }
+                if isinstance(self.model, Detector)
+                else {}
+            ),
         }
 
 
@@ -66,13 +78,17 @@ class ModelRegistry:
         for entry in store.load_manifest().values():
             if entry.architecture in SAM_ARCHITECTURES:
                 self._records[entry.name] = ModelRecord(entry.name, "segmenter", entry.architecture)
+            elif entry.kind == "detector":
+                self._records[entry.name] = ModelRecord(entry.name, "detector", entry.architecture)
+        for name, path in settings.detector_paths.items():
+            self._records[name] = ModelRecord(name, "detector", "ultralytics", path=Path(path))
         unknown = [name for name in settings.models if name not in self._records]
         if unknown:
             raise ValueError(
                 f"LABELSERVE_MODELS names unknown models {unknown}; known: {sorted(self._records)}"
             )
         for record in self._records.values():
-            if record.name in settings.models:
+            if record.name in self.enabled:
                 record.state, record.message = "loading", "queued for loading"
             else:
                 record.message = (
@@ -80,10 +96,17 @@ class ModelRegistry:
                 )
                 record.fix = f"LABELSERVE_MODELS={','.join([*settings.models, record.name])}"
 
+    @property
+    def enabled(self) -> list[str]:
+        return [
+            *self.settings.models,
+            *(n for n in self.settings.detector_paths if n not in self.settings.models),
+        ]
+
     # ---- loading ------------------------------------------------------------------------------------------
     def load_enabled(self) -> None:
         apply_thread_count(self.settings)
-        for name in self.settings.models:
+        for name in self.enabled:
             self._load(self._records[name])
 
     def start_loading(self) -> threading.Thread:
@@ -93,45 +116,24 @@ class ModelRegistry:
 
     def _load(self, record: ModelRecord) -> None:
         started = time.perf_counter()
-        entry = store.load_manifest()[record.name]
-        try:
-            checkpoint = store.resolve(record.name, self.settings.weights_dir)
-            record.weights = "checkpoint"
-        except store.MissingWeights as missing:
-            if not self.settings.random_init:
-                record.state, record.message, record.fix = "unavailable", str(missing), missing.fix_command
-                log.warning("model %s unavailable: %s", record.name, missing)
-                return
-            checkpoint, record.weights = None, "random-init"
-        except store.WeightsError as bad:
-            record.state, record.message = "unavailable", str(bad)
-            record.fix = f"labelserve weights fetch {record.name} --dir {self.settings.weights_dir}"
-            log.error("model %s refused: %s", record.name, bad)
+        source = self._weights_source(record)
+        if source is None:
             return
         try:
-            if checkpoint is None:
+            if record.weights == "random-init":
                 torch.manual_seed(self.settings.random_seed)
-            sam = build_sam(entry.architecture, checkpoint)
-            record.model = SamSegmenter(
-                record.name,
-                sam,
-                self.device,
-                cache_dtype=getattr(torch, self.settings.cache_dtype),
-                cache_on_model_device=self.settings.cache_device == "model",
-                encoder_autocast=getattr(torch, self.settings.encoder_dtype),
-            )
+            record.model = self._build(record, source)
         except Exception as exc:  # a corrupt checkpoint must not take the server down
             record.state, record.message = "failed", f"loading failed: {exc}"
             record.fix = f"labelserve weights verify {record.name} --dir {self.settings.weights_dir}"
             log.exception("model %s failed to load", record.name)
             return
         record.load_seconds = round(time.perf_counter() - started, 2)
-        record.state = "loaded"
-        record.fix = None
+        record.state, record.fix = "loaded", None
         record.message = (
-            "RANDOM-INIT WEIGHTS: real compute cost, meaningless masks (tests and benchmarks only)"
+            "RANDOM-INIT WEIGHTS: real compute cost, meaningless output (tests and benchmarks only)"
             if record.weights == "random-init"
-            else f"loaded from {checkpoint}"
+            else f"loaded from {source}"
         )
         log.info(
             "model %s loaded on %s in %.1fs (%s)",
@@ -141,6 +143,60 @@ class ModelRegistry:
             record.weights,
         )
 
+    def _weights_source(self, record: ModelRecord) -> Path | str | None:
+        """The checkpoint to load, the architecture to build randomly, or None (record says why not)."""
+        if record.path is not None and record.path.suffix in (".yaml", ".yml"):
+            # A model definition, no weights: only for explicit random-init runs (tests, benchmarks).
+            if not self.settings.random_init:
+                record.state = "unavailable"
+                record.message = f"{record.path} is an architecture with no weights"
+                record.fix = "give a .pt checkpoint, or set LABELSERVE_RANDOM_INIT=true (tests, benchmarks)"
+                return None
+            record.weights = "random-init"
+            return record.path.stem
+        if record.path is not None:
+            if not record.path.is_file():
+                record.state = "unavailable"
+                record.message = f"checkpoint {record.path} (LABELSERVE_DETECTOR_PATHS) does not exist"
+                record.fix = f"put the checkpoint at {record.path} or fix LABELSERVE_DETECTOR_PATHS"
+                return None
+            record.weights = "checkpoint"
+            return record.path
+        try:
+            path = store.resolve(record.name, self.settings.weights_dir)
+            record.weights = "checkpoint"
+            return path
+        except store.MissingWeights as missing:
+            if not self.settings.random_init:
+                record.state, record.message, record.fix = "unavailable", str(missing), missing.fix_command
+                log.warning("model %s unavailable: %s", record.name, missing)
+                return None
+            record.weights = "random-init"
+            return record.architecture  # built from its definition with seeded random weights
+        except store.WeightsError as bad:
+            record.state, record.message = "unavailable", str(bad)
+            record.fix = f"labelserve weights fetch {record.name} --dir {self.settings.weights_dir}"
+            log.error("model %s refused: %s", record.name, bad)
+            return None
+
+    def _build(self, record: ModelRecord, source: Path | str) -> Segmenter | Detector:
+        checkpoint = source if isinstance(source, Path) else None
+        if record.kind == "segmenter":
+            return SamSegmenter(
+                record.name,
+                build_sam(record.architecture, checkpoint),
+                self.device,
+                cache_dtype=getattr(torch, self.settings.cache_dtype),
+                cache_on_model_device=self.settings.cache_device == "model",
+                encoder_autocast=getattr(torch, self.settings.encoder_dtype),
+            )
+        from models.yolo import UltralyticsDetector, configure_offline, load_yolo
+
+        configure_offline(self.settings.data_dir / "ultralytics")
+        model = load_yolo(checkpoint or f"{source}.yaml")
+        device = "cpu" if self.device.type == "cpu" else "0"
+        return UltralyticsDetector(record.name, model, device, lambda: apply_thread_count(self.settings))
+
     # ---- lookup -------------------------------------------------------------------------------------------
     def record(self, name: str) -> ModelRecord:
         record = self._records.get(name)
@@ -149,7 +205,19 @@ class ModelRegistry:
         return record
 
     def segmenter(self, name: str) -> Segmenter:
+        model = self._loaded(name, "segmenter")
+        assert isinstance(model, Segmenter)
+        return model
+
+    def detector(self, name: str) -> Detector:
+        model = self._loaded(name, "detector")
+        assert isinstance(model, Detector)
+        return model
+
+    def _loaded(self, name: str, kind: str) -> Segmenter | Detector:
         record = self.record(name)
+        if record.kind != kind:
+            raise UnknownModel(f"{name!r} is a {record.kind}, not a {kind}; GET /v1/models lists the {kind}s")
         if record.state == "loaded" and record.model is not None:
             return record.model
         if record.state == "loading":
@@ -161,4 +229,4 @@ class ModelRegistry:
 
     @property
     def ready(self) -> bool:
-        return all(self._records[name].state != "loading" for name in self.settings.models)
+        return all(self._records[name].state != "loading" for name in self.enabled)

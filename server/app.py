@@ -13,10 +13,11 @@ from fastapi.responses import JSONResponse
 from models.base import ModelLoading, ModelUnavailable, UnknownModel
 from models.registry import ModelRegistry
 from server.cvat import nuclio
+from server.detect_service import DetectService
 from server.errors import error_body, install_error_handlers
-from server.routes import sam, system
+from server.routes import detect, sam, system
 from server.sam_service import SamService
-from server.schemas import EmbedRequest, SegmentRequest
+from server.schemas import DetectRequest, EmbedRequest, SegmentRequest
 from server.settings import Settings, get_settings
 from server.state import Services
 
@@ -41,10 +42,14 @@ def create_app(settings: Settings | None = None, *, load_models_in_background: b
         description="AI-assisted labeling inference: SAM clicks on cached embeddings.",
         lifespan=lifespan,
     )
-    app.state.services = Services(settings, registry, SamService(registry, settings))
+    sam_service = SamService(registry, settings)
+    app.state.services = Services(
+        settings, registry, sam_service, DetectService(registry, settings, sam_service)
+    )
     install_error_handlers(app)
     _install_model_errors(app)
     app.include_router(sam.router)
+    app.include_router(detect.router)
     app.include_router(system.router)
     app.include_router(nuclio.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
@@ -75,7 +80,7 @@ def _openapi(app: FastAPI) -> dict:
         )
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         # Request bodies are parsed by hand (JSON or multipart), so their models are added explicitly.
-        for model in (EmbedRequest, SegmentRequest):
+        for model in (EmbedRequest, SegmentRequest, DetectRequest):
             body = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(body.pop("$defs", {}))
             components[model.__name__] = body

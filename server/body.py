@@ -10,7 +10,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
 from server.errors import ApiError
-from server.schemas import EmbedRequest, SegmentRequest
+from server.schemas import EmbedRequest
 from server.settings import Settings
 from server.sources import read_image_ref
 
@@ -68,25 +68,27 @@ async def parse_embed_request(request: Request, settings: Settings) -> bytes:
     raise _unsupported(content_type, "or the raw image with an image/* type")
 
 
-async def parse_segment_request(request: Request, settings: Settings) -> tuple[bytes | None, SegmentRequest]:
-    """JSON SegmentRequest, or multipart with part 'file' (the image) and part 'prompts' (SegmentRequest JSON
-    without 'image'). The bytes are None when the request names an already embedded `image_id`."""
+async def parse_image_with_params(
+    request: Request, settings: Settings, model: type[M], part: str
+) -> tuple[bytes | None, M]:
+    """JSON `model` (its 'image' field inline or by URL), or multipart with part 'file' (the image) and part
+    `part` (the same JSON without 'image'). The bytes are None when the body names no image (an image_id)."""
     content_type = _content_type(request)
     body = await read_limited_body(request, settings.max_request_bytes)
     if content_type == "application/json":
-        params = _validate(SegmentRequest, body)
-        return (await read_image_ref(params.image, settings) if params.image else None), params
-    if content_type == "multipart/form-data":
+        params = _validate(model, body)
+    elif content_type == "multipart/form-data":
         data = await _upload(request, settings)
-        form = await request.form()
-        prompts = form.get("prompts")
-        if not isinstance(prompts, str):
-            raise ApiError(400, "missing_prompts", "The multipart body has no 'prompts' part (JSON).")
-        params = _validate(SegmentRequest, prompts, context={"upload": data is not None})
-        if data is None and params.image is not None:
-            data = await read_image_ref(params.image, settings)
-        return data, params
-    raise _unsupported(content_type, "")
+        raw = (await request.form()).get(part)
+        if not isinstance(raw, str):
+            raise ApiError(400, f"missing_{part}", f"The multipart body has no '{part}' part (JSON).")
+        params = _validate(model, raw, context={"upload": data is not None})
+        if data is not None:
+            return data, params
+    else:
+        raise _unsupported(content_type, "")
+    image = getattr(params, "image", None)
+    return (await read_image_ref(image, settings) if image is not None else None), params
 
 
 def _content_type(request: Request) -> str:

@@ -105,3 +105,45 @@ class SegmentResponse(BaseModel):
     )
     masks: list[MaskOut]
     timings_ms: dict[str, float]
+
+
+DETECT_FORMATS = ("internal", "cvat", "coco", "yolo")
+
+
+class DetectRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    image: ImageRef | None = Field(
+        default=None, description="The image (JSON); multipart sends it as 'file'."
+    )
+    conf: float = Field(default=0.25, ge=0.0, le=1.0, description="Minimum confidence.")
+    iou: float = Field(default=0.7, ge=0.0, le=1.0, description="NMS IoU threshold.")
+    classes: list[int] | None = Field(default=None, description="Keep only these class ids.")
+    imgsz: int = Field(default=640, ge=32, le=4096, description="Inference size (long side), in pixels.")
+    max_det: int = Field(default=300, ge=1, le=3000)
+    sam_refine: str | None = Field(default=None, description="A SAM model that turns each box into a mask.")
+    format: str = Field(default="internal", description=f"One of {list(DETECT_FORMATS)}.")
+    mask_formats: list[str] = Field(
+        default=["cvat", "polygons"],
+        description=f"Mask encodings of the internal format, among {list(MASK_FORMATS)}.",
+    )
+    polygon_tolerance: float | None = Field(default=None, ge=0, le=100)
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        if value not in DETECT_FORMATS:
+            raise ValueError(f"unknown format {value!r}; choose among {list(DETECT_FORMATS)}")
+        return value
+
+    @field_validator("mask_formats")
+    @classmethod
+    def _known_mask_formats(cls, formats: list[str]) -> list[str]:
+        return SegmentRequest._known_formats(formats)
+
+    @model_validator(mode="after")
+    def _one_image(self, info: ValidationInfo) -> DetectRequest:
+        uploaded = bool(info.context and info.context.get("upload"))
+        if (self.image is not None) + uploaded != 1:
+            raise ValueError("give exactly one image: 'image', or (multipart) a 'file' part")
+        return self

@@ -24,6 +24,15 @@ class Settings(BaseSettings):
         default=["mobile_sam"], description="Models loaded at start-up (comma-separated or JSON list)."
     )
     weights_dir: Path = Field(default_factory=default_weights_dir)
+    detector_paths: dict[str, Path] = Field(
+        default={},
+        description='Extra detectors from local Ultralytics checkpoints, as JSON {"name": "/path/model.pt"}; '
+        "loaded at start-up, not checked against the manifest. A model YAML (e.g. yolo11n-pose.yaml) "
+        "builds the architecture with random weights when random_init is on.",
+    )
+    data_dir: Path = Field(
+        default=Path("data"), description="Job database, ultralytics settings and other state it writes."
+    )
     random_init: bool = Field(
         default=False,
         description="Build models whose weights are missing with seeded random weights (tests, benchmarks).",
@@ -43,6 +52,12 @@ class Settings(BaseSettings):
     )
     prompt_history_bytes: int = Field(
         default=64 * 1024**2, description="Byte cap of the low-res logits kept for automatic refinement."
+    )
+
+    # Detection: concurrent requests are micro-batched onto the model.
+    detect_max_batch: int = Field(default=8, ge=1, description="Most images in one detector forward pass.")
+    detect_max_wait_ms: float = Field(
+        default=5.0, ge=0, description="How long a request waits for others to share its forward pass."
     )
 
     # Input limits

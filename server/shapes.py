@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from server.masks import RegionMask, coco_rle, cvat_rle, polygons
 
-__all__ = ["MASK_FORMATS", "Keypoint", "Shape", "ShapeKind", "render_mask"]
+__all__ = ["MASK_FORMATS", "Keypoint", "Shape", "ShapeKind", "render_mask", "render_shape"]
 
 ShapeKind = Literal["box", "rotated_box", "polygon", "mask", "keypoints", "tag"]
 _KINDS: tuple[str, ...] = ("box", "rotated_box", "polygon", "mask", "keypoints", "tag")
@@ -142,4 +142,27 @@ def render_mask(mask: RegionMask, formats: Collection[str], polygon_tolerance: f
         out["coco_rle"] = coco_rle(tight)
     if "polygons" in names:
         out["polygons"] = polygons(tight, polygon_tolerance)
+    return out
+
+
+def render_shape(
+    shape: Shape, mask_formats: Collection[str], polygon_tolerance: float = 1.0
+) -> dict[str, Any]:
+    """labelserve's own JSON for a shape: every field of the internal model, masks in the asked encodings."""
+    out: dict[str, Any] = {"kind": shape.kind, "label": shape.label, "score": shape.score}
+    if shape.box is not None:
+        out["box"] = [float(v) for v in shape.box]
+    if shape.kind == "rotated_box":
+        out["rotation"] = float(shape.rotation)
+    if shape.polygon is not None:
+        out["polygon"] = [float(v) for v in shape.polygon]
+    if shape.mask is not None:
+        out["mask"] = render_mask(shape.mask, mask_formats, polygon_tolerance)
+    if shape.keypoints is not None:
+        out["keypoints"] = [
+            {"name": kp.name, "x": float(kp.x), "y": float(kp.y), "visible": kp.visible, "score": kp.score}
+            for kp in shape.keypoints
+        ]
+    if shape.attributes:
+        out["attributes"] = dict(shape.attributes)
     return out

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from models.registry import ModelRegistry
+from server.detect_service import DetectService
 from server.sam_service import SamService
 from server.settings import Settings
 
@@ -16,6 +17,7 @@ class Services:
     settings: Settings
     registry: ModelRegistry
     sam: SamService
+    detect: DetectService
 
 
 def services(request: Request) -> Services:

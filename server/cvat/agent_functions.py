@@ -7,11 +7,14 @@ cvat-sdk, httpx and Pillow, so it can be loaded with `--function-file` from any 
         -p url=str:http://labelserve:8080 -p model=str:mobile_sam
     cvat-cli function run-agent <FUNCTION_ID> --function-file agent_functions.py \\
         -p url=str:http://labelserve:8080 -p model=str:mobile_sam
+
+`create` returns a DetectionFunction for detector models (YOLO) and an InteractionFunction for SAM models.
 """
 
 from __future__ import annotations
 
 import io
+import json
 from typing import Any, NamedTuple
 
 import cvat_sdk.auto_annotation as cvataa
@@ -95,6 +98,77 @@ class InteractionFunction:
             f"/v1/sam/{self.model}/embed", content=png, headers={"content-type": "image/png"}
         )
         return _json(response)["image_id"]
+
+
+class DetectionFunction:
+    """Any labelserve detector: each frame is sent once; the reply is mapped onto CVAT's label spec."""
+
+    def __init__(self, url: str, model: str, api_key: str = "", timeout: float = 120.0) -> None:
+        self.model = model
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(base_url=url.rstrip("/"), timeout=timeout, headers=headers)
+        description = _describe(self._http, model)
+        self.task: str = description["task"]
+        self._ids = {name: int(class_id) for class_id, name in description["classes"].items()}
+        self._keypoints: list[str] = description.get("keypoints") or []
+        self.spec = cvataa.DetectionFunctionSpec(labels=[self._label(n, i) for n, i in self._ids.items()])
+
+    def _label(self, name: str, label_id: int) -> models.PatchedLabelRequest:
+        if self.task == "pose":
+            points = [cvataa.keypoint_spec(point, i) for i, point in enumerate(self._keypoints)]
+            return cvataa.skeleton_label_spec(name, label_id, points)
+        label_type = {"segment": "mask", "classify": "tag"}.get(self.task, "rectangle")
+        return cvataa.label_spec(name, label_id, type=label_type)
+
+    def detect(self, context: cvataa.DetectionFunctionContext, image: PIL.Image.Image) -> list[Any]:
+        params: dict[str, Any] = {"format": "internal", "mask_formats": ["cvat", "polygons"]}
+        if context.conf_threshold is not None:
+            params["conf"] = context.conf_threshold
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, format="PNG", compress_level=1)
+        response = self._http.post(
+            f"/v1/detect/{self.model}",
+            files={"file": ("frame.png", buffer.getvalue(), "image/png")},
+            data={"params": json.dumps(params)},
+        )
+        return [
+            out
+            for shape in _json(response)["shapes"]
+            if (out := self._convert(shape, context.conv_mask_to_poly)) is not None
+        ]
+
+    def _convert(self, shape: dict[str, Any], mask_to_polygon: bool) -> Any:
+        label_id = self._ids[shape["label"]]
+        kind = shape["kind"]
+        if kind == "box":
+            return cvataa.rectangle(label_id, shape["box"])
+        if kind == "rotated_box":
+            return cvataa.rectangle(label_id, shape["box"], rotation=shape["rotation"] % 360.0)
+        if kind == "mask":
+            if mask_to_polygon:  # CVAT asked for polygons: masks are not allowed in the reply
+                polygons = shape["mask"]["polygons"]
+                return cvataa.polygon(label_id, polygons[0]) if polygons else None
+            return cvataa.mask(label_id, shape["mask"]["cvat"]) if shape["mask"]["area"] else None
+        if kind == "keypoints":
+            elements = [
+                cvataa.keypoint(i, [point["x"], point["y"]], outside=not point["visible"])
+                for i, point in enumerate(shape["keypoints"])
+            ]
+            return cvataa.skeleton(label_id, elements)
+        if kind == "polygon":
+            return cvataa.polygon(label_id, shape["polygon"])
+        return cvataa.tag(label_id)
+
+
+def _describe(http: httpx.Client, model: str) -> dict[str, Any]:
+    for description in _json(http.get("/v1/models"))["models"]:
+        if description["name"] == model:
+            if description["state"] != "loaded":
+                raise LabelserveError(
+                    f"labelserve model {model!r} is {description['state']}: {description['message']}"
+                )
+            return description
+    raise LabelserveError(f"labelserve has no model {model!r}")
 
 
 def _error_code(response: httpx.Response) -> str | None:

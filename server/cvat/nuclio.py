@@ -8,6 +8,7 @@ x-nuclio-function-name header (../shared/docs/cvat-protocols.md §A.1–A.6).
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -18,6 +19,7 @@ from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from models.detector import DetectParams
 from server.body import read_limited_body
 from server.cvat import render
 from server.errors import ApiError
@@ -74,9 +76,13 @@ def catalogue(svc: Services) -> dict[str, NuclioFunction]:
     """One function per loaded model, plus CVAT's browser-SAM id when its model is loaded."""
     functions: dict[str, NuclioFunction] = {}
     for record in svc.registry.describe():
-        if record["state"] != "loaded" or record["kind"] != "segmenter":
+        if record["state"] != "loaded":
             continue
         model = record["name"]
+        if record["kind"] == "detector":
+            fn = detector_function(svc, model)
+            functions[fn.id] = fn
+            continue
         fn = NuclioFunction(
             id=function_id(model),
             kind="interactor",
@@ -97,6 +103,18 @@ def catalogue(svc: Services) -> dict[str, NuclioFunction]:
             handler=lambda svc, payload: _browser_embedding(svc, browser_model, payload),
         )
     return functions
+
+
+def detector_function(svc: Services, model: str) -> NuclioFunction:
+    info = svc.registry.detector(model).info
+    return NuclioFunction(
+        id=function_id(model),
+        kind="detector",
+        name=f"labelserve {model}",
+        description=f"Ultralytics {info.task} model {model} served by labelserve",
+        annotations={"spec": json.dumps(render.label_spec(info), separators=(",", ":"))},
+        handler=lambda svc, payload: _detect(svc, model, payload),
+    )
 
 
 # ---- payloads ------------------------------------------------------------------------------------
@@ -142,6 +160,20 @@ def _interact(svc: Services, model: str, payload: dict[str, Any]) -> dict[str, A
     if svc.settings.cvat_interactor_reply == "legacy":
         return render.legacy_interactor_reply(prediction.masks[0][0])
     return render.interactor_reply(prediction.masks)
+
+
+class DetectorPayload(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    image: str = Field(description="base64 of the frame's original bytes")
+    threshold: float | None = Field(default=None, ge=0.0, le=1.0)  # sent only when truthy
+
+
+def _detect(svc: Services, model: str, payload: dict[str, Any]) -> list[dict[str, Any]]:
+    request = _parse(DetectorPayload, payload, "CVAT detector")
+    params = DetectParams(conf=request.threshold) if request.threshold else DetectParams()
+    found = svc.detect.detect(model, decode_base64(request.image), params, None, Timings())
+    return [render.detector_item(shape, svc.settings.polygon_tolerance) for shape in found.shapes]
 
 
 def _browser_embedding(svc: Services, model: str, payload: dict[str, Any]) -> dict[str, Any]:

@@ -9,10 +9,20 @@ from typing import Any
 
 import numpy as np
 
+from models.detector import DetectorInfo
 from server.masks import RegionMask, cvat_detector_mask, cvat_rle, polygons
 from server.shapes import Shape
 
 CONFIDENCE_SPEC_ID = 0  # CVAT's InteractionResultAttributes.CONFIDENCE
+
+# The CVAT label type each Ultralytics task produces (CVAT maps mask labels onto polygon labels too).
+LABEL_TYPES = {
+    "detect": "rectangle",
+    "obb": "rectangle",
+    "segment": "mask",
+    "pose": "skeleton",
+    "classify": "tag",
+}
 
 
 def confidence(score: float) -> str:
@@ -79,3 +89,38 @@ def detector_item(shape: Shape, polygon_tolerance: float = 1.0) -> dict[str, Any
     else:
         item["type"] = "tag"
     return item
+
+
+def label_spec(info: DetectorInfo) -> list[dict[str, Any]]:
+    """The `spec` annotation of a Nuclio detector: one label per class, skeletons with sublabels and svg."""
+    label_type = LABEL_TYPES[info.task]
+    labels = []
+    for class_id, name in sorted(info.class_names.items()):
+        label: dict[str, Any] = {"id": class_id, "name": name, "type": label_type}
+        if label_type == "skeleton":
+            label["sublabels"] = [
+                {"id": i, "name": point, "type": "points"} for i, point in enumerate(info.keypoint_names)
+            ]
+            label["svg"] = skeleton_svg(info)
+        labels.append(label)
+    return labels
+
+
+def skeleton_svg(info: DetectorInfo) -> str:
+    """CVAT's skeleton template: nodes on a circle in a 100×100 box, edges between them (ids are 1-based)."""
+    count = max(len(info.keypoint_names), 1)
+    nodes = {
+        i + 1: (50 + 40 * np.cos(2 * np.pi * i / count), 50 + 40 * np.sin(2 * np.pi * i / count))
+        for i in range(count)
+    }
+    edges = "".join(
+        f'<line x1="{nodes[a + 1][0]:.1f}" y1="{nodes[a + 1][1]:.1f}" x2="{nodes[b + 1][0]:.1f}" '
+        f'y2="{nodes[b + 1][1]:.1f}" data-type="edge" data-node-from="{a + 1}" data-node-to="{b + 1}"></line>'
+        for a, b in info.skeleton
+    )
+    circles = "".join(
+        f'<circle r="0.75" cx="{x:.1f}" cy="{y:.1f}" data-type="element node" data-element-id="{i}" '
+        f'data-node-id="{i}" data-label-name="{name}"></circle>'
+        for (i, (x, y)), name in zip(nodes.items(), info.keypoint_names, strict=False)
+    )
+    return edges + circles

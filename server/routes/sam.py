@@ -6,7 +6,7 @@ import orjson
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from server.body import parse_embed_request, parse_segment_request
+from server.body import parse_embed_request, parse_image_with_params
 from server.schemas import EmbedRequest, EmbedResponse, SegmentRequest, SegmentResponse
 from server.state import services
 from server.timing import Timings
@@ -26,7 +26,7 @@ ERRORS = {
 }
 
 
-def _body_doc(model: type, multipart: dict) -> dict:
+def body_doc(model: type, multipart: dict) -> dict:
     return {
         "requestBody": {
             "required": True,
@@ -43,9 +43,11 @@ def _body_doc(model: type, multipart: dict) -> dict:
     }
 
 
-def _reply(body: dict, timings: Timings, weights: str | None) -> Response:
+def reply(body: dict, timings: Timings, weights: str | None) -> Response:
     body["timings_ms"] = timings.as_dict()
-    headers = {"Server-Timing": timings.header(), "X-Labelserve-Cache": "hit" if body["cached"] else "miss"}
+    headers = {"Server-Timing": timings.header()}
+    if "cached" in body:
+        headers["X-Labelserve-Cache"] = "hit" if body["cached"] else "miss"
     if weights:
         headers["X-Labelserve-Weights"] = weights
     # orjson: a mask's RLE can hold 10^5 integers, and the stdlib encoder is several times slower on it.
@@ -58,7 +60,7 @@ def _reply(body: dict, timings: Timings, weights: str | None) -> Response:
     "/{model}/embed",
     response_model=EmbedResponse,
     responses=ERRORS,
-    openapi_extra=_body_doc(EmbedRequest, {"file": {"type": "string", "format": "binary"}}),
+    openapi_extra=body_doc(EmbedRequest, {"file": {"type": "string", "format": "binary"}}),
 )
 async def embed(model: str, request: Request) -> Response:
     """Compute (or find in the cache) the image embedding; returns the `image_id` to segment by."""
@@ -76,14 +78,14 @@ async def embed(model: str, request: Request) -> Response:
         "height": height,
         "cached": embedded.cached,
     }
-    return _reply(body, timings, svc.registry.record(model).weights)
+    return reply(body, timings, svc.registry.record(model).weights)
 
 
 @router.post(
     "/{model}/segment",
     response_model=SegmentResponse,
     responses=ERRORS,
-    openapi_extra=_body_doc(
+    openapi_extra=body_doc(
         SegmentRequest,
         {
             "file": {"type": "string", "format": "binary"},
@@ -97,6 +99,6 @@ async def segment(model: str, request: Request) -> Response:
     svc.registry.segmenter(model)
     timings = Timings()
     with timings.stage("read"):
-        data, params = await parse_segment_request(request, svc.settings)
+        data, params = await parse_image_with_params(request, svc.settings, SegmentRequest, "prompts")
     body = await run_in_threadpool(svc.sam.segment, model, data, params, timings)
-    return _reply(body, timings, svc.registry.record(model).weights)
+    return reply(body, timings, svc.registry.record(model).weights)

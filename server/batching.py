@@ -1,0 +1,86 @@
+"""Micro-batching: requests that arrive together share one model forward pass, so N users do not cost N
+sequential passes on a GPU. Only requests with the same key (model and parameters) are batched together."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0
+    items: int = 0
+    largest: int = 0
+    sizes: dict[int, int] = field(default_factory=dict)  # batch size → how many batches had it
+
+
+class MicroBatcher(Generic[T, R]):
+    def __init__(
+        self, run: Callable[[Hashable, list[T]], list[R]], max_batch: int, max_wait_ms: float, name: str
+    ) -> None:
+        self._run = run
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self._queue: deque[tuple[Hashable, T, Future[R]]] = deque()
+        self._ready = threading.Condition()
+        self.stats = BatchStats()
+        self._worker = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
+        self._worker.start()
+
+    def submit(self, key: Hashable, item: T) -> R:
+        """Blocks until the item's batch has run; raises what the batch raised."""
+        future: Future[R] = Future()
+        with self._ready:
+            self._queue.append((key, item, future))
+            self._ready.notify()
+        return future.result()
+
+    def _loop(self) -> None:
+        while True:
+            with self._ready:
+                while not self._queue:
+                    self._ready.wait()
+                key = self._queue[0][0]
+                deadline = time.monotonic() + self.max_wait
+                # Wait for company until the batch is full or the first request has waited max_wait.
+                while self._count(key) < self.max_batch and (remaining := deadline - time.monotonic()) > 0:
+                    self._ready.wait(remaining)
+                batch = self._take(key)
+            self._execute(key, batch)
+
+    def _count(self, key: Hashable) -> int:
+        return sum(1 for k, _, _ in self._queue if k == key)
+
+    def _take(self, key: Hashable) -> list[tuple[T, Future[R]]]:
+        taken, kept = [], deque()
+        for entry in self._queue:
+            if entry[0] == key and len(taken) < self.max_batch:
+                taken.append((entry[1], entry[2]))
+            else:
+                kept.append(entry)
+        self._queue = kept
+        return taken
+
+    def _execute(self, key: Hashable, batch: list[tuple[T, Future[R]]]) -> None:
+        size = len(batch)
+        self.stats.batches += 1
+        self.stats.items += size
+        self.stats.largest = max(self.stats.largest, size)
+        self.stats.sizes[size] = self.stats.sizes.get(size, 0) + 1
+        try:
+            results = self._run(key, [item for item, _ in batch])
+        except BaseException as exc:  # every request of the batch learns why
+            for _, future in batch:
+                future.set_exception(exc)
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            future.set_result(result)

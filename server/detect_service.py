@@ -1,0 +1,89 @@
+"""Detection requests: image bytes → micro-batched detector → shapes, optionally refined into SAM masks."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from models.detector import Detector, DetectParams
+from models.registry import ModelRegistry
+from server.batching import MicroBatcher
+from server.errors import ApiError
+from server.images import decode_image
+from server.sam_service import SamService
+from server.schemas import SegmentRequest
+from server.settings import Settings
+from server.shapes import Shape
+from server.timing import Timings
+
+
+@dataclass(frozen=True)
+class Detections:
+    detector: Detector
+    width: int
+    height: int
+    shapes: list[Shape]
+
+
+class DetectService:
+    def __init__(self, registry: ModelRegistry, settings: Settings, sam: SamService) -> None:
+        self.registry = registry
+        self.settings = settings
+        self.sam = sam
+        self._batchers: dict[str, MicroBatcher[np.ndarray, list[Shape]]] = {}
+        self._lock = threading.Lock()
+
+    def batcher(self, model: str) -> MicroBatcher[np.ndarray, list[Shape]]:
+        with self._lock:
+            if model not in self._batchers:
+                detector = self.registry.detector(model)
+                self._batchers[model] = MicroBatcher(
+                    lambda params, images: detector.detect(images, params),  # type: ignore[arg-type]
+                    self.settings.detect_max_batch,
+                    self.settings.detect_max_wait_ms,
+                    model,
+                )
+            return self._batchers[model]
+
+    def detect(
+        self, model: str, data: bytes, params: DetectParams, sam_refine: str | None, timings: Timings
+    ) -> Detections:
+        detector = self.registry.detector(model)
+        if sam_refine is not None:
+            self.registry.segmenter(sam_refine)  # fail before the work, not after it
+        with timings.stage("decode_image"):
+            image = decode_image(data, self.settings.max_image_pixels)
+        self._check_classes(detector, params)
+        with timings.stage("detect"):
+            shapes = self.batcher(model).submit(params, image)
+        if sam_refine is not None:
+            with timings.stage("sam_refine"):
+                shapes = self.refine(sam_refine, data, shapes, timings)
+        height, width = image.shape[:2]
+        return Detections(detector, width, height, shapes)
+
+    def refine(self, model: str, data: bytes, shapes: list[Shape], timings: Timings) -> list[Shape]:
+        """Box → mask with SAM (the "detector + SAM" recipe); the image is encoded once, through the cache."""
+        refined = []
+        for shape in shapes:
+            if shape.kind != "box" or shape.box is None:
+                refined.append(shape)
+                continue
+            request = SegmentRequest.model_validate(
+                {"box": list(shape.box), "multimask_output": False, "refine": False}, context={"upload": True}
+            )
+            mask, _ = self.sam.predict(model, data, request, timings).masks[0]
+            refined.append(replace(shape, kind="mask", box=None, mask=mask) if not mask.is_empty else shape)
+        return refined
+
+    @staticmethod
+    def _check_classes(detector: Detector, params: DetectParams) -> None:
+        unknown = sorted(set(params.classes or ()) - set(detector.info.class_names))
+        if unknown:
+            raise ApiError(
+                422, "unknown_class",
+                f"classes {unknown} are not classes of {detector.info.name!r}; it has "
+                f"{len(detector.info.class_names)} classes (GET /v1/models lists them).",
+            )  # fmt: skip

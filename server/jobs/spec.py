@@ -1,0 +1,172 @@
+"""The job document, and how its source expands into images.
+
+A JobSpec is plain JSON (`model_dump(mode="json")`), so any engine (this process's threads, or a distributed
+one) can run the same job. Sources plug in at two points:
+- `LISTERS` maps a URL scheme to a function listing a directory-like `source.directory` (local paths now;
+  an `s3://bucket/prefix` lister registers itself under "s3", with its byte reader in server.sources.READERS);
+- `ENUMERATORS` maps a Source field to its expansion, so a new kind of source (a CVAT `manifest.jsonl`) is
+  one new optional field plus one entry.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import PurePosixPath
+from typing import Literal
+from urllib.parse import unquote, urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from models.detector import DetectParams
+from server.errors import ApiError
+from server.sources import READERS
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+OutputFormat = Literal["cvat_images", "coco", "yolo"]
+
+# (reference the engine reads bytes from, name the image gets in the outputs)
+ImageEntry = tuple[str, str]
+
+
+class Source(BaseModel):
+    """Where the images are: exactly one of the fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    directory: str | None = Field(
+        default=None,
+        description="A directory searched recursively for jpg/jpeg/png/bmp/tif/tiff/webp files, sorted by "
+        "relative path; output names are those relative paths.",
+    )
+    paths: list[str] | None = Field(
+        default=None,
+        min_length=1,
+        description="Image files; output names are relative to their common folder.",
+    )
+    urls: list[str] | None = Field(
+        default=None, min_length=1, description="Image URLs (http/https); output names are the URL paths."
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Source:
+        given = [name for name in ENUMERATORS if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {', '.join(repr(n) for n in ENUMERATORS)}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(name for name in ENUMERATORS if getattr(self, name) is not None)
+
+    def enumerate(self) -> list[ImageEntry]:
+        """Every image of the source, in job order. Raises ApiError (4xx) when the source is unusable."""
+        entries = list(ENUMERATORS[self.kind](getattr(self, self.kind)))
+        if not entries:
+            raise ApiError(400, "source_empty", f"The source has no images ({', '.join(IMAGE_EXTENSIONS)}).")
+        return entries
+
+
+class Params(BaseModel):
+    """Detector parameters; the same meaning as models.detector.DetectParams."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    conf: float = Field(default=0.25, ge=0.0, le=1.0, description="Minimum detection confidence.")
+    iou: float = Field(default=0.7, ge=0.0, le=1.0, description="NMS IoU threshold.")
+    classes: list[int] | None = Field(default=None, description="Class ids to keep; all when absent.")
+    imgsz: int = Field(default=640, ge=32, le=8192, description="Inference size in pixels.")
+    max_det: int = Field(default=300, ge=1, le=10000, description="Most detections per image.")
+
+    def detect_params(self) -> DetectParams:
+        classes = tuple(self.classes) if self.classes is not None else None
+        return DetectParams(
+            conf=self.conf, iou=self.iou, classes=classes, imgsz=self.imgsz, max_det=self.max_det
+        )
+
+
+class Output(BaseModel):
+    """Where results go. Uploading into a CVAT task will be another destination field next to `directory`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: OutputFormat = Field(
+        description="cvat_images: annotations.xml (CVAT for images 1.1); coco: annotations.json; "
+        "yolo: labels/<name>.txt and data.yaml (ultralytics layout)."
+    )
+    directory: str = Field(min_length=1, description="Created if missing; must be writable.")
+
+
+class JobSpec(BaseModel):
+    """A pre-labeling job: run `detector` over every image of `source`, write `output`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: Source
+    detector: str = Field(min_length=1, description="Detector model name.")
+    params: Params = Field(default_factory=Params)
+    sam_refine: str | None = Field(
+        default=None, description="SAM model that refines each detection's box into a mask; none when absent."
+    )
+    output: Output
+    batch_size: int = Field(default=8, ge=1, le=256, description="Images per detector call.")
+
+
+# -- expansion -------------------------------------------------------------------------------------------
+
+
+def _list_local(directory: str) -> Iterator[str]:
+    """Relative POSIX paths of the image files under `directory`, in no particular order."""
+    if not os.path.isdir(directory):
+        what = "is not a directory" if os.path.exists(directory) else "does not exist"
+        raise ApiError(400, "source_not_found", f"The source directory {directory!r} {what}.")
+    errors: list[OSError] = []
+    for root, _, files in os.walk(directory, onerror=errors.append):
+        for name in files:
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                yield PurePosixPath(os.path.relpath(os.path.join(root, name), directory)).as_posix()
+    if errors:  # a subfolder we cannot read would silently shrink the job
+        raise ApiError(400, "source_unreadable", f"Part of the source directory cannot be read: {errors[0]}.")
+
+
+LISTERS: dict[str, Callable[[str], Iterator[str]]] = {"": _list_local, "file": _list_local}
+
+
+def _from_directory(directory: str) -> Iterator[ImageEntry]:
+    scheme = urlsplit(directory).scheme.lower() if "://" in directory else ""
+    lister = LISTERS.get(scheme)
+    if lister is None:
+        raise ApiError(400, "unsupported_source", f"Listing {scheme}:// directories is not supported.")
+    if scheme in ("", "file"):
+        local = unquote(urlsplit(directory).path) if scheme else directory
+        for rel in sorted(lister(local)):
+            yield os.path.join(local, rel), rel
+    else:
+        for rel in sorted(lister(directory)):
+            yield f"{directory.rstrip('/')}/{rel}", rel
+
+
+def _from_paths(paths: list[str]) -> Iterator[ImageEntry]:
+    absolute = [os.path.abspath(p) for p in paths]
+    root = os.path.commonpath([os.path.dirname(p) for p in absolute])
+    for given, path in zip(paths, absolute, strict=True):
+        yield given, PurePosixPath(os.path.relpath(path, root)).as_posix()
+
+
+def _from_urls(urls: list[str]) -> Iterator[ImageEntry]:
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.scheme.lower() not in READERS:
+            raise ApiError(
+                400,
+                "unsupported_url",
+                f"URL scheme of {url!r} is not supported; use one of {sorted(READERS)}.",
+            )
+        yield url, unquote(parts.path).lstrip("/") or parts.hostname or url
+
+
+ENUMERATORS: dict[str, Callable[..., Iterator[ImageEntry]]] = {
+    "directory": _from_directory,
+    "paths": _from_paths,
+    "urls": _from_urls,
+}

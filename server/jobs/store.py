@@ -1,0 +1,235 @@
+"""Job state in one SQLite file (WAL): jobs, and one row per image with its status and stored result.
+
+One connection guarded by a lock serves every thread; writes are few and batched (one transaction per
+detector batch), so the lock is never the bottleneck. WAL with synchronous=NORMAL keeps every committed
+batch through a process crash (kill -9), which is what resuming relies on.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+JobState = Literal["queued", "running", "completed", "failed", "cancelled"]
+ItemStatus = Literal["pending", "done", "failed"]
+ACTIVE_STATES: tuple[JobState, ...] = ("queued", "running")
+JOBS_DB_NAME = "jobs.sqlite3"  # the file under the data directory
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    spec TEXT NOT NULL,
+    state TEXT NOT NULL,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    error TEXT,
+    total INTEGER NOT NULL DEFAULT 0,
+    done INTEGER NOT NULL DEFAULT 0,
+    failed INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state, created);
+CREATE TABLE IF NOT EXISTS items (
+    job_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    ref TEXT NOT NULL,
+    name TEXT NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending',
+    width INTEGER,
+    height INTEGER,
+    result TEXT,
+    error TEXT,
+    PRIMARY KEY (job_id, idx)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS items_status ON items (job_id, status, idx);
+"""
+
+
+@dataclass(frozen=True)
+class JobRow:
+    id: str
+    spec: str
+    state: JobState
+    created: float
+    started: float | None
+    finished: float | None
+    error: str | None
+    total: int
+    done: int
+    failed: int
+
+
+@dataclass(frozen=True)
+class ItemRow:
+    index: int
+    ref: str
+    name: str
+    status: ItemStatus
+    width: int | None
+    height: int | None
+    result: str | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What processing one item produced: `result` (shapes JSON) when done, `error` when failed."""
+
+    index: int
+    width: int | None = None
+    height: int | None = None
+    result: str | None = None
+    error: str | None = None
+
+
+_JOB_COLUMNS = "id, spec, state, created, started, finished, error, total, done, failed"
+_ITEM_COLUMNS = "idx, ref, name, status, width, height, result, error"
+
+
+class JobStore:
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- jobs ------------------------------------------------------------------------------------------
+
+    def create_job(self, job_id: str, spec: str, entries: Iterable[tuple[str, str]], now: float) -> int:
+        """Insert a queued job and all its items in one transaction: a crash never leaves half a job."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(
+                    "INSERT INTO jobs (id, spec, state, created) VALUES (?, ?, 'queued', ?)", (job_id, spec, now)
+                )
+                cur = self._db.executemany(
+                    "INSERT INTO items (job_id, idx, ref, name) VALUES (?, ?, ?, ?)",
+                    ((job_id, i, ref, name) for i, (ref, name) in enumerate(entries)),
+                )
+                total = cur.rowcount
+                self._db.execute("UPDATE jobs SET total = ? WHERE id = ?", (total, job_id))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return total
+
+    def job(self, job_id: str) -> JobRow | None:
+        with self._lock:
+            row = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return JobRow(*row) if row else None
+
+    def jobs(self, states: Iterable[str] | None = None, limit: int | None = None) -> list[JobRow]:
+        """Newest first, unless only active states are asked for (then oldest first: the run order)."""
+        query, args = f"SELECT {_JOB_COLUMNS} FROM jobs", []
+        states = list(states) if states is not None else None
+        if states is not None:
+            query += f" WHERE state IN ({', '.join('?' * len(states))})"
+            args += states
+        oldest_first = states is not None and set(states) <= set(ACTIVE_STATES)
+        query += " ORDER BY created " + ("ASC" if oldest_first else "DESC") + ", id"
+        if limit is not None:
+            query += " LIMIT ?"
+            args.append(limit)
+        with self._lock:
+            return [JobRow(*r) for r in self._db.execute(query, args).fetchall()]
+
+    def transition(
+        self,
+        job_id: str,
+        to: JobState,
+        *,
+        only_from: Iterable[JobState],
+        now: float | None = None,
+        error: str | None = None,
+    ) -> bool:
+        """Move a job to `to` if it is in one of `only_from`; False when it was not (someone got there first).
+
+        Running sets `started` once; terminal states set `finished`; queued clears `finished` and `error`.
+        """
+        sets = ["state = ?"]
+        args: list[object] = [to]
+        if to == "running":
+            sets.append("started = COALESCE(started, ?)")
+            args.append(now)
+        elif to == "queued":
+            sets += ["finished = NULL", "error = NULL"]
+        else:
+            sets += ["finished = ?", "error = ?"]
+            args += [now, error]
+        only = list(only_from)
+        query = f"UPDATE jobs SET {', '.join(sets)} WHERE id = ? AND state IN ({', '.join('?' * len(only))})"
+        with self._lock:
+            return self._db.execute(query, [*args, job_id, *only]).rowcount == 1
+
+    # -- items -----------------------------------------------------------------------------------------
+
+    def pending(self, job_id: str, after: int, limit: int) -> list[tuple[int, str]]:
+        """(index, ref) of pending items with index > `after`, in index order: keyset pages."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT idx, ref FROM items WHERE job_id = ? AND status = 'pending' AND idx > ? "
+                "ORDER BY idx LIMIT ?",
+                (job_id, after, limit),
+            ).fetchall()
+
+    def record(self, job_id: str, outcomes: list[Outcome]) -> None:
+        """Store a batch of outcomes and bump the job's counters, in one transaction."""
+        if not outcomes:
+            return
+        done = [o for o in outcomes if o.error is None]
+        failed = [o for o in outcomes if o.error is not None]
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "UPDATE items SET status = ?, width = ?, height = ?, result = ?, error = ? "
+                    "WHERE job_id = ? AND idx = ? AND status = 'pending'",
+                    [
+                        ("done" if o.error is None else "failed", o.width, o.height, o.result, o.error, job_id, o.index)
+                        for o in outcomes
+                    ],
+                )
+                self._db.execute(
+                    "UPDATE jobs SET done = done + ?, failed = failed + ? WHERE id = ?",
+                    (len(done), len(failed), job_id),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def items(self, job_id: str, status: ItemStatus | None = None, page: int = 1000) -> Iterator[ItemRow]:
+        """Items in index order, fetched page by page so millions never sit in memory at once."""
+        after = -1
+        where = "job_id = ? AND idx > ?" + (" AND status = ?" if status else "")
+        while True:
+            args: list[object] = [job_id, after] + ([status] if status else []) + [page]
+            with self._lock:
+                rows = self._db.execute(
+                    f"SELECT {_ITEM_COLUMNS} FROM items WHERE {where} ORDER BY idx LIMIT ?", args
+                ).fetchall()
+            yield from (ItemRow(*r) for r in rows)
+            if len(rows) < page:
+                return
+            after = rows[-1][0]
+
+    def failures(self, job_id: str, limit: int) -> list[ItemRow]:
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_ITEM_COLUMNS} FROM items WHERE job_id = ? AND status = 'failed' ORDER BY idx LIMIT ?",
+                (job_id, limit),
+            ).fetchall()
+        return [ItemRow(*r) for r in rows]

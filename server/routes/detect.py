@@ -1,0 +1,60 @@
+"""Detection: one image in, shapes out, in labelserve's own format or rendered for CVAT, COCO or YOLO."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from models.detector import DetectParams
+from server.body import parse_image_with_params
+from server.cvat.render import detector_item
+from server.routes.sam import ERRORS, body_doc, reply
+from server.schemas import DetectRequest
+from server.shapes import render_shape
+from server.state import services
+from server.timing import Timings
+
+router = APIRouter(prefix="/v1/detect", tags=["detect"])
+
+
+@router.post(
+    "/{model}",
+    responses=ERRORS,
+    openapi_extra=body_doc(DetectRequest, {
+        "file": {"type": "string", "format": "binary"},
+        "params": {"type": "string", "description": "DetectRequest as JSON, without 'image'"},
+    }),
+)  # fmt: skip
+async def detect(model: str, request: Request) -> Response:
+    """Detect objects. Concurrent requests with the same parameters share one forward pass."""
+    svc = services(request)
+    svc.registry.detector(model)
+    timings = Timings()
+    with timings.stage("read"):
+        data, params = await parse_image_with_params(request, svc.settings, DetectRequest, "params")
+    assert data is not None
+    detect_params = DetectParams(
+        conf=params.conf,
+        iou=params.iou,
+        classes=tuple(params.classes) if params.classes is not None else None,
+        imgsz=params.imgsz,
+        max_det=params.max_det,
+    )
+    found = await run_in_threadpool(svc.detect.detect, model, data, detect_params, params.sam_refine, timings)
+    tolerance = (
+        svc.settings.polygon_tolerance if params.polygon_tolerance is None else params.polygon_tolerance
+    )
+    with timings.stage("serialize"):
+        if params.format == "cvat":
+            shapes = [detector_item(shape, tolerance) for shape in found.shapes]
+        else:
+            shapes = [render_shape(shape, params.mask_formats, tolerance) for shape in found.shapes]
+    body = {
+        "model": model,
+        "task": found.detector.info.task,
+        "width": found.width,
+        "height": found.height,
+        "format": params.format,
+        "shapes": shapes,
+    }
+    return reply(body, timings, svc.registry.record(model).weights)
