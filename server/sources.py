@@ -4,7 +4,6 @@ object-store schemes register themselves in READERS)."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import binascii
 import ipaddress
 import socket
@@ -12,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
 import httpx
+import pybase64
 from pydantic import BaseModel, Field, model_validator
 
 from server.errors import ApiError
@@ -41,7 +41,8 @@ def decode_base64(text: str) -> bytes:
     if text.startswith("data:"):
         text = text.partition(",")[2]
     try:
-        return base64.b64decode(text, validate=True)
+        # pybase64 (SIMD): CVAT sends the whole frame as base64 on every click; stdlib takes ~10x longer.
+        return pybase64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise ApiError(400, "bad_base64", "The image is not valid base64; encode the file's bytes.") from None
 
