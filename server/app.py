@@ -15,11 +15,15 @@ from models.registry import ModelRegistry
 from server.cvat import nuclio
 from server.detect_service import DetectService
 from server.errors import error_body, install_error_handlers
+from server.jobs import routes as job_routes
+from server.jobs.engine import LocalEngine
+from server.jobs.store import JOBS_DB_NAME
 from server.routes import detect, sam, system
 from server.sam_service import SamService
 from server.schemas import DetectRequest, EmbedRequest, SegmentRequest
 from server.settings import Settings, get_settings
 from server.state import Services
+from server.timing import Timings
 
 log = logging.getLogger("labelserve")
 
@@ -27,6 +31,9 @@ log = logging.getLogger("labelserve")
 def create_app(settings: Settings | None = None, *, load_models_in_background: bool = True) -> FastAPI:
     settings = settings or get_settings()
     registry = ModelRegistry(settings)
+    sam_service = SamService(registry, settings)
+    detect_service = DetectService(registry, settings, sam_service)
+    jobs = job_engine(registry, detect_service, settings)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -34,7 +41,11 @@ def create_app(settings: Settings | None = None, *, load_models_in_background: b
             registry.start_loading()
         else:
             registry.load_enabled()
+        resumed = jobs.resume_unfinished()  # resumed jobs wait for their models to finish loading
+        if resumed:
+            log.info("resumed %d unfinished jobs: %s", len(resumed), resumed)
         yield
+        jobs.close()  # running jobs go back to queued; the next start resumes them
 
     app = FastAPI(
         title="labelserve",
@@ -52,6 +63,7 @@ def create_app(settings: Settings | None = None, *, load_models_in_background: b
     app.include_router(detect.router)
     app.include_router(system.router)
     app.include_router(nuclio.router)
+    app.include_router(job_routes.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 
@@ -86,3 +98,17 @@ def _openapi(app: FastAPI) -> dict:
             components[model.__name__] = body
         app.openapi_schema = schema
     return app.openapi_schema
+
+
+def job_engine(registry: ModelRegistry, detect: DetectService, settings: Settings) -> LocalEngine:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return LocalEngine(
+        registry.detector,
+        refine=lambda model, data, image, shapes: detect.refine(model, data, shapes, Timings()),
+        check_refine=registry.segmenter,
+        state_db=settings.data_dir / JOBS_DB_NAME,
+        settings=settings,
+        prefetch=settings.job_prefetch,
+        readers=settings.job_readers,
+        concurrency=settings.job_concurrency,
+    )

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
+from server.jobs.cli import add_prelabel_command
 from weights.cli import add_weights_commands
 
 
@@ -26,6 +28,32 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prelabel_runtime(model: str, sam_refine: str | None):  # -> (get_detector, refine)
+    """Models for `labelserve prelabel`, loaded in this process. MODEL is a manifest name or a local
+    checkpoint path (.pt), as in LABELSERVE_DETECTOR_PATHS."""
+    from models.registry import ModelRegistry
+    from server.detect_service import DetectService
+    from server.sam_service import SamService
+    from server.settings import Settings
+    from server.timing import Timings
+
+    path = Path(model)
+    overrides: dict = {"models": [sam_refine] if sam_refine else []}
+    if path.suffix in (".pt", ".yaml", ".yml"):
+        overrides["detector_paths"] = {model: path}
+    else:
+        overrides["models"].append(model)
+    settings = Settings(**overrides)
+    registry = ModelRegistry(settings)
+    registry.load_enabled()
+    registry.detector(model)  # raises with the fix when the weights are missing
+    refine = None
+    if sam_refine:
+        detect = DetectService(registry, settings, SamService(registry, settings))
+        refine = lambda name, data, image, shapes: detect.refine(name, data, shapes, Timings())  # noqa: E731
+    return registry.detector, refine
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="labelserve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -40,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(func=_serve)
     add_weights_commands(commands)
+    add_prelabel_command(commands, _prelabel_runtime)
     return parser
 
 

@@ -14,8 +14,8 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from pi_heif import register_heif_opener
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from server.errors import ApiError
 

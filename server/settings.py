@@ -60,6 +60,11 @@ class Settings(BaseSettings):
         default=5.0, ge=0, description="How long a request waits for others to share its forward pass."
     )
 
+    # Batch jobs
+    job_prefetch: int = Field(default=16, ge=1, description="Decoded images queued ahead of the detector.")
+    job_readers: int = Field(default=4, ge=1, description="Threads reading and decoding images for jobs.")
+    job_concurrency: int = Field(default=1, ge=1, description="Jobs that run at the same time.")
+
     # Input limits
     max_image_pixels: int = Field(default=64_000_000, description="Larger images are refused (413).")
     max_request_bytes: int = Field(

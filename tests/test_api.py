@@ -141,7 +141,13 @@ def test_byte_cap_evicts_and_evicted_id_gets_404(tmp_path) -> None:
 
 def test_models_health_and_cache_endpoints(client: TestClient) -> None:
     models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
-    assert set(models) == {"sam_vit_b", "sam_vit_l", "sam_vit_h", "mobile_sam"}
+    assert {n for n, m in models.items() if m["kind"] == "segmenter"} == {
+        "sam_vit_b",
+        "sam_vit_l",
+        "sam_vit_h",
+        "mobile_sam",
+    }
+    assert models["yolo11n"]["kind"] == "detector" and models["yolo11n"]["state"] == "disabled"
     assert models["mobile_sam"]["state"] == "loaded" and models["mobile_sam"]["weights"] == "random-init"
     assert "RANDOM" in models["mobile_sam"]["message"]
     assert models["sam_vit_h"]["state"] == "disabled" and "LABELSERVE_MODELS" in models["sam_vit_h"]["fix"]

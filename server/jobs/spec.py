@@ -22,7 +22,9 @@ from models.detector import DetectParams
 from server.errors import ApiError
 from server.sources import READERS
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS: tuple[str, ...] = (
+    ".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".heic", ".heif",
+)  # fmt: skip
 OutputFormat = Literal["cvat_images", "coco", "yolo"]
 
 # (reference the engine reads bytes from, name the image gets in the outputs)
@@ -162,7 +164,9 @@ def _from_urls(urls: list[str]) -> Iterator[ImageEntry]:
                 "unsupported_url",
                 f"URL scheme of {url!r} is not supported; use one of {sorted(READERS)}.",
             )
-        yield url, unquote(parts.path).lstrip("/") or parts.hostname or url
+        # Only the path's plain segments: a name never climbs out of the output directory.
+        segments = [s for s in unquote(parts.path).split("/") if s not in ("", ".", "..")]
+        yield url, "/".join(segments) or parts.hostname or "image"
 
 
 ENUMERATORS: dict[str, Callable[..., Iterator[ImageEntry]]] = {

@@ -112,7 +112,8 @@ class JobStore:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.execute(
-                    "INSERT INTO jobs (id, spec, state, created) VALUES (?, ?, 'queued', ?)", (job_id, spec, now)
+                    "INSERT INTO jobs (id, spec, state, created) VALUES (?, ?, 'queued', ?)",
+                    (job_id, spec, now),
                 )
                 cur = self._db.executemany(
                     "INSERT INTO items (job_id, idx, ref, name) VALUES (?, ?, ?, ?)",
@@ -131,14 +132,15 @@ class JobStore:
             row = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return JobRow(*row) if row else None
 
-    def jobs(self, states: Iterable[str] | None = None, limit: int | None = None) -> list[JobRow]:
-        """Newest first, unless only active states are asked for (then oldest first: the run order)."""
+    def jobs(
+        self, states: Iterable[str] | None = None, limit: int | None = None, oldest_first: bool = False
+    ) -> list[JobRow]:
+        """Newest first by default; oldest first is the order to run them in."""
         query, args = f"SELECT {_JOB_COLUMNS} FROM jobs", []
         states = list(states) if states is not None else None
         if states is not None:
             query += f" WHERE state IN ({', '.join('?' * len(states))})"
             args += states
-        oldest_first = states is not None and set(states) <= set(ACTIVE_STATES)
         query += " ORDER BY created " + ("ASC" if oldest_first else "DESC") + ", id"
         if limit is not None:
             query += " LIMIT ?"
@@ -186,25 +188,26 @@ class JobStore:
             ).fetchall()
 
     def record(self, job_id: str, outcomes: list[Outcome]) -> None:
-        """Store a batch of outcomes and bump the job's counters, in one transaction."""
+        """Store a batch of outcomes and bump the job's counters, in one transaction. Only pending items
+        change, and the counters count what changed, so recording an outcome twice is harmless."""
         if not outcomes:
             return
-        done = [o for o in outcomes if o.error is None]
-        failed = [o for o in outcomes if o.error is not None]
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.executemany(
-                    "UPDATE items SET status = ?, width = ?, height = ?, result = ?, error = ? "
+                done = self._db.executemany(
+                    "UPDATE items SET status = 'done', width = ?, height = ?, result = ? "
                     "WHERE job_id = ? AND idx = ? AND status = 'pending'",
-                    [
-                        ("done" if o.error is None else "failed", o.width, o.height, o.result, o.error, job_id, o.index)
-                        for o in outcomes
-                    ],
-                )
+                    [(o.width, o.height, o.result, job_id, o.index) for o in outcomes if o.error is None],
+                ).rowcount
+                failed = self._db.executemany(
+                    "UPDATE items SET status = 'failed', error = ? "
+                    "WHERE job_id = ? AND idx = ? AND status = 'pending'",
+                    [(o.error, job_id, o.index) for o in outcomes if o.error is not None],
+                ).rowcount
                 self._db.execute(
                     "UPDATE jobs SET done = done + ?, failed = failed + ? WHERE id = ?",
-                    (len(done), len(failed), job_id),
+                    (max(done, 0), max(failed, 0), job_id),
                 )
                 self._db.execute("COMMIT")
             except BaseException:
@@ -229,7 +232,8 @@ class JobStore:
     def failures(self, job_id: str, limit: int) -> list[ItemRow]:
         with self._lock:
             rows = self._db.execute(
-                f"SELECT {_ITEM_COLUMNS} FROM items WHERE job_id = ? AND status = 'failed' ORDER BY idx LIMIT ?",
+                f"SELECT {_ITEM_COLUMNS} FROM items WHERE job_id = ? AND status = 'failed' "
+                "ORDER BY idx LIMIT ?",
                 (job_id, limit),
             ).fetchall()
         return [ItemRow(*r) for r in rows]

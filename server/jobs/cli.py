@@ -1,0 +1,192 @@
+"""`labelserve prelabel SOURCE... --model NAME --out DIR --format F`: a job run in this process, no server.
+
+Running the same command again with the same state database resumes the unfinished job with the same spec
+(finished images are not redone) instead of starting over. Exit codes: 0 every image succeeded, 1 some image
+or the job failed, 2 bad arguments (including an unusable source or output, or an unknown model).
+
+The main CLI passes a `runtime(model, sam_refine)` that loads the models and returns the detector lookup and
+the SAM refinement callable (None when no --sam-refine was asked for).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from models.base import ModelError
+from server.errors import ApiError
+from server.jobs.engine import GetDetector, JobStatus, LocalEngine, Refine
+from server.jobs.spec import JobSpec
+from server.jobs.store import ACTIVE_STATES
+
+Runtime = Callable[[str, str | None], tuple[GetDetector, Refine | None]]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+STATE_DB_NAME = ".labelserve-jobs.sqlite3"  # default state database, inside the output directory
+
+
+def add_prelabel_command(subparsers: Any, runtime: Runtime) -> None:
+    """`subparsers` is what `ArgumentParser.add_subparsers()` returned; sets `func(args) -> int`."""
+    p = subparsers.add_parser(
+        "prelabel",
+        help="pre-label a directory, image files or URLs with a detector (resumable)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("source", nargs="+", metavar="SOURCE", help="one directory, or image files, or image URLs")
+    p.add_argument("--model", required=True, help="detector model name")
+    p.add_argument("--out", required=True, type=Path, help="output directory (created if missing)")
+    p.add_argument("--format", required=True, choices=("cvat_images", "coco", "yolo"))
+    p.add_argument("--conf", type=float, help="minimum confidence (default 0.25)")
+    p.add_argument("--iou", type=float, help="NMS IoU threshold (default 0.7)")
+    p.add_argument("--classes", help="comma-separated class ids to keep (default: all)")
+    p.add_argument("--imgsz", type=int, help="inference size (default 640)")
+    p.add_argument("--max-det", type=int, help="most detections per image (default 300)")
+    p.add_argument("--sam-refine", metavar="SAM_MODEL", help="refine each detection into a mask with SAM")
+    p.add_argument("--batch-size", type=int, default=8, help="images per detector call (default 8)")
+    p.add_argument("--readers", type=int, default=4, help="reader/decoder threads (default 4)")
+    p.add_argument("--state-db", type=Path, help=f"job state database (default OUT/{STATE_DB_NAME})")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_prelabel, runtime=runtime)
+
+
+def build_spec(args: argparse.Namespace) -> JobSpec:
+    """The job spec the arguments describe; paths are made absolute so a re-run from elsewhere matches.
+    Raises ValueError (or pydantic's ValidationError) on bad arguments."""
+    sources: list[str] = args.source
+    urls = ["://" in s and not s.startswith("file://") for s in sources]
+    if any(urls) and not all(urls):
+        raise ValueError("give either image URLs or local paths, not both")
+    if all(urls):
+        source: dict[str, Any] = {"urls": sources}
+    elif len(sources) == 1 and Path(sources[0]).is_dir():
+        source = {"directory": str(Path(sources[0]).resolve())}
+    else:
+        missing = [s for s in sources if not Path(s).exists()]
+        if missing:
+            raise ValueError(f"{missing[0]} does not exist")
+        source = {"paths": [str(Path(s).resolve()) for s in sources]}
+    params: dict[str, Any] = {
+        k: v
+        for k, v in {"conf": args.conf, "iou": args.iou, "imgsz": args.imgsz, "max_det": args.max_det}.items()
+    }
+    if args.classes is not None:
+        try:
+            params["classes"] = [int(c) for c in args.classes.split(",") if c.strip()]
+        except ValueError:
+            raise ValueError(f"--classes must be comma-separated class ids, got {args.classes!r}") from None
+    return JobSpec.model_validate(
+        {
+            "source": source,
+            "detector": args.model,
+            "params": {k: v for k, v in params.items() if v is not None},
+            "sam_refine": args.sam_refine,
+            "output": {"format": args.format, "directory": str(args.out.resolve())},
+            "batch_size": args.batch_size,
+        }
+    )
+
+
+def cmd_prelabel(args: argparse.Namespace) -> int:
+    try:
+        spec = build_spec(args)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        print(f"error: {problems}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    try:
+        get_detector, refine = args.runtime(spec.detector, spec.sam_refine)
+    except (ApiError, ModelError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    state_db = args.state_db or args.out / STATE_DB_NAME
+    try:
+        engine = LocalEngine(get_detector, refine, state_db=state_db, readers=args.readers)
+    except OSError as exc:
+        print(f"error: cannot open the state database {state_db}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        try:
+            previous = _unfinished(engine, spec)
+            if previous is not None:
+                status = engine.resume(previous)
+                print(
+                    f"resuming job {previous}: {status.done + status.failed}/{status.total} done",
+                    file=sys.stderr,
+                )
+            else:
+                status = engine.submit(spec)
+        except ApiError as exc:
+            print(f"error: {exc.message}", file=sys.stderr)
+            return EXIT_USAGE if exc.status < 500 else EXIT_FAILED
+        final = _follow(engine, status.id, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print("\ninterrupted: run the same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        engine.close()  # an interrupted job goes back to queued, for the next run to resume
+    return _report(final)
+
+
+def _unfinished(engine: LocalEngine, spec: JobSpec) -> str | None:
+    """The newest job with this exact spec that did not complete. An unfinished job with other settings
+    but the same output directory is superseded (cancelled): this command is what the user wants now."""
+    found = None
+    for row in engine.store.jobs():
+        if row.state == "completed":
+            continue
+        other = JobSpec.model_validate_json(row.spec)
+        if other == spec:
+            found = found or row.id
+        elif other.output.directory == spec.output.directory and row.state in ACTIVE_STATES:
+            engine.cancel(row.id)
+            print(f"superseding unfinished job {row.id}, which had other settings", file=sys.stderr)
+    return found
+
+
+def _follow(engine: LocalEngine, job_id: str, progress: bool) -> JobStatus:
+    from tqdm import tqdm
+
+    status = engine.status(job_id)
+    bar = tqdm(
+        total=status.total,
+        initial=status.done + status.failed,
+        unit="img",
+        disable=not progress,
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
+    with bar:
+        while True:
+            status = engine.status(job_id)
+            bar.update(status.done + status.failed - bar.n)
+            bar.set_postfix(failed=status.failed, refresh=False)
+            if status.state not in ACTIVE_STATES:
+                return status
+            time.sleep(0.2)
+
+
+def _report(status: JobStatus) -> int:
+    for failure in status.failures:
+        print(f"failed: {failure.image}: {failure.error}", file=sys.stderr)
+    if status.failed > len(status.failures):
+        print(f"... and {status.failed - len(status.failures)} more failed images", file=sys.stderr)
+    if status.state != "completed":
+        print(f"job {status.id} {status.state}: {status.error or ''}".rstrip(": "), file=sys.stderr)
+        return EXIT_FAILED
+    print(
+        f"job {status.id} completed: {status.done} images labelled, {status.failed} failed", file=sys.stderr
+    )
+    for path in status.outputs:
+        print(path)
+    return EXIT_OK if status.failed == 0 else EXIT_FAILED
