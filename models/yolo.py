@@ -63,10 +63,25 @@ class UltralyticsDetector(Detector):
             keypoint_names=keypoints,
             skeleton=skeleton,
         )
+        # ultralytics sets its predictor up on the first call, at 1 torch thread on a 2-core machine: do it
+        # now, so the first real image is not slower, nor computed with another thread count than the rest.
+        self._predict([np.zeros((64, 64, 3), np.uint8)], DetectParams())
 
     def detect(self, images: Sequence[np.ndarray], params: DetectParams) -> list[list[Shape]]:
-        if not images:
-            return []
+        # Ultralytics letterboxes a batch of mixed sizes to a square canvas, but equal sizes (or one image)
+        # to a minimal rectangle: running each size group on its own gives every image the letterbox of a
+        # single-image predict, whatever it was batched with (micro-batching, jobs).
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for index, image in enumerate(images):
+            groups.setdefault(image.shape, []).append(index)
+        out: list[list[Shape]] = [[] for _ in images]
+        for indices in groups.values():
+            found = self._predict([images[i] for i in indices], params)
+            for index, shapes in zip(indices, found, strict=True):
+                out[index] = shapes
+        return out
+
+    def _predict(self, images: list[np.ndarray], params: DetectParams) -> list[list[Shape]]:
         bgr = [np.ascontiguousarray(image[:, :, ::-1]) for image in images]  # ultralytics reads arrays as BGR
         with self._lock:
             results = self.model.predict(

@@ -53,10 +53,8 @@ def create_app(settings: Settings | None = None, *, load_models_in_background: b
         description="AI-assisted labeling inference: SAM clicks on cached embeddings.",
         lifespan=lifespan,
     )
-    sam_service = SamService(registry, settings)
-    app.state.services = Services(
-        settings, registry, sam_service, DetectService(registry, settings, sam_service)
-    )
+    app.state.services = Services(settings, registry, sam_service, detect_service)
+    app.state.jobs = jobs
     install_error_handlers(app)
     _install_model_errors(app)
     app.include_router(sam.router)

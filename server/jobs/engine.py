@@ -563,7 +563,12 @@ class _Prefetch:
         self._refs, self._load, self._stop = refs, load, stop
         self._halt = threading.Event()  # ours: set on exit, whatever the reason
         self._lock = threading.Lock()
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=depth)
+        # Readers finish out of order; batches are built in item order, so the same items always share a
+        # batch (detector numerics depend on batch composition, and a resumed job must equal a straight run).
+        # The window bounds how far readers run ahead of the first item not yet handed out.
+        self._window = threading.Semaphore(depth)
+        self._next_seq = 0
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=depth + readers)
         self._alive = readers
         self._error: BaseException | None = None
         self._threads = [
@@ -586,11 +591,16 @@ class _Prefetch:
     def _read(self) -> None:
         try:
             while not self._stopped():
+                if not self._window.acquire(timeout=0.1):
+                    continue
                 with self._lock:
                     nxt = next(self._refs, None)
+                    seq = self._next_seq
+                    self._next_seq += 1
                 if nxt is None:
+                    self._window.release()
                     break
-                if not self._put(self._load(*nxt)):
+                if not self._put((seq, self._load(*nxt))):
                     return
         except BaseException as exc:  # the store failed under us: the consumer re-raises it
             self._error = exc
@@ -612,19 +622,26 @@ class _Prefetch:
 
     def batches(self, size: int) -> Iterator[list[_Loaded]]:
         batch: list[_Loaded] = []
+        arrived: dict[int, _Loaded] = {}
+        expected = 0
         while not self._stop.is_set():
             try:
-                item = self._queue.get(timeout=0.1)
+                entry = self._queue.get(timeout=0.1)
             except queue.Empty:
                 continue
-            if item is _DONE:
+            if entry is _DONE:
                 if self._error is not None:
                     raise self._error
-                if batch:
-                    yield batch
+                batch += [arrived[seq] for seq in sorted(arrived)]
+                for start in range(0, len(batch), size):
+                    yield batch[start : start + size]
                 return
-            assert isinstance(item, _Loaded)
-            batch.append(item)
-            if len(batch) == size:
-                yield batch
-                batch = []
+            seq, item = entry  # type: ignore[misc]
+            arrived[seq] = item
+            while expected in arrived:
+                batch.append(arrived.pop(expected))
+                expected += 1
+                self._window.release()
+                if len(batch) == size:
+                    yield batch
+                    batch = []
