@@ -107,6 +107,6 @@ def job_engine(registry: ModelRegistry, detect: DetectService, settings: Setting
         state_db=settings.data_dir / JOBS_DB_NAME,
         settings=settings,
         prefetch=settings.job_prefetch,
-        readers=settings.job_readers,
+        readers=settings.job_reader_threads(registry.device.type == "cuda"),
         concurrency=settings.job_concurrency,
     )

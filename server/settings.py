@@ -62,7 +62,12 @@ class Settings(BaseSettings):
 
     # Batch jobs
     job_prefetch: int = Field(default=16, ge=1, description="Decoded images queued ahead of the detector.")
-    job_readers: int = Field(default=4, ge=1, description="Threads reading and decoding images for jobs.")
+    job_readers: int | None = Field(
+        default=None,
+        ge=0,
+        description="Threads reading and decoding images ahead of inference; 0 reads in the inference thread."
+        " Default: 4 with CUDA; 0 on a CPU-only host, where inference fills every core and readers slow it.",
+    )
     job_concurrency: int = Field(default=1, ge=1, description="Jobs that run at the same time.")
 
     # Input limits
@@ -100,6 +105,11 @@ class Settings(BaseSettings):
                 else [n.strip() for n in text.split(",") if n.strip()]
             )
         return value
+
+    def job_reader_threads(self, cuda: bool) -> int:
+        if self.job_readers is not None:
+            return self.job_readers
+        return 4 if cuda else 0
 
 
 @lru_cache

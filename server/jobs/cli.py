@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 from pydantic import ValidationError
 
 from models.base import ModelError
@@ -50,7 +51,9 @@ def add_prelabel_command(subparsers: Any, runtime: Runtime) -> None:
     p.add_argument("--max-det", type=int, help="most detections per image (default 300)")
     p.add_argument("--sam-refine", metavar="SAM_MODEL", help="refine each detection into a mask with SAM")
     p.add_argument("--batch-size", type=int, default=8, help="images per detector call (default 8)")
-    p.add_argument("--readers", type=int, default=4, help="reader/decoder threads (default 4)")
+    p.add_argument(
+        "--readers", type=int, help="reader/decoder threads ahead of inference (default: 4 with CUDA, else 0)"
+    )
     p.add_argument("--state-db", type=Path, help=f"job state database (default OUT/{STATE_DB_NAME})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prelabel, runtime=runtime)
@@ -111,7 +114,8 @@ def cmd_prelabel(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     state_db = args.state_db or args.out / STATE_DB_NAME
     try:
-        engine = LocalEngine(get_detector, refine, state_db=state_db, readers=args.readers)
+        readers = args.readers if args.readers is not None else 4 if torch.cuda.is_available() else 0
+        engine = LocalEngine(get_detector, refine, state_db=state_db, readers=readers)
     except OSError as exc:
         print(f"error: cannot open the state database {state_db}: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -11,8 +11,10 @@ to an uninterrupted run's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import queue
 import sys
 import tempfile
@@ -403,7 +405,12 @@ class LocalEngine:
         def load(index: int, ref: str) -> _Loaded:
             return self._load(index, ref, keep_bytes=spec.sam_refine is not None)
 
-        with _Prefetch(self._pending(job_id), load, self._readers, self._prefetch, control.stop) as prefetch:
+        reader = (
+            _Prefetch(self._pending(job_id), load, self._readers, self._prefetch, control.stop)
+            if self._readers > 0
+            else _Inline(self._pending(job_id), load, control.stop)
+        )
+        with reader as prefetch:
             for batch in prefetch.batches(spec.batch_size):
                 outcomes, detector_error = self._infer(detector, spec, params, batch)
                 if detector_error is not None:
@@ -549,6 +556,41 @@ def _iso(timestamp: float | None) -> str | None:
 _DONE = object()
 
 
+class _Inline:
+    """Reading and decoding in the inference thread: on a CPU whose cores inference already fills, reader
+    threads only slow it down (readers = 0)."""
+
+    def __init__(
+        self, refs: Iterator[tuple[int, str]], load: Callable[[int, str], _Loaded], stop: threading.Event
+    ):
+        self._refs, self._load, self._stop = refs, load, stop
+
+    def __enter__(self) -> _Inline:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        pass
+
+    def batches(self, size: int) -> Iterator[list[_Loaded]]:
+        batch: list[_Loaded] = []
+        for ref in self._refs:
+            if self._stop.is_set():
+                return
+            batch.append(self._load(*ref))
+            if len(batch) == size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+
+def _lower_priority() -> None:
+    """Readers yield the CPU to inference: torch's threads stall at every barrier when a reader holds one of
+    their cores (measured on 2 cores: 177 → 206-267 ms per image), while decoding needs only ~5 % of it."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # this thread only, on Linux
+
+
 class _Prefetch:
     """Reader threads pulling (index, ref) from a shared iterator, loading each into a bounded queue."""
 
@@ -589,6 +631,7 @@ class _Prefetch:
         return self._halt.is_set() or self._stop.is_set()
 
     def _read(self) -> None:
+        _lower_priority()
         try:
             while not self._stopped():
                 if not self._window.acquire(timeout=0.1):
