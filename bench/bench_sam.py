@@ -15,15 +15,12 @@ import io
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import orjson
 import psutil
@@ -37,6 +34,7 @@ from models.sam import build_sam  # noqa: E402
 from server.images import decode_image  # noqa: E402
 from server.masks import cvat_rle_decode  # noqa: E402
 from tests.conftest import encode_image, synthetic_scene, ultralytics_asset  # noqa: E402
+from tests.server_process import ServerProcess  # noqa: E402
 
 MODEL = "mobile_sam"
 
@@ -54,42 +52,17 @@ def timed(fn, repeat: int) -> list[float]:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
+class Server(ServerProcess):
     def __init__(self, **env: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.weights = tempfile.mkdtemp(prefix="labelserve-bench-")
-        environ = {**os.environ, "LABELSERVE_WEIGHTS_DIR": self.weights, "LABELSERVE_MODELS": MODEL, **env}
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port), "--random-init"],
-            cwd=ROOT,
-            env=environ,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        self.http = httpx.Client(base_url=self.url, timeout=300)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if self.http.get("/readyz").status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.3)
-        raise RuntimeError("labelserve did not start")
+        weights = tempfile.mkdtemp(prefix="labelserve-bench-")
+        environ = {"LABELSERVE_WEIGHTS_DIR": weights, "LABELSERVE_MODELS": MODEL, **env}
+        super().__init__(environ, Path(weights) / "server.log", random_init=True, timeout=120)
 
     def rss_mib(self) -> float:
         return psutil.Process(self.process.pid).memory_info().rss / 2**20
 
     def close(self) -> None:
-        self.http.close()
-        self.process.terminate()
-        self.process.wait(30)
+        self.stop()
 
 
 def test_images() -> dict[str, bytes]:

@@ -6,15 +6,9 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -22,6 +16,8 @@ from PIL import Image
 
 from server.app import create_app
 from server.settings import Settings
+
+from .server_process import ServerProcess
 
 
 def ultralytics_asset(name: str) -> Path:
@@ -81,48 +77,20 @@ def exact_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClien
         yield test_client
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
+    """One `labelserve serve` process for the end-to-end tests: MobileSAM, the real detector, a pose model."""
+    tmp = tmp_path_factory.mktemp("live")
     env = {
-        **os.environ,
-        "LABELSERVE_WEIGHTS_DIR": str(tmp_path_factory.mktemp("w")),
+        "LABELSERVE_WEIGHTS_DIR": str(tmp / "weights"),
         "LABELSERVE_MODELS": "mobile_sam",
-        "LABELSERVE_DATA_DIR": str(tmp_path_factory.mktemp("data")),
+        "LABELSERVE_DATA_DIR": str(tmp / "data"),
         "LABELSERVE_DETECTOR_PATHS": json.dumps(
             {"fall": str(fall_checkpoint()), "pose": "yolo11n-pose.yaml"}
         ),
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--random-init"],
-        env=env,
-        cwd=Path(__file__).parents[1],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None, process.stdout.read().decode() if process.stdout else ""
-            time.sleep(0.3)
-        else:
-            pytest.fail("server did not become ready in 90 s")
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
+    with ServerProcess(env, tmp / "server.log", random_init=True) as server:
+        yield server.url
 
 
 def fall_checkpoint() -> Path:

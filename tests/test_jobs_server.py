@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from PIL import Image, ImageOps
 
-from .conftest import fall_checkpoint, free_port, ultralytics_asset
+from .conftest import fall_checkpoint, ultralytics_asset
+from .server_process import ServerProcess
 
 IMAGES = 24
 
@@ -38,29 +35,16 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-class Server:
+class Server(ServerProcess):
     def __init__(self, data_dir: Path, weights: Path) -> None:
-        self.port = free_port()
         env = {
-            **os.environ,
             "LABELSERVE_DATA_DIR": str(data_dir),
             "LABELSERVE_WEIGHTS_DIR": str(weights),
             "LABELSERVE_MODELS": "",
             "LABELSERVE_DETECTOR_PATHS": json.dumps({"fall": str(fall_checkpoint())}),
         }
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port)],
-            env=env, cwd=Path(__file__).parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        self.http = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=60)
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                if self.http.get("/readyz").status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.2)
-        raise RuntimeError("server did not start")
+        data_dir.mkdir(parents=True, exist_ok=True)
+        super().__init__(env, data_dir.parent / f"{data_dir.name}-{time.monotonic_ns()}.log")
 
     def wait(self, job_id: str, until, timeout: float = 240) -> dict:
         deadline = time.monotonic() + timeout
@@ -70,11 +54,6 @@ class Server:
                 return status
             time.sleep(0.2)
         raise TimeoutError(status)
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        self.http.close()
-        self.process.send_signal(sig)
-        self.process.wait(30)
 
 
 @pytest.fixture
@@ -87,8 +66,7 @@ def server_factory(tmp_path: Path) -> Iterator:
 
     yield start
     for server in started:
-        if server.process.poll() is None:
-            server.stop()
+        server.stop()
 
 
 def job(photos: Path, out: Path) -> dict:
