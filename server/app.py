@@ -18,6 +18,7 @@ from server.errors import error_body, install_error_handlers
 from server.jobs import routes as job_routes
 from server.jobs.engine import LocalEngine
 from server.jobs.store import JOBS_DB_NAME
+from server.memory import pin_mmap_threshold
 from server.routes import detect, sam, system
 from server.sam_service import SamService
 from server.schemas import DetectRequest, EmbedRequest, SegmentRequest
@@ -30,6 +31,7 @@ log = logging.getLogger("labelserve")
 
 def create_app(settings: Settings | None = None, *, load_models_in_background: bool = True) -> FastAPI:
     settings = settings or get_settings()
+    pin_mmap_threshold()
     registry = ModelRegistry(settings)
     sam_service = SamService(registry, settings)
     detect_service = DetectService(registry, settings, sam_service)
