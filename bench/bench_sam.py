@@ -177,7 +177,7 @@ def rss_run(images: int, cache_mib: int) -> dict:
         for i in range(images):
             data = encode_image(synthetic_scene(320, 240, seed=i))
             server.http.post(f"/v1/sam/{MODEL}/embed", content=data, headers={"content-type": "image/png"})
-            if (i + 1) % 50 == 0:
+            if (i + 1) % 20 == 0:
                 samples.append((i + 1, round(server.rss_mib())))
         stats = server.http.get("/v1/cache/stats").json()["embeddings"]
         return {
@@ -202,7 +202,11 @@ def main() -> None:
     parser.add_argument("--cold", type=int, default=5)
     parser.add_argument("--rss-images", type=int, default=500)
     parser.add_argument("--rss-cache-mib", type=int, default=256)
+    parser.add_argument("--only-rss", action="store_true", help="run only the memory measurement")
     args = parser.parse_args()
+    if args.only_rss:
+        print_tables({"machine": "", "images": {}, "rss": rss_run(args.rss_images, args.rss_cache_mib)})
+        return
 
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)  # the server's default LABELSERVE_RANDOM_SEED: identical weights on both sides
@@ -231,6 +235,13 @@ def main() -> None:
 
 
 def print_tables(results: dict) -> None:
+    if results["images"]:
+        print_latency_tables(results)
+    if "rss" in results:
+        print_rss(results["rss"])
+
+
+def print_latency_tables(results: dict) -> None:
     med = statistics.median
     print(f"\nMachine: {results['machine']}. MobileSAM, random-init weights, 1 positive click.\n")
     print(
@@ -278,15 +289,16 @@ def print_tables(results: dict) -> None:
             f"| {ours['request_bytes'] / 2**20:.1f} MiB | {ours['cvat_reply_bytes'] / 1024:.0f} KiB "
             f"| {ours['legacy_reply_bytes'] / 2**20:.1f} MiB |"
         )
-    if "rss" in results:
-        rss = results["rss"]
-        print(
-            f"\nRSS after {rss['images']} distinct images with a {rss['cache_cap_mib']} MiB cache cap: "
-            f"{rss['rss_after_mib']} MiB (after the first image: {rss['rss_after_first_mib']} MiB; growth "
-            f"{rss['rss_after_mib'] - rss['rss_after_first_mib']} MiB ≤ cap). Cache holds "
-            f"{rss['entries']} embeddings = {rss['cache_bytes_mib']} MiB, {rss['evictions']} evictions. "
-            f"Samples (images, MiB): {rss['samples']}"
-        )
+
+
+def print_rss(rss: dict) -> None:
+    print(
+        f"\nRSS after {rss['images']} distinct images with a {rss['cache_cap_mib']} MiB cache cap: "
+        f"{rss['rss_after_mib']} MiB (after the first image: {rss['rss_after_first_mib']} MiB; growth "
+        f"{rss['rss_after_mib'] - rss['rss_after_first_mib']} MiB). Cache holds {rss['entries']} embeddings "
+        f"= {rss['cache_bytes_mib']} MiB, {rss['evictions']} evictions. Samples (images, MiB): "
+        f"{rss['samples']}"
+    )
 
 
 if __name__ == "__main__":
