@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -31,28 +30,45 @@ from server.timing import Timings
 router = APIRouter(tags=["cvat"])
 
 BROWSER_SAM_ID = "pth-facebookresearch-sam-vit-h"  # the id CVAT's in-browser SAM decoder is wired to
-Handler = Callable[[Services, dict[str, Any]], Any]
 
 
 @dataclass(frozen=True)
 class NuclioFunction:
+    """A cheap descriptor: listing and invoking look functions up often, so the label spec (up to thousands of
+    classes) is only built when a config is served."""
+
     id: str
     kind: Literal["interactor", "detector", "tracker"]
-    name: str
-    description: str
-    annotations: dict[str, str]
-    handler: Handler
+    model: str
+    browser: bool = False  # CVAT's in-browser SAM decoder, served embeddings instead of masks
 
-    def config(self, port: int) -> dict[str, Any]:
+    def config(self, svc: Services) -> dict[str, Any]:
         """Exactly the keys CVAT's LambdaFunction reads; every annotation value is a string."""
+        if self.kind == "detector":
+            info = svc.registry.detector(self.model).info
+            name, description = f"labelserve {self.model}", f"Ultralytics {info.task} model {self.model}"
+            annotations = {"spec": json.dumps(render.label_spec(info), separators=(",", ":"))}
+        elif self.browser:
+            name = "Segment Anything"
+            description = f"Embeddings for CVAT's browser SAM decoder, from labelserve ({self.model})"
+            annotations = _INTERACTOR
+        else:
+            weights = svc.registry.record(self.model).weights
+            name = f"labelserve {self.model}"
+            description = f"Interactive segmentation with {self.model} ({weights}), embeddings cached"
+            annotations = _INTERACTOR
         return {
-            "metadata": {
-                "name": self.id,
-                "annotations": {"name": self.name, "type": self.kind, **self.annotations},
-            },
-            "spec": {"description": self.description},
-            "status": {"state": "ready", "httpPort": port},
+            "metadata": {"name": self.id, "annotations": {"name": name, "type": self.kind, **annotations}},
+            "spec": {"description": description},
+            "status": {"state": "ready", "httpPort": svc.settings.port},
         }
+
+    def invoke(self, svc: Services, payload: dict[str, Any]) -> Any:
+        if self.kind == "detector":
+            return _detect(svc, self.model, payload)
+        if self.browser:
+            return _browser_embedding(svc, self.model, payload)
+        return _interact(svc, self.model, payload)
 
 
 def function_id(model: str) -> str:
@@ -74,47 +90,17 @@ _INTERACTOR = {
 
 def catalogue(svc: Services) -> dict[str, NuclioFunction]:
     """One function per loaded model, plus CVAT's browser-SAM id when its model is loaded."""
-    functions: dict[str, NuclioFunction] = {}
-    for record in svc.registry.describe():
-        if record["state"] != "loaded":
-            continue
-        model = record["name"]
-        if record["kind"] == "detector":
-            fn = detector_function(svc, model)
-            functions[fn.id] = fn
-            continue
-        fn = NuclioFunction(
-            id=function_id(model),
-            kind="interactor",
-            name=f"labelserve {model}",
-            description=f"Interactive segmentation with {model} ({record['weights']}), embeddings cached",
-            annotations=_INTERACTOR,
-            handler=lambda svc, payload, model=model: _interact(svc, model, payload),
+    loaded = {r["name"]: r["kind"] for r in svc.registry.describe() if r["state"] == "loaded"}
+    functions = {
+        function_id(model): NuclioFunction(
+            function_id(model), "detector" if kind == "detector" else "interactor", model
         )
-        functions[fn.id] = fn
+        for model, kind in loaded.items()
+    }
     browser_model = svc.settings.cvat_browser_sam_model
-    if browser_model in {r["name"] for r in svc.registry.describe() if r["state"] == "loaded"}:
-        functions[BROWSER_SAM_ID] = NuclioFunction(
-            id=BROWSER_SAM_ID,
-            kind="interactor",
-            name="Segment Anything",
-            description=f"Embeddings for CVAT's browser SAM decoder, from labelserve ({browser_model})",
-            annotations=_INTERACTOR,
-            handler=lambda svc, payload: _browser_embedding(svc, browser_model, payload),
-        )
+    if loaded.get(browser_model) == "segmenter":
+        functions[BROWSER_SAM_ID] = NuclioFunction(BROWSER_SAM_ID, "interactor", browser_model, browser=True)
     return functions
-
-
-def detector_function(svc: Services, model: str) -> NuclioFunction:
-    info = svc.registry.detector(model).info
-    return NuclioFunction(
-        id=function_id(model),
-        kind="detector",
-        name=f"labelserve {model}",
-        description=f"Ultralytics {info.task} model {model} served by labelserve",
-        annotations={"spec": json.dumps(render.label_spec(info), separators=(",", ":"))},
-        handler=lambda svc, payload: _detect(svc, model, payload),
-    )
 
 
 # ---- payloads ------------------------------------------------------------------------------------
@@ -195,7 +181,7 @@ def _json(body: Any, status: int = 200) -> Response:
 async def list_functions(request: Request) -> Response:
     """Nuclio's function list: a JSON object keyed by function id (CVAT iterates its values)."""
     svc = services(request)
-    return _json({fid: fn.config(svc.settings.port) for fid, fn in catalogue(svc).items()})
+    return _json({fid: fn.config(svc) for fid, fn in catalogue(svc).items()})
 
 
 @router.get("/api/functions/{function_id}")
@@ -206,7 +192,7 @@ async def get_function(function_id: str, request: Request) -> Response:
         raise ApiError(
             404, "unknown_function", f"No function {function_id!r}; GET /api/functions lists them."
         )
-    return _json(fn.config(svc.settings.port))
+    return _json(fn.config(svc))
 
 
 @router.post("/api/function_invocations")
@@ -227,4 +213,4 @@ async def invoke(request: Request) -> Response:
         raise ApiError(400, "bad_json", "The invocation body is not JSON.") from None
     if not isinstance(payload, dict):
         raise ApiError(422, "invalid_request", "The invocation body must be a JSON object.")
-    return _json(await run_in_threadpool(fn.handler, svc, payload))
+    return _json(await run_in_threadpool(fn.invoke, svc, payload))
