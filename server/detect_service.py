@@ -53,9 +53,9 @@ class DetectService:
         detector = self.registry.detector(model)
         if sam_refine is not None:
             self.registry.segmenter(sam_refine)  # fail before the work, not after it
+        self._check_classes(detector, params)
         with timings.stage("decode_image"):
             image = decode_image(data, self.settings.max_image_pixels)
-        self._check_classes(detector, params)
         with timings.stage("detect"):
             shapes = self.batcher(model).submit(params, image)
         if sam_refine is not None:
@@ -65,7 +65,11 @@ class DetectService:
         return Detections(detector, width, height, shapes)
 
     def refine(self, model: str, data: bytes, shapes: list[Shape], timings: Timings) -> list[Shape]:
-        """Box → mask with SAM (the "detector + SAM" recipe); the image is encoded once, through the cache."""
+        """Box → mask with SAM (the "detector + SAM" recipe): the image is hashed and embedded once, through
+        the cache, and every box is decoded against that embedding."""
+        if not any(shape.kind == "box" for shape in shapes):
+            return shapes
+        embedded = self.sam.embed(model, data, timings)
         refined = []
         for shape in shapes:
             if shape.kind != "box" or shape.box is None:
@@ -74,7 +78,7 @@ class DetectService:
             request = SegmentRequest.model_validate(
                 {"box": list(shape.box), "multimask_output": False, "refine": False}, context={"upload": True}
             )
-            mask, _ = self.sam.predict(model, data, request, timings).masks[0]
+            mask, _ = self.sam.predict_on(model, embedded, request, timings).masks[0]
             refined.append(replace(shape, kind="mask", box=None, mask=mask) if not mask.is_empty else shape)
         return refined
 

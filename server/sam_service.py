@@ -74,12 +74,18 @@ class SamService:
     def predict(
         self, model: str, data: bytes | None, request: SegmentRequest, timings: Timings
     ) -> Prediction:
-        segmenter = self.registry.segmenter(model)
         if data is not None:
             embedded = self.embed(model, data, timings)
         else:
             assert request.image_id is not None
             embedded = self.cached_embedding(model, request.image_id)
+        return self.predict_on(model, embedded, request, timings)
+
+    def predict_on(
+        self, model: str, embedded: Embedded, request: SegmentRequest, timings: Timings
+    ) -> Prediction:
+        """Decode prompts against an embedding the caller holds (it cannot be evicted meanwhile)."""
+        segmenter = self.registry.segmenter(model)
         embedding = embedded.embedding
         height, width = embedding.original_size
         prompt = build_prompt(request, width, height)
