@@ -45,8 +45,7 @@ class InteractionFunction:
         self, url: str, model: str = "mobile_sam", api_key: str = "", timeout: float = 120.0
     ) -> None:
         self.model = model
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.Client(base_url=url.rstrip("/"), timeout=timeout, headers=headers)
+        self._http = _client(url, api_key, timeout)
         # Box-only and point-only prompts both work; negative points are allowed.
         self.spec = cvataa.InteractionFunctionSpec(min_pos_points=0, min_neg_points=0, min_bounding_boxes=0)
 
@@ -105,8 +104,7 @@ class DetectionFunction:
 
     def __init__(self, url: str, model: str, api_key: str = "", timeout: float = 120.0) -> None:
         self.model = model
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.Client(base_url=url.rstrip("/"), timeout=timeout, headers=headers)
+        self._http = _client(url, api_key, timeout)
         description = _describe(self._http, model)
         self.task: str = description["task"]
         self._ids = {name: int(class_id) for class_id, name in description["classes"].items()}
@@ -160,6 +158,11 @@ class DetectionFunction:
         return cvataa.tag(label_id)
 
 
+def _client(url: str, api_key: str, timeout: float) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    return httpx.Client(base_url=url.rstrip("/"), timeout=timeout, headers=headers)
+
+
 def _describe(http: httpx.Client, model: str) -> dict[str, Any]:
     for description in _json(http.get("/v1/models"))["models"]:
         if description["name"] == model:
@@ -194,8 +197,7 @@ def create(
     url: str, model: str = "mobile_sam", api_key: str = "", timeout: float = 120.0
 ) -> InteractionFunction | DetectionFunction:
     """Called by cvat-cli with the `-p NAME=TYPE:VALUE` parameters; the model's kind picks the function."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    with httpx.Client(base_url=url.rstrip("/"), timeout=timeout, headers=headers) as http:
+    with _client(url, api_key, timeout) as http:
         kind = _describe(http, model)["kind"]
     if kind == "detector":
         return DetectionFunction(url, model=model, api_key=api_key, timeout=timeout)
