@@ -24,7 +24,6 @@ from server.sam_service import SamService
 from server.schemas import DetectRequest, EmbedRequest, SegmentRequest
 from server.settings import Settings, get_settings
 from server.state import Services
-from server.timing import Timings
 
 log = logging.getLogger("labelserve")
 
@@ -104,7 +103,7 @@ def job_engine(registry: ModelRegistry, detect: DetectService, settings: Setting
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     return LocalEngine(
         registry.detector,
-        refine=lambda model, data, image, shapes: detect.refine(model, data, shapes, Timings()),
+        refine=detect.refine_for_job,
         check_refine=registry.segmenter,
         state_db=settings.data_dir / JOBS_DB_NAME,
         settings=settings,

@@ -35,7 +35,6 @@ def _prelabel_runtime(model: str, sam_refine: str | None):  # -> (get_detector, 
     from server.detect_service import DetectService
     from server.sam_service import SamService
     from server.settings import Settings
-    from server.timing import Timings
 
     path = Path(model)
     overrides: dict = {"models": [sam_refine] if sam_refine else []}
@@ -50,7 +49,7 @@ def _prelabel_runtime(model: str, sam_refine: str | None):  # -> (get_detector, 
     refine = None
     if sam_refine:
         detect = DetectService(registry, settings, SamService(registry, settings))
-        refine = lambda name, data, image, shapes: detect.refine(name, data, shapes, Timings())  # noqa: E731
+        refine = detect.refine_for_job
     return registry.detector, refine
 
 

@@ -82,6 +82,10 @@ class DetectService:
             refined.append(replace(shape, kind="mask", box=None, mask=mask) if not mask.is_empty else shape)
         return refined
 
+    def refine_for_job(self, model: str, data: bytes, image: np.ndarray, shapes: list[Shape]) -> list[Shape]:
+        """`refine` with the job engine's signature (the embedding cache is keyed by bytes, not the image)."""
+        return self.refine(model, data, shapes, Timings())
+
     @staticmethod
     def _check_classes(detector: Detector, params: DetectParams) -> None:
         unknown = sorted(set(params.classes or ()) - set(detector.info.class_names))
