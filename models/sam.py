@@ -28,6 +28,11 @@ _CV2_MAX_SIDE = 32766
 SAM_ARCHITECTURES = ("sam_vit_b", "sam_vit_l", "sam_vit_h", "mobile_sam")
 
 
+def encoder_autocast(setting: str) -> torch.dtype | None:
+    """The encoder's CUDA autocast dtype; None runs it in float32 (autocast has no float32 mode)."""
+    return None if setting == "float32" else getattr(torch, setting)
+
+
 def build_sam(architecture: str, checkpoint: Path | None) -> torch.nn.Module:
     """Build a SAM architecture; with no checkpoint the weights are whatever torch's RNG gives."""
     if architecture == "mobile_sam":
@@ -120,6 +125,8 @@ class SamSegmenter(Segmenter):
 
     # ---- post-processing ----------------------------------------------------------------------------------
     def upsample(self, embedding: ImageEmbedding, low_res_logits: torch.Tensor) -> RegionMask:
+        if self.device.type != "cpu":
+            return self.upsample_full(embedding, low_res_logits)
         height, width = embedding.original_size
         in_h, in_w = embedding.input_size
         size = self.sam.image_encoder.img_size
@@ -160,6 +167,28 @@ class SamSegmenter(Segmenter):
             borderMode=cv2.BORDER_REPLICATE,
         )
         return RegionMask(region > self.sam.mask_threshold, c0, r0, width, height)
+
+    def upsample_full(self, embedding: ImageEmbedding, low_res_logits: torch.Tensor) -> RegionMask:
+        """Sam.postprocess_masks itself, on the model's device; only the mask's bounding box is copied back.
+
+        On a GPU the full-resolution interpolation costs next to nothing, while the host-side region path
+        above would wait on a device-to-host copy of the logits and run on the CPU.
+        """
+        height, width = embedding.original_size
+        in_h, in_w = embedding.input_size
+        size = self.sam.image_encoder.img_size
+        with torch.inference_mode():
+            logits = low_res_logits[None, None].to(self.device, torch.float)
+            mid = F.interpolate(logits, (size, size), mode="bilinear", align_corners=False)[..., :in_h, :in_w]
+            full = F.interpolate(mid, (height, width), mode="bilinear", align_corners=False)[0, 0]
+            positive = full > self.sam.mask_threshold
+            rows = positive.any(dim=1).nonzero()
+            if rows.numel() == 0:
+                return RegionMask(np.zeros((0, 0), bool), 0, 0, width, height)
+            cols = positive.any(dim=0).nonzero()
+            r0, r1, c0, c1 = (int(v) for v in (rows[0], rows[-1], cols[0], cols[-1]))
+            bitmap = positive[r0 : r1 + 1, c0 : c1 + 1].cpu().numpy()
+        return RegionMask(bitmap, c0, r0, width, height)
 
     def low_res_from_mask(self, embedding: ImageEmbedding, mask: RegionMask) -> torch.Tensor:
         in_h, in_w = embedding.input_size

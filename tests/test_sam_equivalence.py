@@ -173,7 +173,7 @@ def test_default_fp16_cache_matches_reference(client: TestClient, references, im
 
 @pytest.mark.parametrize("size", [(1080, 810), (3000, 4000), (480, 640), (12, 7), (100, 2000), (1024, 1024)])
 def test_region_upsampling_equals_full_postprocess(exact_client: TestClient, size: tuple[int, int]) -> None:
-    """The ROI-only upsampling gives SAM's postprocess_masks result, for masks of every extent."""
+    """Both upsampling paths (ROI-only on the CPU, full on a GPU) give SAM's postprocess_masks result."""
     segmenter = segmenter_of(exact_client)
     height, width = size
     scale = 1024 / max(height, width)
@@ -189,3 +189,5 @@ def test_region_upsampling_equals_full_postprocess(exact_client: TestClient, siz
         ours = segmenter.upsample(embedding, logits)
         assert iou(ours.to_full(), reference.numpy()) >= 0.999
         assert ours.to_full().shape == (height, width)
+        # The GPU path (run here on the CPU) is postprocess_masks itself: exactly equal.
+        assert np.array_equal(segmenter.upsample_full(embedding, logits).to_full(), reference.numpy())
