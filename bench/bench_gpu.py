@@ -175,7 +175,8 @@ def main() -> None:
           "mask IoU |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
     for r in results["encoder"]:
-        print(f"| {r['model']} | {r['encoder'] if r['encoder'] == 'float32' else r['encoder'] + ' autocast'} | {r['ms']:.1f} | {r['reference_ms']:.1f} | "
+        mode = r["encoder"] if r["encoder"] == "float32" else f"{r['encoder']} autocast"
+        print(f"| {r['model']} | {mode} | {r['ms']:.1f} | {r['reference_ms']:.1f} | "
               f"**{r['speedup']:.2f}×** | {r['rel_error']:.1e} | {r['mask_iou']:.4f} |")  # fmt: skip
     print("\nEncoder batching (fp16 autocast, the ViT alone on 1024×1024 inputs):\n")
     print("| model | batch | ms per batch | ms per image | gain per image vs batch 1 | peak GiB |")
