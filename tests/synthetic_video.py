@@ -1,0 +1,133 @@
+"""Synthetic videos with ground truth by construction, generated lazily (10,000 frames never sit in memory).
+
+Objects are textured discs and rectangles on a textured background: one moves and grows, one passes behind an
+occluder (the grey bar, drawn over everything), one leaves the frame. Truth per frame and object: the visible
+mask's bounding box in pixel-edge coordinates (x1, y1, x2, y2), or None when nothing of it is visible.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+Box = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    kind: str  # "disc" or "rect"
+    color: tuple[int, int, int]
+    start: tuple[float, float]  # centre (x, y) at frame 0, as a fraction of the frame
+    velocity: tuple[float, float]  # pixels per frame
+    size: float  # radius or half-side at frame 0, pixels
+    growth: float  # size multiplier per frame
+
+
+def default_objects(width: int, height: int) -> list[SceneObject]:
+    return [
+        SceneObject("disc", (220, 60, 50), (0.2, 0.3), (2.0, 0.6), min(width, height) * 0.07, 1.002),
+        SceneObject("rect", (40, 200, 80), (0.15, 0.72), (3.0, 0.0), min(width, height) * 0.08, 1.0),
+        SceneObject("rect", (60, 90, 230), (0.75, 0.4), (4.0, -0.5), min(width, height) * 0.06, 1.0),
+    ]
+
+
+@dataclass
+class SyntheticVideo:
+    width: int = 640
+    height: int = 360
+    frames: int = 60
+    seed: int = 0
+    occluder: bool = True
+    loop: int = 0  # > 0: objects wrap around every `loop` frames, so any length stays in view
+
+    def __post_init__(self) -> None:
+        rng = np.random.default_rng(self.seed)
+        noise = rng.integers(70, 140, (self.height // 8 + 1, self.width // 8 + 1, 3), dtype=np.uint8)
+        self.background = cv2.resize(noise, (self.width, self.height), interpolation=cv2.INTER_NEAREST)
+        self.objects = default_objects(self.width, self.height)
+        texture = rng.integers(-25, 25, (self.height, self.width, 1), dtype=np.int16)
+        self.shaded = [
+            np.clip(np.array(obj.color, np.int16) + texture, 0, 255).astype(np.uint8) for obj in self.objects
+        ]
+        # The occluder: a vertical bar that object 1 (the green rectangle) passes behind.
+        x = int(self.width * 0.45)
+        self.occluder_span = (x, x + max(self.width // 12, 4)) if self.occluder else None
+
+    def _geometry(self, obj: SceneObject, t: int) -> tuple[float, float, float]:
+        if self.loop:
+            t %= self.loop
+        cx = obj.start[0] * self.width + obj.velocity[0] * t
+        cy = obj.start[1] * self.height + obj.velocity[1] * t + 8 * math.sin(t / 9)
+        return cx, cy, obj.size * obj.growth**t
+
+    def frame(self, t: int) -> tuple[np.ndarray, list[Box | None]]:
+        """Frame t (RGB uint8) and each object's visible bounding box."""
+        image = self.background.copy()
+        masks = []
+        for obj in self.objects:
+            cx, cy, size = self._geometry(obj, t)
+            mask = np.zeros((self.height, self.width), np.uint8)
+            if obj.kind == "disc":
+                cv2.circle(mask, (round(cx), round(cy)), round(size), 1, -1)
+            else:
+                cv2.rectangle(
+                    mask, (round(cx - size), round(cy - size)), (round(cx + size), round(cy + size)), 1, -1
+                )
+            masks.append(mask.astype(bool))
+        for shaded, mask in zip(self.shaded, masks, strict=True):
+            np.copyto(image, shaded, where=mask[..., None])
+        visible = []
+        for index, mask in enumerate(masks):
+            # Later objects are drawn on top of earlier ones.
+            for later in masks[index + 1 :]:
+                mask = mask & ~later
+            visible.append(mask)
+        if self.occluder_span:
+            x0, x1 = self.occluder_span
+            image[:, x0:x1] = (128, 128, 128)
+            for mask in visible:
+                mask[:, x0:x1] = False
+        return image, [_box(mask) for mask in visible]
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, list[Box | None]]]:
+        for t in range(self.frames):
+            yield self.frame(t)
+
+    def write(self, path: Path, fps: int = 25, codec: str = "libx264") -> list[list[Box | None]]:
+        """Encode the video with PyAV; returns the per-frame truth."""
+        import av
+
+        truth = []
+        with av.open(str(path), "w") as container:
+            stream = container.add_stream(codec, rate=fps)
+            stream.width, stream.height, stream.pix_fmt = self.width, self.height, "yuv420p"
+            for image, boxes in self:
+                truth.append(boxes)
+                for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        return truth
+
+
+def _box(mask: np.ndarray) -> Box | None:
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    return float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)
+
+
+def box_iou(a: Box | None, b: Box | None) -> float:
+    if a is None or b is None:
+        return float(a is None and b is None)
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    inter = max(w, 0.0) * max(h, 0.0)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
