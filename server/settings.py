@@ -7,14 +7,51 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from weights.store import default_weights_dir
 
 
+class StorageProfile(BaseModel):
+    """One S3-compatible endpoint (Backblaze B2, AWS S3, ...), its credentials, and what they may reach."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    endpoint_url: str = Field(description="e.g. https://s3.eu-central-003.backblazeb2.com")
+    region: str = Field(
+        min_length=1, description="The endpoint's region (B2: eu-central-003); SigV4 signs with it."
+    )
+    access_key_id: str = Field(min_length=1, description="B2: the application key's keyID.")
+    secret_access_key: SecretStr | None = Field(default=None, description="B2: the application key.")
+    secret_file: Path | None = Field(
+        default=None, description="A file holding only the secret (a Docker or Kubernetes secret)."
+    )
+    buckets: tuple[str, ...] = Field(
+        min_length=1, description="The buckets it serves; s3:// URLs naming any other bucket get a 403."
+    )
+    prefix: str = Field(default="", description="Only keys starting with this are served (else 403).")
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> StorageProfile:
+        if (self.secret_access_key is None) == (self.secret_file is None):
+            raise ValueError("give exactly one of 'secret_access_key' or 'secret_file'")
+        return self
+
+    def secret(self) -> str:
+        """The secret, read from `secret_file` at each call so a rotated file is picked up (OSError)."""
+        if self.secret_access_key is not None:
+            return self.secret_access_key.get_secret_value()
+        assert self.secret_file is not None
+        return self.secret_file.read_text().strip()
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="LABELSERVE_", env_file=".env", extra="ignore")
+    # "__" lets each field of a storage profile be its own variable:
+    # LABELSERVE_STORAGE_PROFILES__B2__SECRET_ACCESS_KEY=...
+    model_config = SettingsConfigDict(
+        env_prefix="LABELSERVE_", env_file=".env", extra="ignore", env_nested_delimiter="__"
+    )
 
     host: str = "127.0.0.1"
     port: int = 8080
@@ -80,6 +117,33 @@ class Settings(BaseSettings):
     url_allow_private: bool = Field(
         default=False, description="Allow image URLs that resolve to private/loopback addresses."
     )
+    url_allow_hosts: Annotated[list[str], NoDecode] = Field(
+        default=[],
+        description="Host names and CIDR networks that image URLs may reach even when private "
+        "(comma-separated or JSON list), e.g. minio.internal,10.1.0.0/16.",
+    )
+
+    # Object storage (S3-compatible): s3://bucket/key wherever an image, a job source or output is taken
+    storage_profiles: dict[str, StorageProfile] = Field(
+        default={},
+        description='JSON {"name": {endpoint_url, region, access_key_id, secret_access_key | secret_file, '
+        "buckets, prefix}}; a bucket belongs to one profile, and buckets in none are refused.",
+    )
+    s3_cache_bytes: int = Field(
+        default=256 * 1024**2, ge=0, description="Byte cap of the cache of downloaded objects."
+    )
+    s3_revalidate_after_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="A cached object is reused without asking the store for this long after it was last "
+        "checked; 0 revalidates (If-None-Match) on every read.",
+    )
+    s3_interactive_attempts: int = Field(
+        default=3, ge=1, description="Attempts (first one included) for reads serving an API request."
+    )
+    s3_job_attempts: int = Field(default=8, ge=1, description="Attempts for job reads, listings, uploads.")
+    s3_timeout_s: float = Field(default=10.0, gt=0, description="Connect and read timeout of each attempt.")
+    s3_max_connections: int = Field(default=32, ge=1, description="Connection pool size per profile.")
 
     # Output
     polygon_tolerance: float = 1.0
@@ -95,7 +159,7 @@ class Settings(BaseSettings):
         "CVAT's decoder only works with sam_vit_h weights.",
     )
 
-    @field_validator("models", mode="before")
+    @field_validator("models", "url_allow_hosts", mode="before")
     @classmethod
     def _split_names(cls, value: object) -> object:
         if isinstance(value, str):
@@ -106,6 +170,17 @@ class Settings(BaseSettings):
                 else [n.strip() for n in text.split(",") if n.strip()]
             )
         return value
+
+    @field_validator("storage_profiles")
+    @classmethod
+    def _bucket_in_one_profile(cls, profiles: dict[str, StorageProfile]) -> dict[str, StorageProfile]:
+        owner: dict[str, str] = {}
+        for name, profile in profiles.items():
+            for bucket in profile.buckets:
+                if bucket in owner:
+                    raise ValueError(f"bucket {bucket!r} is in profiles {owner[bucket]!r} and {name!r}")
+                owner[bucket] = name
+        return profiles
 
     def job_reader_threads(self, cuda: bool) -> int:
         if self.job_readers is not None:

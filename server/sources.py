@@ -1,5 +1,5 @@
-"""Where image bytes come from: inline base64, or a URL whose scheme picks a reader (http/https now;
-object-store schemes register themselves in READERS)."""
+"""Where image bytes come from: inline base64, or a URL whose scheme picks a reader in READERS: http/https
+(guarded against SSRF) and s3 (server.objectstore, through the operator's storage profiles)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import asyncio
 import binascii
 import ipaddress
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
+from typing import Protocol
 from urllib.parse import urlsplit
 
 import httpx
@@ -15,6 +16,8 @@ import pybase64
 from pydantic import BaseModel, Field, model_validator
 
 from server.errors import ApiError
+from server.objectstore.clients import Purpose
+from server.objectstore.store import read_s3
 from server.settings import Settings
 
 
@@ -24,7 +27,9 @@ class ImageRef(BaseModel):
     base64: str | None = Field(
         default=None, description="Base64 of the file bytes (a data: URI prefix is fine)."
     )
-    url: str | None = Field(default=None, description="http(s) URL of the image file.")
+    url: str | None = Field(
+        default=None, description="http(s) URL of the image file, or s3://bucket/key in an allowed bucket."
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ImageRef:
@@ -33,7 +38,14 @@ class ImageRef(BaseModel):
         return self
 
 
-Reader = Callable[[str, Settings], Awaitable[bytes]]
+class Reader(Protocol):
+    """Reads the bytes at `url`; `purpose` picks the retry budget (a person waiting, or a batch job)."""
+
+    def __call__(
+        self, url: str, settings: Settings, purpose: Purpose = "interactive"
+    ) -> Awaitable[bytes]: ...
+
+
 READERS: dict[str, Reader] = {}
 
 
@@ -65,29 +77,47 @@ def _is_public(address: str) -> bool:
     return ip.is_global and not ip.is_multicast
 
 
-async def _check_host(host: str, port: int) -> None:
+def _allowed_networks(settings: Settings) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    networks = []
+    for entry in settings.url_allow_hosts:
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            continue  # a host name
+    return networks
+
+
+async def _check_host(host: str, port: int, settings: Settings) -> None:
+    if host.lower() in (entry.lower() for entry in settings.url_allow_hosts):
+        return
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror:
         raise ApiError(
             400, "url_unreachable", f"The host {host!r} of the image URL does not resolve."
         ) from None
-    blocked = sorted({info[4][0] for info in infos if not _is_public(info[4][0])})
+    allowed = _allowed_networks(settings)
+    blocked = sorted(
+        address
+        for address in {info[4][0] for info in infos}
+        if not _is_public(address) and not any(ipaddress.ip_address(address) in net for net in allowed)
+    )
     if blocked:
         raise ApiError(
             403,
             "url_forbidden",
             f"The image URL resolves to a private or loopback address ({', '.join(blocked)}); such URLs are "
-            "refused unless the operator sets LABELSERVE_URL_ALLOW_PRIVATE=true.",
+            "refused unless the operator lists the host or its network in LABELSERVE_URL_ALLOW_HOSTS (or "
+            "sets LABELSERVE_URL_ALLOW_PRIVATE=true).",
         )
 
 
-async def read_http(url: str, settings: Settings) -> bytes:
+async def read_http(url: str, settings: Settings, purpose: Purpose = "interactive") -> bytes:
     parts = urlsplit(url)
     if not parts.hostname:
         raise ApiError(400, "bad_url", f"The image URL {url!r} has no host.")
     if not settings.url_allow_private:
-        await _check_host(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+        await _check_host(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), settings)
     limit = settings.max_request_bytes
     try:
         async with (
@@ -117,3 +147,4 @@ async def read_http(url: str, settings: Settings) -> bytes:
 
 READERS["http"] = read_http
 READERS["https"] = read_http
+READERS["s3"] = read_s3

@@ -23,8 +23,10 @@ from pydantic import ValidationError
 from models.base import ModelError
 from server.errors import ApiError
 from server.jobs.engine import GetDetector, JobStatus, LocalEngine, Refine
-from server.jobs.spec import JobSpec
+from server.jobs.spec import IMAGE_EXTENSIONS, JobSpec
 from server.jobs.store import ACTIVE_STATES
+from server.objectstore.locations import is_s3_url
+from server.settings import get_settings
 
 Runtime = Callable[[str, str | None], tuple[GetDetector, Refine | None]]
 
@@ -40,9 +42,16 @@ def add_prelabel_command(subparsers: Any, runtime: Runtime) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("source", nargs="+", metavar="SOURCE", help="one directory, or image files, or image URLs")
+    p.add_argument(
+        "source",
+        nargs="+",
+        metavar="SOURCE",
+        help="one directory or s3://bucket/prefix, or one CVAT manifest.jsonl, or image files, or image URLs",
+    )
     p.add_argument("--model", required=True, help="detector model name")
-    p.add_argument("--out", required=True, type=Path, help="output directory (created if missing)")
+    p.add_argument(
+        "--out", required=True, help="output directory (created if missing), or s3://bucket/prefix"
+    )
     p.add_argument("--format", required=True, choices=("cvat_images", "coco", "yolo"))
     p.add_argument("--conf", type=float, help="minimum confidence (default 0.25)")
     p.add_argument("--iou", type=float, help="NMS IoU threshold (default 0.7)")
@@ -54,7 +63,11 @@ def add_prelabel_command(subparsers: Any, runtime: Runtime) -> None:
     p.add_argument(
         "--readers", type=int, help="reader/decoder threads ahead of inference (default: 4 with CUDA, else 0)"
     )
-    p.add_argument("--state-db", type=Path, help=f"job state database (default OUT/{STATE_DB_NAME})")
+    p.add_argument(
+        "--state-db",
+        type=Path,
+        help=f"job state database (default OUT/{STATE_DB_NAME}; LABELSERVE_DATA_DIR/{STATE_DB_NAME} for s3)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prelabel, runtime=runtime)
 
@@ -66,9 +79,14 @@ def build_spec(args: argparse.Namespace) -> JobSpec:
     urls = ["://" in s and not s.startswith("file://") for s in sources]
     if any(urls) and not all(urls):
         raise ValueError("give either image URLs or local paths, not both")
-    if all(urls):
-        source: dict[str, Any] = {"urls": sources}
-    elif len(sources) == 1 and Path(sources[0]).is_dir():
+    single = sources[0] if len(sources) == 1 else None
+    if single is not None and single.endswith(".jsonl"):
+        source: dict[str, Any] = {"manifest": single if urls[0] else str(Path(single).resolve())}
+    elif single is not None and is_s3_url(single) and not single.lower().endswith(IMAGE_EXTENSIONS):
+        source = {"directory": single}
+    elif all(urls):
+        source = {"urls": sources}
+    elif single is not None and Path(single).is_dir():
         source = {"directory": str(Path(sources[0]).resolve())}
     else:
         missing = [s for s in sources if not Path(s).exists()]
@@ -90,10 +108,14 @@ def build_spec(args: argparse.Namespace) -> JobSpec:
             "detector": args.model,
             "params": {k: v for k, v in params.items() if v is not None},
             "sam_refine": args.sam_refine,
-            "output": {"format": args.format, "directory": str(args.out.resolve())},
+            "output": {"format": args.format, "directory": output_directory(args.out)},
             "batch_size": args.batch_size,
         }
     )
+
+
+def output_directory(out: str) -> str:
+    return out if is_s3_url(out) else str(Path(out).resolve())
 
 
 def cmd_prelabel(args: argparse.Namespace) -> int:
@@ -112,10 +134,12 @@ def cmd_prelabel(args: argparse.Namespace) -> int:
     except (ApiError, ModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    state_db = args.state_db or args.out / STATE_DB_NAME
+    settings = get_settings()
+    local_out = None if is_s3_url(args.out) else Path(args.out)
+    state_db = args.state_db or (local_out or settings.data_dir) / STATE_DB_NAME
     try:
         readers = args.readers if args.readers is not None else 4 if torch.cuda.is_available() else 0
-        engine = LocalEngine(get_detector, refine, state_db=state_db, readers=readers)
+        engine = LocalEngine(get_detector, refine, state_db=state_db, settings=settings, readers=readers)
     except OSError as exc:
         print(f"error: cannot open the state database {state_db}: {exc}", file=sys.stderr)
         return EXIT_USAGE

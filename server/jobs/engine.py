@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import queue
+import shutil
 import sys
 import tempfile
 import threading
@@ -31,13 +32,15 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 from pydantic import BaseModel, Field
 
-from models.detector import Detector, DetectParams
+from models.detector import Detector, DetectorInfo, DetectParams
 from server.errors import ApiError
 from server.images import decode_image
 from server.jobs.serde import shape_from_dict, shape_to_dict
 from server.jobs.spec import JobSpec
 from server.jobs.store import ACTIVE_STATES, JobRow, JobState, JobStore, Outcome
 from server.jobs.writers import ImageResult, check_names, output_paths, write_output
+from server.objectstore.locations import is_s3_url, parse_s3_url
+from server.objectstore.store import store_for
 from server.settings import Settings, get_settings
 from server.shapes import Shape
 from server.sources import READERS
@@ -52,6 +55,7 @@ T = TypeVar("T")
 
 FAILURES_SHOWN = 20  # failed items listed in a job's status
 FAILED_BATCHES_LIMIT = 3  # batches in a row on which the detector fails every image: the job fails
+STAGING_DIR = "job-outputs"  # under data_dir: the files of s3:// outputs, until they are uploaded
 
 
 class ItemFailure(BaseModel):
@@ -133,7 +137,8 @@ class LocalEngine:
       resuming).
     - `refine(sam_model, image_bytes, image, shapes)` turns detections into SAM masks for jobs with
       `sam_refine`; `check_refine(sam_model)` (raising like get_detector) validates that name at submit.
-    - `settings` gives max_image_pixels, polygon_tolerance and the URL fetch settings.
+    - `settings` gives max_image_pixels, polygon_tolerance, the URL fetch settings, the storage profiles of
+      s3:// sources and outputs, and data_dir, where s3:// outputs are staged before their upload.
 
     Call `resume_unfinished()` at start-up and `close()` at shutdown; a job stopped by `close()` goes back to
     queued and the next `resume_unfinished()` continues it.
@@ -194,9 +199,8 @@ class LocalEngine:
                 raise ApiError(422, "refine_unavailable", "SAM refinement is not available on this server.")
             if self._check_refine is not None:
                 _model_call(spec.sam_refine, self._check_refine)
-        directory = Path(spec.output.directory)
-        self._check_output(directory)
-        entries = spec.source.enumerate()
+        self._check_output(spec.output.directory)
+        entries = spec.source.enumerate(self._settings)
         check_names(spec.output.format, (name for _, name in entries))
 
         job_id = uuid.uuid4().hex
@@ -279,9 +283,7 @@ class LocalEngine:
             rate = control.rate() if control is not None else self._last_rate.get(row.id)
         running = row.state == "running"
         eta = round(pending / rate, 1) if running and rate else None
-        outputs = (
-            output_paths(spec.output.format, Path(spec.output.directory)) if row.state == "completed" else []
-        )
+        outputs = output_locations(spec) if row.state == "completed" else []
         failures = self.store.failures(row.id, FAILURES_SHOWN) if row.failed else []
         return JobStatus(
             id=row.id,
@@ -297,30 +299,31 @@ class LocalEngine:
             pending=pending,
             images_per_second=round(rate, 2) if rate else None,
             eta_seconds=eta,
-            outputs=[str(p) for p in outputs],
+            outputs=outputs,
             failures=[ItemFailure(index=f.index, image=f.name, error=f.error or "") for f in failures],
         )
 
     # -- running -------------------------------------------------------------------------------------------
 
-    def _check_output(self, directory: Path) -> None:
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=directory):
-                pass
-        except OSError as exc:
-            raise ApiError(
-                400,
-                "output_not_writable",
-                f"The output directory {str(directory)!r} cannot be written ({exc.strerror or exc}).",
-            ) from None
+    def _check_output(self, directory: str) -> None:
+        if is_s3_url(directory):
+            store_for(self._settings).check_writable(directory)
+        else:
+            try:
+                Path(directory).mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryFile(dir=directory):
+                    pass
+            except OSError as exc:
+                raise ApiError(
+                    400,
+                    "output_not_writable",
+                    f"The output directory {directory!r} cannot be written ({exc.strerror or exc}).",
+                ) from None
         for row in self.store.jobs(ACTIVE_STATES):
             other = JobSpec.model_validate_json(row.spec).output.directory
-            if Path(other).resolve() == directory.resolve():
+            if _same_output(other, directory):
                 raise ApiError(
-                    409,
-                    "output_in_use",
-                    f"Job {row.id} is still writing to {str(directory)!r}; pick another.",
+                    409, "output_in_use", f"Job {row.id} is still writing to {directory!r}; pick another."
                 )
 
     def _enqueue(self, job_id: str) -> None:
@@ -372,18 +375,35 @@ class LocalEngine:
         if left:
             raise _JobFailed(f"image {left[0][0]} and maybe others were left unprocessed; resume the job")
         assert detector is not None
+        self._write_output(job_id, spec, detector.info)
+        if self.store.transition(job_id, "completed", only_from=("running",), now=time.time()):
+            log.info("job %s completed: %s", job_id, ", ".join(output_locations(spec)))
+
+    def _write_output(self, job_id: str, spec: JobSpec, info: DetectorInfo) -> None:
+        """Write the output files; an s3:// output is written to a staging folder, then uploaded. Both are
+        redone whole when a job fails here and is resumed."""
+        target = spec.output.directory
+        remote = is_s3_url(target)
+        directory = self._settings.data_dir / STAGING_DIR / job_id if remote else Path(target)
         try:
-            outputs = write_output(
+            if remote:
+                shutil.rmtree(directory, ignore_errors=True)  # no files left from an earlier attempt
+            write_output(
                 spec.output.format,
-                Path(spec.output.directory),
-                detector.info,
+                directory,
+                info,
                 lambda: self._results(job_id),
                 self._settings.polygon_tolerance,
             )
+            if remote:
+                store_for(self._settings).upload_tree(directory, target)
         except OSError as exc:
             raise _JobFailed(f"writing the output failed: {exc}") from None
-        if self.store.transition(job_id, "completed", only_from=("running",), now=time.time()):
-            log.info("job %s completed: %s", job_id, ", ".join(map(str, outputs)))
+        except ApiError as exc:
+            raise _JobFailed(f"uploading the output failed: {exc.message}") from None
+        finally:
+            if remote:
+                shutil.rmtree(directory, ignore_errors=True)
 
     def _ready_detector(self, name: str, control: _Control) -> Detector | None:
         """The detector, waiting while it loads (a server resuming jobs at start-up); None when stopped."""
@@ -502,13 +522,30 @@ class LocalEngine:
         reader = READERS.get(scheme)
         if reader is None:
             raise ApiError(400, "unsupported_url", f"URL scheme {scheme!r} is not supported.")
-        return asyncio.run(reader(ref, self._settings))
+        return asyncio.run(reader(ref, self._settings, purpose="job"))
 
     def _results(self, job_id: str) -> Iterator[ImageResult]:
         for item in self.store.items(job_id, status="done"):
             assert item.width is not None and item.height is not None and item.result is not None
             shapes = [shape_from_dict(d) for d in json.loads(item.result)]
             yield ImageResult(item.index, item.name, item.width, item.height, shapes)
+
+
+def output_locations(spec: JobSpec) -> list[str]:
+    """The files (or folder, for YOLO labels) a completed job wrote: local paths or s3:// URLs."""
+    target = spec.output.directory
+    if is_s3_url(target):
+        folder = parse_s3_url(target, folder=True)
+        return [
+            f"s3://{folder.bucket}/{folder.key}{p.name}" for p in output_paths(spec.output.format, Path())
+        ]
+    return [str(p) for p in output_paths(spec.output.format, Path(target))]
+
+
+def _same_output(a: str, b: str) -> bool:
+    if is_s3_url(a) or is_s3_url(b):
+        return is_s3_url(a) and is_s3_url(b) and parse_s3_url(a, folder=True) == parse_s3_url(b, folder=True)
+    return Path(a).resolve() == Path(b).resolve()
 
 
 def _model_call(name: str, lookup: Callable[[str], T]) -> T:

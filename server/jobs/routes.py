@@ -18,6 +18,7 @@ ERRORS = {
     code: {"description": text}
     for code, text in {
         400: "Unusable source or output directory",
+        403: "An s3:// source or output that the storage profiles do not allow, or whose key may not write",
         404: "Unknown job, or unknown detector",
         409: "The job already finished, or its output directory is in use",
         422: "Invalid job spec",

@@ -2,16 +2,16 @@
 
 A JobSpec is plain JSON (`model_dump(mode="json")`), so any engine (this process's threads, or a distributed
 one) can run the same job. Sources plug in at two points:
-- `LISTERS` maps a URL scheme to a function listing a directory-like `source.directory` (local paths now;
-  an `s3://bucket/prefix` lister registers itself under "s3", with its byte reader in server.sources.READERS);
-- `ENUMERATORS` maps a Source field to its expansion, so a new kind of source (a CVAT `manifest.jsonl`) is
-  one new optional field plus one entry.
+- `LISTERS` maps a URL scheme to a function listing a directory-like `source.directory` (local paths, and
+  `s3://bucket/prefix`, whose byte reader is server.sources.READERS["s3"]);
+- `ENUMERATORS` maps a Source field to its expansion, so a new kind of source (like `manifest`, a CVAT
+  `manifest.jsonl`) is one new optional field plus one entry.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import PurePosixPath
 from typing import Literal
 from urllib.parse import unquote, urlsplit
@@ -20,6 +20,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.detector import DetectParams
 from server.errors import ApiError
+from server.jobs.manifest import manifest_names
+from server.objectstore.locations import is_s3_url
+from server.objectstore.store import list_s3, store_for
+from server.settings import Settings
 from server.sources import READERS
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (
@@ -31,6 +35,17 @@ OutputFormat = Literal["cvat_images", "coco", "yolo"]
 ImageEntry = tuple[str, str]
 
 
+class FrameRange(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    start: int = Field(default=0, ge=0, description="First image (0-based), like CVAT's start_frame.")
+    stop: int | None = Field(default=None, ge=0, description="Last image, included (CVAT's stop_frame).")
+    step: int = Field(default=1, ge=1, description="Every step-th image from start (CVAT's frame_step).")
+
+    def select(self, entries: list[ImageEntry]) -> list[ImageEntry]:
+        return entries[self.start : None if self.stop is None else self.stop + 1 : self.step]
+
+
 class Source(BaseModel):
     """Where the images are: exactly one of the fields."""
 
@@ -38,8 +53,8 @@ class Source(BaseModel):
 
     directory: str | None = Field(
         default=None,
-        description="A directory searched recursively for jpg/jpeg/png/bmp/tif/tiff/webp files, sorted by "
-        "relative path; output names are those relative paths.",
+        description="A directory searched recursively for jpg/jpeg/png/bmp/tif/tiff/webp files, or an "
+        "object-store folder s3://bucket/prefix; sorted by relative path, which is each output name.",
     )
     paths: list[str] | None = Field(
         default=None,
@@ -47,7 +62,15 @@ class Source(BaseModel):
         description="Image files; output names are relative to their common folder.",
     )
     urls: list[str] | None = Field(
-        default=None, min_length=1, description="Image URLs (http/https); output names are the URL paths."
+        default=None, min_length=1, description="Image URLs (http/https/s3); output names are the URL paths."
+    )
+    manifest: str | None = Field(
+        default=None,
+        description="A CVAT manifest.jsonl (a local path or s3://bucket/key): its images, in manifest order, "
+        "at name + extension relative to the manifest's folder, which are also the output names.",
+    )
+    frames: FrameRange | None = Field(
+        default=None, description="Only these of the source's images (in job order), as CVAT's frame range."
     )
 
     @model_validator(mode="after")
@@ -61,9 +84,11 @@ class Source(BaseModel):
     def kind(self) -> str:
         return next(name for name in ENUMERATORS if getattr(self, name) is not None)
 
-    def enumerate(self) -> list[ImageEntry]:
+    def enumerate(self, settings: Settings) -> list[ImageEntry]:
         """Every image of the source, in job order. Raises ApiError (4xx) when the source is unusable."""
-        entries = list(ENUMERATORS[self.kind](getattr(self, self.kind)))
+        entries = list(ENUMERATORS[self.kind](getattr(self, self.kind), settings))
+        if self.frames is not None:
+            entries = self.frames.select(entries)
         if not entries:
             raise ApiError(400, "source_empty", f"The source has no images ({', '.join(IMAGE_EXTENSIONS)}).")
         return entries
@@ -96,7 +121,11 @@ class Output(BaseModel):
         description="cvat_images: annotations.xml (CVAT for images 1.1); coco: annotations.json; "
         "yolo: labels/<name>.txt and data.yaml (ultralytics layout)."
     )
-    directory: str = Field(min_length=1, description="Created if missing; must be writable.")
+    directory: str = Field(
+        min_length=1,
+        description="A local directory (created if missing; must be writable), or an object-store folder "
+        "s3://bucket/prefix: files are staged under the data directory and uploaded when the job is done.",
+    )
 
 
 class JobSpec(BaseModel):
@@ -117,7 +146,7 @@ class JobSpec(BaseModel):
 # -- expansion -------------------------------------------------------------------------------------------
 
 
-def _list_local(directory: str) -> Iterator[str]:
+def _list_local(directory: str, _: Settings) -> Iterator[str]:
     """Relative POSIX paths of the image files under `directory`, in no particular order."""
     if not os.path.isdir(directory):
         what = "is not a directory" if os.path.exists(directory) else "does not exist"
@@ -131,31 +160,74 @@ def _list_local(directory: str) -> Iterator[str]:
         raise ApiError(400, "source_unreadable", f"Part of the source directory cannot be read: {errors[0]}.")
 
 
-LISTERS: dict[str, Callable[[str], Iterator[str]]] = {"": _list_local, "file": _list_local}
+def _list_s3(directory: str, settings: Settings) -> Iterator[str]:
+    return list_s3(directory, settings, IMAGE_EXTENSIONS)
 
 
-def _from_directory(directory: str) -> Iterator[ImageEntry]:
+LISTERS: dict[str, Callable[[str, Settings], Iterator[str]]] = {
+    "": _list_local,
+    "file": _list_local,
+    "s3": _list_s3,
+}
+
+
+def _from_directory(directory: str, settings: Settings) -> Iterator[ImageEntry]:
     scheme = urlsplit(directory).scheme.lower() if "://" in directory else ""
     lister = LISTERS.get(scheme)
     if lister is None:
         raise ApiError(400, "unsupported_source", f"Listing {scheme}:// directories is not supported.")
     if scheme in ("", "file"):
         local = unquote(urlsplit(directory).path) if scheme else directory
-        for rel in sorted(lister(local)):
+        for rel in sorted(lister(local, settings)):
             yield os.path.join(local, rel), rel
     else:
-        for rel in sorted(lister(directory)):
-            yield f"{directory.rstrip('/')}/{rel}", rel
+        for rel in sorted(lister(directory, settings)):
+            name = _output_name(rel, directory)
+            yield f"{directory.rstrip('/')}/{name}", name
 
 
-def _from_paths(paths: list[str]) -> Iterator[ImageEntry]:
+def _output_name(name: str, source: str) -> str:
+    """An object key or manifest name used as an output name: it must stay inside the output directory."""
+    if not name or name.startswith("/") or any(s in ("", ".", "..") for s in name.split("/")):
+        raise ApiError(
+            400,
+            "unsafe_name",
+            f"The image {name!r} of {source} has an empty, '.' or '..' path segment, which would land "
+            "outside the output directory; rename it or leave it out.",
+        )
+    return name
+
+
+def _from_manifest(manifest: str, settings: Settings) -> Iterator[ImageEntry]:
+    if is_s3_url(manifest):
+        lines: Iterable[bytes] = store_for(settings).lines(manifest)
+        folder = manifest.rpartition("/")[0]
+        for name in manifest_names(lines, manifest):
+            yield f"{folder}/{_output_name(name, manifest)}", name
+        return
+    if "://" in manifest and not manifest.startswith("file://"):
+        raise ApiError(
+            400, "unsupported_source", f"The manifest {manifest!r} must be a local path or an s3:// URL."
+        )
+    path = unquote(urlsplit(manifest).path) if manifest.startswith("file://") else manifest
+    try:
+        with open(path, "rb") as file:
+            for name in manifest_names(file, manifest):
+                yield os.path.join(os.path.dirname(path), _output_name(name, manifest)), name
+    except OSError as exc:
+        raise ApiError(
+            400, "source_not_found", f"The manifest {manifest!r} cannot be read ({exc.strerror or exc})."
+        ) from None
+
+
+def _from_paths(paths: list[str], _: Settings) -> Iterator[ImageEntry]:
     absolute = [os.path.abspath(p) for p in paths]
     root = os.path.commonpath([os.path.dirname(p) for p in absolute])
     for given, path in zip(paths, absolute, strict=True):
         yield given, PurePosixPath(os.path.relpath(path, root)).as_posix()
 
 
-def _from_urls(urls: list[str]) -> Iterator[ImageEntry]:
+def _from_urls(urls: list[str], _: Settings) -> Iterator[ImageEntry]:
     for url in urls:
         parts = urlsplit(url)
         if parts.scheme.lower() not in READERS:
@@ -173,4 +245,5 @@ ENUMERATORS: dict[str, Callable[..., Iterator[ImageEntry]]] = {
     "directory": _from_directory,
     "paths": _from_paths,
     "urls": _from_urls,
+    "manifest": _from_manifest,
 }
