@@ -50,12 +50,15 @@ class SyntheticVideo:
         noise = rng.integers(70, 140, (self.height // 8 + 1, self.width // 8 + 1, 3), dtype=np.uint8)
         self.background = cv2.resize(noise, (self.width, self.height), interpolation=cv2.INTER_NEAREST)
         self.objects = default_objects(self.width, self.height)
-        texture = rng.integers(-25, 25, (self.height, self.width, 1), dtype=np.int16)
-        self.shaded = [
-            np.clip(np.array(obj.color, np.int16) + texture, 0, 255).astype(np.uint8) for obj in self.objects
-        ]
-        # The occluder: a vertical bar that object 1 (the green rectangle) passes behind.
-        x = int(self.width * 0.45)
+        # Each object carries its own texture, which moves and scales with it (trackers follow texture).
+        self.tiles = []
+        for obj in self.objects:
+            side = 64
+            grain = rng.integers(-40, 40, (side // 4, side // 4, 1), dtype=np.int16)
+            grain = cv2.resize(grain.astype(np.float32), (side, side), interpolation=cv2.INTER_NEAREST)
+            tile = np.clip(np.array(obj.color, np.float32) + grain[..., None], 0, 255).astype(np.uint8)
+            self.tiles.append(tile)
+        x = int(self.width * 0.45)  # a vertical bar the disc and the green rectangle pass behind
         self.occluder_span = (x, x + max(self.width // 12, 4)) if self.occluder else None
 
     def _geometry(self, obj: SceneObject, t: int) -> tuple[float, float, float]:
@@ -69,22 +72,28 @@ class SyntheticVideo:
         """Frame t (RGB uint8) and each object's visible bounding box."""
         image = self.background.copy()
         masks = []
-        for obj in self.objects:
+        for obj, tile in zip(self.objects, self.tiles, strict=True):
             cx, cy, size = self._geometry(obj, t)
-            mask = np.zeros((self.height, self.width), np.uint8)
+            x0, y0, side = round(cx - size), round(cy - size), max(round(2 * size), 1)
+            shape = np.zeros((side, side), np.uint8)
             if obj.kind == "disc":
-                cv2.circle(mask, (round(cx), round(cy)), round(size), 1, -1)
+                cv2.circle(shape, (side // 2, side // 2), side // 2, 1, -1)
             else:
-                cv2.rectangle(
-                    mask, (round(cx - size), round(cy - size)), (round(cx + size), round(cy + size)), 1, -1
-                )
-            masks.append(mask.astype(bool))
-        for shaded, mask in zip(self.shaded, masks, strict=True):
-            np.copyto(image, shaded, where=mask[..., None])
+                shape[:] = 1
+            texture = cv2.resize(tile, (side, side), interpolation=cv2.INTER_NEAREST)
+            mask = np.zeros((self.height, self.width), bool)
+            # Paste with clipping at the frame's borders.
+            fx0, fy0 = max(x0, 0), max(y0, 0)
+            fx1, fy1 = min(x0 + side, self.width), min(y0 + side, self.height)
+            if fx1 > fx0 and fy1 > fy0:
+                part = shape[fy0 - y0 : fy1 - y0, fx0 - x0 : fx1 - x0].astype(bool)
+                region = image[fy0:fy1, fx0:fx1]
+                np.copyto(region, texture[fy0 - y0 : fy1 - y0, fx0 - x0 : fx1 - x0], where=part[..., None])
+                mask[fy0:fy1, fx0:fx1] = part
+            masks.append(mask)
         visible = []
         for index, mask in enumerate(masks):
-            # Later objects are drawn on top of earlier ones.
-            for later in masks[index + 1 :]:
+            for later in masks[index + 1 :]:  # later objects are drawn on top of earlier ones
                 mask = mask & ~later
             visible.append(mask)
         if self.occluder_span:
