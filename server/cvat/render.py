@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from models.detector import DetectorInfo
-from server.masks import RegionMask, cvat_detector_mask, cvat_rle, polygons
+from server.masks import RegionMask, cvat_detector_mask, cvat_rle, cvat_rle_decode, polygons
 from server.shapes import Shape
 
 CONFIDENCE_SPEC_ID = 0  # CVAT's InteractionResultAttributes.CONFIDENCE
@@ -124,3 +124,56 @@ def skeleton_svg(info: DetectorInfo) -> str:
         for (i, (x, y)), name in zip(nodes.items(), info.keypoint_names, strict=False)
     )
     return edges + circles
+
+
+# ---- trackers: CVAT's trackable shapes {"type", "points"} ⇄ internal shapes --------------------------------
+TRACKABLE_TYPES = ("rectangle", "polygon", "mask")
+_KIND_OF = {"rectangle": "box", "polygon": "polygon", "mask": "mask"}
+
+
+def trackable_to_shape(item: dict[str, Any], width: int, height: int) -> Shape:
+    """A CVAT trackable shape (rectangle x1,y1,x2,y2; polygon x,y,...; mask RLE + inclusive bbox) → Shape.
+    Raises ValueError with a message for the caller."""
+    kind = item.get("type")
+    points = item.get("points")
+    if kind not in TRACKABLE_TYPES:
+        raise ValueError(f"shape type {kind!r} cannot be tracked; use one of {', '.join(TRACKABLE_TYPES)}")
+    if not isinstance(points, list) or not all(isinstance(v, int | float) for v in points):
+        raise ValueError(f"a {kind} shape needs 'points', a flat list of numbers")
+    if kind == "rectangle":
+        if len(points) != 4:
+            raise ValueError("a rectangle's points are [x1, y1, x2, y2]")
+        x1, y1, x2, y2 = (float(v) for v in points)
+        return Shape("box", box=(min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2)))
+    if kind == "polygon":
+        return Shape("polygon", polygon=[float(v) for v in points])
+    return Shape("mask", mask=cvat_rle_decode(points, width, height))
+
+
+def shape_to_trackable(shape: Shape, as_type: str, polygon_tolerance: float = 1.0) -> dict[str, Any] | None:
+    """A tracker's result as the CVAT type the object was given as (CVAT requires the same type back);
+    None when nothing is left to draw."""
+    if shape.kind == "mask" and shape.mask is not None:
+        mask = shape.mask
+        if mask.is_empty:
+            return None
+        if as_type == "mask":
+            return {"type": "mask", "points": cvat_rle(mask)}
+        if as_type == "polygon":
+            pieces = polygons(mask, polygon_tolerance)
+            if not pieces:
+                return None
+            return {"type": "polygon", "points": max(pieces, key=_polygon_area)}
+        x1, y1, x2, y2 = mask.bbox_xyxy_inclusive()  # type: ignore[misc]
+        return {"type": "rectangle", "points": [float(x1), float(y1), float(x2 + 1), float(y2 + 1)]}
+    if shape.kind == "box" and shape.box is not None:
+        if as_type != "rectangle":
+            raise ValueError(f"this tracker returns rectangles, not {as_type}s")
+        return {"type": "rectangle", "points": [round(v, 2) for v in shape.box]}
+    raise ValueError(f"a {shape.kind} result cannot be sent to CVAT as a {as_type}")
+
+
+def _polygon_area(points: list[float]) -> float:
+    xy = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    x, y = xy[:, 0], xy[:, 1]
+    return float(abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))) / 2)
