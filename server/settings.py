@@ -7,10 +7,22 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from weights.store import default_weights_dir
+
+
+class CvatProfile(BaseModel):
+    """A CVAT server and its credentials, named in job specs as `"profile": NAME`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str
+    token: SecretStr | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    organization: str | None = None
 
 
 class Settings(BaseSettings):
@@ -93,6 +105,16 @@ class Settings(BaseSettings):
         default="sam_vit_h",
         description="Model behind CVAT's in-browser SAM decoder (pth-facebookresearch-sam-vit-h); "
         "CVAT's decoder only works with sam_vit_h weights.",
+    )
+    cvat_profiles: dict[str, CvatProfile] = Field(
+        default={},
+        description='CVAT servers jobs may name as "profile", as JSON {"name": {"url", "token" | "username" '
+        '+ "password", "organization"?}}; their credentials never enter the job database.',
+    )
+    cvat_timeout_s: float = Field(default=60.0, gt=0, description="Timeout of each request to a CVAT server.")
+    cvat_verify_ssl: bool = Field(default=True, description="Verify CVAT servers' TLS certificates.")
+    cvat_upload_chunk: int = Field(
+        default=2000, ge=1, description="Annotations per upload request into a CVAT task (whole images)."
     )
 
     @field_validator("models", mode="before")

@@ -152,7 +152,9 @@ def _unfinished(engine: LocalEngine, spec: JobSpec) -> str | None:
         other = JobSpec.model_validate_json(row.spec)
         if other == spec:
             found = found or row.id
-        elif other.output.directory == spec.output.directory and row.state in ACTIVE_STATES:
+        elif (
+            set(other.output.destinations()) & set(spec.output.destinations()) and row.state in ACTIVE_STATES
+        ):
             engine.cancel(row.id)
             print(f"superseding unfinished job {row.id}, which had other settings", file=sys.stderr)
     return found

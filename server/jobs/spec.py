@@ -5,7 +5,7 @@ one) can run the same job. Sources plug in at two points:
 - `LISTERS` maps a URL scheme to a function listing a directory-like `source.directory` (local paths now;
   an `s3://bucket/prefix` lister registers itself under "s3", with its byte reader in server.sources.READERS);
 - `ENUMERATORS` maps a Source field to its expansion, so a new kind of source (a CVAT `manifest.jsonl`) is
-  one new optional field plus one entry.
+  one new optional field plus one entry. A CVAT task (`cvat_task`) is one: its frames, read through cvat-sdk.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.detector import DetectParams
 from server.errors import ApiError
+from server.jobs.cvat_spec import CvatTaskOutput, CvatTaskSource
 from server.sources import READERS
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (
@@ -48,6 +49,9 @@ class Source(BaseModel):
     )
     urls: list[str] | None = Field(
         default=None, min_length=1, description="Image URLs (http/https); output names are the URL paths."
+    )
+    cvat_task: CvatTaskSource | None = Field(
+        default=None, description="A CVAT task's frames; output names are its frame names."
     )
 
     @model_validator(mode="after")
@@ -88,15 +92,37 @@ class Params(BaseModel):
 
 
 class Output(BaseModel):
-    """Where results go. Uploading into a CVAT task will be another destination field next to `directory`."""
+    """Where results go: files (`format` in `directory`), a CVAT task (`cvat_task`), or both."""
 
     model_config = ConfigDict(extra="forbid")
 
-    format: OutputFormat = Field(
+    format: OutputFormat | None = Field(
+        default=None,
         description="cvat_images: annotations.xml (CVAT for images 1.1); coco: annotations.json; "
-        "yolo: labels/<name>.txt and data.yaml (ultralytics layout)."
+        "yolo: labels/<name>.txt and data.yaml (ultralytics layout).",
     )
-    directory: str = Field(min_length=1, description="Created if missing; must be writable.")
+    directory: str | None = Field(
+        default=None, min_length=1, description="Created if missing; must be writable."
+    )
+    cvat_task: CvatTaskOutput | None = Field(
+        default=None, description="Upload into this CVAT task once every image is done."
+    )
+
+    @model_validator(mode="after")
+    def _destination(self) -> Output:
+        if (self.format is None) != (self.directory is None):
+            raise ValueError("format and directory go together")
+        if self.directory is None and self.cvat_task is None:
+            raise ValueError("give format and directory, or cvat_task, or both")
+        return self
+
+    def destinations(self) -> list[str]:
+        """What two running jobs must not share: the directory, the CVAT task."""
+        found = [self.directory] if self.directory is not None else []
+        task = self.cvat_task
+        if task is not None:
+            found.append(f"CVAT task {task.task_id} on {task.url or f'profile {task.profile}'}")
+        return found
 
 
 class JobSpec(BaseModel):
@@ -112,6 +138,36 @@ class JobSpec(BaseModel):
     )
     output: Output
     batch_size: int = Field(default=8, ge=1, le=256, description="Images per detector call.")
+
+    @model_validator(mode="after")
+    def _output_task_defaults_to_the_source(self) -> JobSpec:
+        task = self.output.cvat_task
+        if task is not None and task.task_id is None:
+            if self.source.cvat_task is None:
+                raise ValueError(
+                    "output.cvat_task needs task_id and a connection unless the source is a CVAT task"
+                )
+            self.output.cvat_task = task.targeting(self.source.cvat_task)
+        return self
+
+    def uses_cvat(self) -> bool:
+        return self.source.cvat_task is not None or self.output.cvat_task is not None
+
+    def secrets(self) -> dict[str, dict[str, str]]:
+        """CVAT credentials by place ("source", "output"); the JSON dump of the spec has them redacted."""
+        places = {"source": self.source.cvat_task, "output": self.output.cvat_task}
+        return {
+            place: task.secrets() for place, task in places.items() if task is not None and task.secrets()
+        }
+
+    def with_secrets(self, secrets: dict[str, dict[str, str]]) -> JobSpec:
+        """A copy with the credentials `secrets()` gave put back (a stored spec holds redacted ones)."""
+        spec = self.model_copy(deep=True)
+        if spec.source.cvat_task is not None and "source" in secrets:
+            spec.source.cvat_task = spec.source.cvat_task.with_secrets(secrets["source"])
+        if spec.output.cvat_task is not None and "output" in secrets:
+            spec.output.cvat_task = spec.output.cvat_task.with_secrets(secrets["output"])
+        return spec
 
 
 # -- expansion -------------------------------------------------------------------------------------------
@@ -169,8 +225,19 @@ def _from_urls(urls: list[str]) -> Iterator[ImageEntry]:
         yield url, "/".join(segments) or parts.hostname or "image"
 
 
+def _from_cvat_task(task: CvatTaskSource) -> Iterator[ImageEntry]:
+    # The engine expands CVAT sources itself, on the connection it validates labels with and with its own
+    # settings; this entry serves any other caller of Source.enumerate().
+    from server.jobs import cvat_task
+    from server.settings import get_settings
+
+    with cvat_task.Connections(get_settings()) as connections:
+        yield from connections.source_frames(task)
+
+
 ENUMERATORS: dict[str, Callable[..., Iterator[ImageEntry]]] = {
     "directory": _from_directory,
     "paths": _from_paths,
     "urls": _from_urls,
+    "cvat_task": _from_cvat_task,
 }
