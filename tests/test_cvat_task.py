@@ -8,6 +8,7 @@ stored, leaves no duplicate annotations."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ from PIL import Image
 from models.detector import Detector, DetectorInfo, DetectParams
 from server.cvat.agent_functions import cvat_annotation, label_spec
 from server.errors import ApiError, install_error_handlers
-from server.jobs import cvat_upload
+from server.jobs import cli, cvat_upload
 from server.jobs.engine import LocalEngine
 from server.jobs.routes import router
 from server.jobs.serde import shape_from_dict
@@ -643,3 +644,82 @@ def test_masks_as_polygons_with_conv_mask_to_poly(
     assert len(target.annotations["shapes"]) == len(rects) and {
         s["type"] for s in target.annotations["shapes"]
     } == {"polygon"}
+
+
+# -- CLI ----------------------------------------------------------------------------------------------------
+
+
+def run_cli(argv: list[str], detector: RectDetector) -> int:
+    parser = argparse.ArgumentParser()
+    runtime: cli.Runtime = lambda model, sam: ({"rects": detector}.__getitem__, None)  # noqa: E731
+    cli.add_prelabel_command(parser.add_subparsers(), runtime)
+    args = parser.parse_args(["prelabel", *argv])
+    return args.func(args)
+
+
+def test_cli_prelabels_a_cvat_task_with_credentials_from_the_environment(
+    cvat: CvatEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    scenes = [make_scene(i) for i in range(4)]
+    target = cvat.add_task(
+        RECT_LABELS[1:], [(f"f{i}.png", encode_png(image)) for i, (image, _) in enumerate(scenes)]
+    )
+    for name in ("CVAT_ACCESS_TOKEN", "CVAT_USER", "CVAT_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    common = ["--model", "rects", "--cvat-task", f"{cvat.url}/tasks/{target.id}", "--no-progress",
+              "--state-db", str(tmp_path / "state.sqlite3")]  # fmt: skip
+    assert run_cli(common, RectDetector("detect")) == 2
+    assert "CVAT_ACCESS_TOKEN" in capsys.readouterr().err
+
+    monkeypatch.setenv("CVAT_ACCESS_TOKEN", TOKEN)
+    assert run_cli(common, RectDetector("detect")) == 2
+    assert "No CVAT label for the model labels 'red'" in capsys.readouterr().err
+
+    monkeypatch.setenv("CVAT_ACCESS_TOKEN", "")
+    monkeypatch.setenv("CVAT_USER", "alice")
+    monkeypatch.setenv("CVAT_PASSWORD", "wonderland")
+    detector = RectDetector("detect")
+    assert run_cli([*common, "--label-map", "red=green"], detector) == 0
+    assert capsys.readouterr().out.split() == [f"{cvat.url}/tasks/{target.id}"]
+    green = target.labels[0]["id"]
+    expected = sorted(
+        (i, green if r.label in ("red", "green") else target.labels[1]["id"], (r.x0, r.y0, r.x1, r.y1))
+        for i, (_, rects) in enumerate(scenes)
+        for r in rects
+    )
+    got = sorted((s["frame"], s["label_id"], tuple(s["points"])) for s in target.annotations["shapes"])
+    assert got == [(f, label, tuple(map(float, p))) for f, label, p in expected]
+    assert sorted(detector.calls) == [0, 1, 2, 3]
+
+
+def test_cli_rerun_resumes_the_cvat_job_with_fresh_credentials(
+    cvat: CvatEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scenes = [make_scene(i) for i in range(6)]
+    target = cvat.add_task(
+        RECT_LABELS, [(f"f{i}.png", encode_png(image)) for i, (image, _) in enumerate(scenes)]
+    )
+    monkeypatch.setenv("CVAT_ACCESS_TOKEN", TOKEN)
+    state = tmp_path / "state.sqlite3"
+    argv = ["--model", "rects", "--cvat-task", f"{cvat.url}#{target.id}", "--state-db", str(state),
+            "--no-progress", "--batch-size", "1"]  # fmt: skip
+    parser = argparse.ArgumentParser()
+    cli.add_prelabel_command(parser.add_subparsers(), lambda model, sam: ({}.__getitem__, None))
+    spec = cli.build_spec(parser.parse_args(["prelabel", *argv]))
+    first = LocalEngine(lambda _: RectDetector(delay=0.1), state_db=state, readers=0)
+    job_id = first.submit(spec).id
+    while first.status(job_id).done < 2:
+        time.sleep(0.01)
+    first.close()  # what Ctrl-C does: the job goes back to queued
+    assert not target.annotations["shapes"]
+
+    second = RectDetector()
+    assert run_cli(argv, second) == 0
+    assert 0 < len(second.calls) < 6  # resumed, not started over
+    check = LocalEngine(lambda _: second, state_db=state)
+    try:
+        assert [(j.id, j.state) for j in check.list()] == [(job_id, "completed")]
+        assert check.store.secrets(job_id) is None
+    finally:
+        check.close()
+    assert len(target.annotations["shapes"]) == sum(len(rects) for _, rects in scenes)
