@@ -109,9 +109,6 @@ class TaskInfo:
     def describe(self) -> str:
         return f"CVAT task {self.id} at {self.url}"
 
-    def page(self) -> str:
-        return f"{self.url}/tasks/{self.id}"
-
 
 class Connections:
     """cvat-sdk clients opened for one submit or one run, one per server and login, closed together.
@@ -481,10 +478,9 @@ def match_frames(names: Iterable[str], task: TaskInfo) -> dict[str, Frame]:
 
 @dataclass
 class Prepared:
-    """What the checks found: the source's entries (for a CVAT source) and the output's label plan."""
+    """What the checks found: the source's entries (for a CVAT source), the output task."""
 
     entries: list[tuple[str, str]] | None = None
-    plan: LabelPlan | None = None
     output: TaskInfo | None = None
 
 
@@ -502,5 +498,5 @@ def prepare(
         prepared.entries = connections.source_frames(source)
     if output is not None:
         prepared.output = connections.task(output)
-        prepared.plan = plan_labels(info, sam_refine, classes, output, prepared.output)
+        plan_labels(info, sam_refine, classes, output, prepared.output)  # raises when the labels do not map
     return prepared
