@@ -104,7 +104,7 @@ def _shape_mask(shape: Shape, width: int, height: int) -> RegionMask:
 
 
 def _interior_points(mask: RegionMask, count: int) -> np.ndarray:
-    """Up to `count` points deepest inside the mask (distance-transform maxima, kept apart), in pixel edges."""
+    """Up to `count` points deepest inside the mask (distance-transform maxima, kept apart)."""
     bitmap = np.pad(mask.bitmap.astype(np.uint8), 1)
     depth = cv2.distanceTransform(bitmap, cv2.DIST_L2, 5)[1:-1, 1:-1]
     points = []

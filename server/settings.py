@@ -46,6 +46,18 @@ class StorageProfile(BaseModel):
         return self.secret_file.read_text().strip()
 
 
+class CvatProfile(BaseModel):
+    """A CVAT server and its credentials, named in job specs as `"profile": NAME`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str
+    token: SecretStr | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    organization: str | None = None
+
+
 class Settings(BaseSettings):
     # "__" lets each field of a storage profile be its own variable:
     # LABELSERVE_STORAGE_PROFILES__B2__SECRET_ACCESS_KEY=...
@@ -157,6 +169,16 @@ class Settings(BaseSettings):
         default="sam_vit_h",
         description="Model behind CVAT's in-browser SAM decoder (pth-facebookresearch-sam-vit-h); "
         "CVAT's decoder only works with sam_vit_h weights.",
+    )
+    cvat_profiles: dict[str, CvatProfile] = Field(
+        default={},
+        description='CVAT servers jobs may name as "profile", as JSON {"name": {"url", "token" | "username" '
+        '+ "password", "organization"?}}; their credentials never enter the job database.',
+    )
+    cvat_timeout_s: float = Field(default=60.0, gt=0, description="Timeout of each request to a CVAT server.")
+    cvat_verify_ssl: bool = Field(default=True, description="Verify CVAT servers' TLS certificates.")
+    cvat_upload_chunk: int = Field(
+        default=2000, ge=1, description="Annotations per upload request into a CVAT task (whole images)."
     )
 
     @field_validator("models", "url_allow_hosts", mode="before")

@@ -69,9 +69,9 @@ class TrackStateStore:
                 raise ApiError(
                     404,
                     "unknown_track_state",
-                    f"No tracking state {state_id[:32]!r} here: it expired (after {self.ttl_s:.0f} s unused), "
-                    "was evicted, belongs to another tracker, or the server restarted. Start tracking the "
-                    "object again from the current frame.",
+                    f"No tracking state {state_id[:32]!r} here: it expired (after {self.ttl_s:.0f} s "
+                    "unused), was evicted, belongs to another tracker, or the server restarted. Start "
+                    "tracking the object again from the current frame.",
                 )
             self._entries.move_to_end(state_id)
             entry.expires = self._clock() + self.ttl_s
@@ -176,8 +176,8 @@ class TrackService:
                 raise ApiError(
                     422,
                     "frame_size_changed",
-                    f"state {state_id[:32]!r} tracks a {entry.size[1]}x{entry.size[0]} video but this frame is "
-                    f"{frame.size[1]}x{frame.size[0]}; start tracking again for another video.",
+                    f"state {state_id[:32]!r} tracks a {entry.size[1]}x{entry.size[0]} video but this "
+                    f"frame is {frame.size[1]}x{frame.size[0]}; start tracking again for another video.",
                 )
         out: list[Shape | None] = []
         for entry in entries:

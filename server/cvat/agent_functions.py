@@ -112,11 +112,7 @@ class DetectionFunction:
         self.spec = cvataa.DetectionFunctionSpec(labels=[self._label(n, i) for n, i in self._ids.items()])
 
     def _label(self, name: str, label_id: int) -> models.PatchedLabelRequest:
-        if self.task == "pose":
-            points = [cvataa.keypoint_spec(point, i) for i, point in enumerate(self._keypoints)]
-            return cvataa.skeleton_label_spec(name, label_id, points)
-        label_type = {"segment": "mask", "classify": "tag"}.get(self.task, "rectangle")
-        return cvataa.label_spec(name, label_id, type=label_type)
+        return label_spec(self.task, name, label_id, self._keypoints)
 
     def detect(self, context: cvataa.DetectionFunctionContext, image: PIL.Image.Image) -> list[Any]:
         params: dict[str, Any] = {"format": "internal", "mask_formats": ["cvat", "polygons"]}
@@ -136,26 +132,42 @@ class DetectionFunction:
         ]
 
     def _convert(self, shape: dict[str, Any], mask_to_polygon: bool) -> Any:
-        label_id = self._ids[shape["label"]]
-        kind = shape["kind"]
-        if kind == "box":
-            return cvataa.rectangle(label_id, shape["box"])
-        if kind == "rotated_box":
-            return cvataa.rectangle(label_id, shape["box"], rotation=shape["rotation"] % 360.0)
-        if kind == "mask":
-            if mask_to_polygon:  # CVAT asked for polygons: masks are not allowed in the reply
-                polygons = shape["mask"]["polygons"]
-                return cvataa.polygon(label_id, polygons[0]) if polygons else None
-            return cvataa.mask(label_id, shape["mask"]["cvat"]) if shape["mask"]["area"] else None
-        if kind == "keypoints":
-            elements = [
-                cvataa.keypoint(i, [point["x"], point["y"]], outside=not point["visible"])
-                for i, point in enumerate(shape["keypoints"])
-            ]
-            return cvataa.skeleton(label_id, elements)
-        if kind == "polygon":
-            return cvataa.polygon(label_id, shape["polygon"])
-        return cvataa.tag(label_id)
+        return cvat_annotation(shape, self._ids[shape["label"]], mask_to_polygon)
+
+
+def label_spec(task: str, name: str, label_id: int, keypoints: list[str]) -> models.PatchedLabelRequest:
+    """The cvat-sdk label spec of one class of a model doing `task` (an Ultralytics task name)."""
+    if task == "pose":
+        points = [cvataa.keypoint_spec(point, i) for i, point in enumerate(keypoints)]
+        return cvataa.skeleton_label_spec(name, label_id, points)
+    label_type = {"segment": "mask", "classify": "tag"}.get(task, "rectangle")
+    return cvataa.label_spec(name, label_id, type=label_type)
+
+
+def cvat_annotation(shape: dict[str, Any], label_id: int, mask_to_polygon: bool) -> Any:
+    """One labelserve shape (its /v1/detect JSON with the "cvat" and "polygons" mask formats) as a cvat-sdk
+    tag or shape with `label_id`, frame 0 and skeleton elements numbered by keypoint position; None for what
+    CVAT cannot hold (an empty mask; a mask without outline when polygons are asked for). Also used by the
+    job engine's uploads into CVAT tasks, so both paths follow the same conventions."""
+    kind = shape["kind"]
+    if kind == "box":
+        return cvataa.rectangle(label_id, shape["box"])
+    if kind == "rotated_box":
+        return cvataa.rectangle(label_id, shape["box"], rotation=shape["rotation"] % 360.0)
+    if kind == "mask":
+        if mask_to_polygon:  # CVAT asked for polygons: masks are not allowed in the reply
+            polygons = shape["mask"]["polygons"]
+            return cvataa.polygon(label_id, polygons[0]) if polygons else None
+        return cvataa.mask(label_id, shape["mask"]["cvat"]) if shape["mask"]["area"] else None
+    if kind == "keypoints":
+        elements = [
+            cvataa.keypoint(i, [point["x"], point["y"]], outside=not point["visible"])
+            for i, point in enumerate(shape["keypoints"])
+        ]
+        return cvataa.skeleton(label_id, elements)
+    if kind == "polygon":
+        return cvataa.polygon(label_id, shape["polygon"])
+    return cvataa.tag(label_id)
 
 
 def _client(url: str, api_key: str, timeout: float) -> httpx.Client:

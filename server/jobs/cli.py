@@ -1,8 +1,13 @@
 """`labelserve prelabel SOURCE... --model NAME --out DIR --format F`: a job run in this process, no server.
 
+`--cvat-task URL/tasks/ID` uploads the results into that CVAT task (as well as, or instead of, writing
+files); with no SOURCE the task's own frames are pre-labelled. Credentials come from the environment, as
+for cvat-cli: CVAT_ACCESS_TOKEN (a personal access token), or CVAT_USER and CVAT_PASSWORD.
+
 Running the same command again with the same state database resumes the unfinished job with the same spec
 (finished images are not redone) instead of starting over. Exit codes: 0 every image succeeded, 1 some image
-or the job failed, 2 bad arguments (including an unusable source or output, or an unknown model).
+or the job failed, 2 bad arguments (including an unusable source or output, an unknown model, a CVAT task
+that cannot be reached or whose labels do not match the model's).
 
 The main CLI passes a `runtime(model, sam_refine)` that loads the models and returns the detector lookup and
 the SAM refinement callable (None when no --sam-refine was asked for).
@@ -11,6 +16,8 @@ the SAM refinement callable (None when no --sam-refine was asked for).
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -32,6 +39,7 @@ Runtime = Callable[[str, str | None], tuple[GetDetector, Refine | None]]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 STATE_DB_NAME = ".labelserve-jobs.sqlite3"  # default state database, inside the output directory
+CVAT_STATE_DB_NAME = "prelabel-jobs.sqlite3"  # ... under LABELSERVE_DATA_DIR when only uploading to CVAT
 
 
 def add_prelabel_command(subparsers: Any, runtime: Runtime) -> None:
@@ -44,15 +52,35 @@ def add_prelabel_command(subparsers: Any, runtime: Runtime) -> None:
     )
     p.add_argument(
         "source",
-        nargs="+",
+        nargs="*",
         metavar="SOURCE",
-        help="one directory or s3://bucket/prefix, or one CVAT manifest.jsonl, or image files, or image URLs",
+        help="one directory or s3://bucket/prefix, or one CVAT manifest.jsonl, or image files, or image URLs "
+        "(none: the frames of --cvat-task)",
     )
     p.add_argument("--model", required=True, help="detector model name")
     p.add_argument(
-        "--out", required=True, help="output directory (created if missing), or s3://bucket/prefix"
+        "--out", help="output directory (created if missing), or s3://bucket/prefix; needs --format"
     )
-    p.add_argument("--format", required=True, choices=("cvat_images", "coco", "yolo"))
+    p.add_argument("--format", choices=("cvat_images", "coco", "yolo"))
+    cvat = p.add_argument_group(
+        "CVAT task", "credentials: CVAT_ACCESS_TOKEN, or CVAT_USER and CVAT_PASSWORD (environment)"
+    )
+    cvat.add_argument(
+        "--cvat-task",
+        metavar="URL",
+        help="upload into this task: its page (https://cvat.example.com/tasks/42) or SERVER#ID",
+    )
+    cvat.add_argument("--cvat-org", metavar="SLUG", help="the organization the task belongs to")
+    cvat.add_argument(
+        "--label-map",
+        action="append",
+        default=[],
+        metavar="MODEL=CVAT",
+        help="upload model label MODEL as CVAT label CVAT (repeatable; MODEL= drops MODEL)",
+    )
+    cvat.add_argument("--allow-unmatched", action="store_true", help="drop labels the task does not have")
+    cvat.add_argument("--clear-existing", action="store_true", help="replace the task's annotations")
+    cvat.add_argument("--conv-mask-to-poly", action="store_true", help="upload masks as polygons")
     p.add_argument("--conf", type=float, help="minimum confidence (default 0.25)")
     p.add_argument("--iou", type=float, help="NMS IoU threshold (default 0.7)")
     p.add_argument("--classes", help="comma-separated class ids to keep (default: all)")
@@ -66,7 +94,8 @@ def add_prelabel_command(subparsers: Any, runtime: Runtime) -> None:
     p.add_argument(
         "--state-db",
         type=Path,
-        help=f"job state database (default OUT/{STATE_DB_NAME}; LABELSERVE_DATA_DIR/{STATE_DB_NAME} for s3)",
+        help=f"job state database (default OUT/{STATE_DB_NAME}; LABELSERVE_DATA_DIR/{STATE_DB_NAME} for s3, "
+        f"LABELSERVE_DATA_DIR/{CVAT_STATE_DB_NAME} without --out)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prelabel, runtime=runtime)
@@ -76,12 +105,23 @@ def build_spec(args: argparse.Namespace) -> JobSpec:
     """The job spec the arguments describe; paths are made absolute so a re-run from elsewhere matches.
     Raises ValueError (or pydantic's ValidationError) on bad arguments."""
     sources: list[str] = args.source
+    if (args.out is None) != (args.format is None):
+        raise ValueError("--out and --format go together")
+    if args.out is None and args.cvat_task is None:
+        raise ValueError("give --out and --format, or --cvat-task, or both")
+    if not sources and args.cvat_task is None:
+        raise ValueError("give a SOURCE, or --cvat-task to pre-label the task's own frames")
+    cvat_task = _cvat_task(args) if args.cvat_task is not None else None
     urls = ["://" in s and not s.startswith("file://") for s in sources]
     if any(urls) and not all(urls):
         raise ValueError("give either image URLs or local paths, not both")
+    source: dict[str, Any]
     single = sources[0] if len(sources) == 1 else None
-    if single is not None and single.endswith(".jsonl"):
-        source: dict[str, Any] = {"manifest": single if urls[0] else str(Path(single).resolve())}
+    if not sources:
+        assert cvat_task is not None
+        source = {"cvat_task": cvat_task}
+    elif single is not None and single.endswith(".jsonl"):
+        source = {"manifest": single if urls[0] else str(Path(single).resolve())}
     elif single is not None and is_s3_url(single) and not single.lower().endswith(IMAGE_EXTENSIONS):
         source = {"directory": single}
     elif all(urls):
@@ -102,13 +142,25 @@ def build_spec(args: argparse.Namespace) -> JobSpec:
             params["classes"] = [int(c) for c in args.classes.split(",") if c.strip()]
         except ValueError:
             raise ValueError(f"--classes must be comma-separated class ids, got {args.classes!r}") from None
+    output: dict[str, Any] = {}
+    if args.out is not None:
+        output |= {"format": args.format, "directory": output_directory(args.out)}
+    if cvat_task is not None:
+        options = {
+            "label_map": _label_map(args.label_map),
+            "allow_unmatched": args.allow_unmatched,
+            "clear_existing": args.clear_existing,
+            "conv_mask_to_poly": args.conv_mask_to_poly,
+        }
+        # With the task as the source, the output names no task: it is the source's.
+        output["cvat_task"] = options if "cvat_task" in source else cvat_task | options
     return JobSpec.model_validate(
         {
             "source": source,
             "detector": args.model,
             "params": {k: v for k, v in params.items() if v is not None},
             "sam_refine": args.sam_refine,
-            "output": {"format": args.format, "directory": output_directory(args.out)},
+            "output": output,
             "batch_size": args.batch_size,
         }
     )
@@ -116,6 +168,35 @@ def build_spec(args: argparse.Namespace) -> JobSpec:
 
 def output_directory(out: str) -> str:
     return out if is_s3_url(out) else str(Path(out).resolve())
+
+
+def _cvat_task(args: argparse.Namespace) -> dict[str, Any]:
+    """--cvat-task and the environment's credentials as a spec's connection fields."""
+    found = re.fullmatch(r"(?P<url>.+?)(?:/tasks/(?P<page>\d+)(?:/.*)?|#(?P<id>\d+))", args.cvat_task.strip())
+    if found is None:
+        raise ValueError(
+            "--cvat-task wants a task page (https://cvat.example.com/tasks/42) or SERVER#ID, "
+            f"got {args.cvat_task!r}"
+        )
+    task: dict[str, Any] = {"url": found["url"], "task_id": int(found["page"] or found["id"])}
+    if args.cvat_org:
+        task["organization"] = args.cvat_org
+    token, user, password = (os.environ.get(k) for k in ("CVAT_ACCESS_TOKEN", "CVAT_USER", "CVAT_PASSWORD"))
+    if token:
+        return task | {"token": token}
+    if user and password:
+        return task | {"username": user, "password": password}
+    raise ValueError("set CVAT_ACCESS_TOKEN, or CVAT_USER and CVAT_PASSWORD, to log in to CVAT")
+
+
+def _label_map(pairs: list[str]) -> dict[str, str | None]:
+    mapping: dict[str, str | None] = {}
+    for pair in pairs:
+        model, sep, cvat = pair.partition("=")
+        if not sep or not model:
+            raise ValueError(f"--label-map wants MODEL=CVAT, got {pair!r}")
+        mapping[model] = cvat or None
+    return mapping
 
 
 def cmd_prelabel(args: argparse.Namespace) -> int:
@@ -135,8 +216,11 @@ def cmd_prelabel(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     settings = get_settings()
-    local_out = None if is_s3_url(args.out) else Path(args.out)
-    state_db = args.state_db or (local_out or settings.data_dir) / STATE_DB_NAME
+    if args.out is None:
+        state_db = args.state_db or settings.data_dir / CVAT_STATE_DB_NAME
+    else:
+        local_out = None if is_s3_url(args.out) else Path(args.out)
+        state_db = args.state_db or (local_out or settings.data_dir) / STATE_DB_NAME
     try:
         readers = args.readers if args.readers is not None else 4 if torch.cuda.is_available() else 0
         engine = LocalEngine(get_detector, refine, state_db=state_db, settings=settings, readers=readers)
@@ -147,7 +231,7 @@ def cmd_prelabel(args: argparse.Namespace) -> int:
         try:
             previous = _unfinished(engine, spec)
             if previous is not None:
-                status = engine.resume(previous)
+                status = engine.resume(previous, credentials=spec)
                 print(
                     f"resuming job {previous}: {status.done + status.failed}/{status.total} done",
                     file=sys.stderr,
@@ -168,15 +252,19 @@ def cmd_prelabel(args: argparse.Namespace) -> int:
 
 def _unfinished(engine: LocalEngine, spec: JobSpec) -> str | None:
     """The newest job with this exact spec that did not complete. An unfinished job with other settings
-    but the same output directory is superseded (cancelled): this command is what the user wants now."""
+    but the same output directory or CVAT task is superseded (cancelled): this command is what the user
+    wants now. Stored specs have their credentials redacted, so the comparison is between redacted specs."""
     found = None
+    redacted = JobSpec.model_validate_json(spec.model_dump_json())
     for row in engine.store.jobs():
         if row.state == "completed":
             continue
         other = JobSpec.model_validate_json(row.spec)
-        if other == spec:
+        if other == redacted:
             found = found or row.id
-        elif other.output.directory == spec.output.directory and row.state in ACTIVE_STATES:
+        elif (
+            set(other.output.destinations()) & set(spec.output.destinations()) and row.state in ACTIVE_STATES
+        ):
             engine.cancel(row.id)
             print(f"superseding unfinished job {row.id}, which had other settings", file=sys.stderr)
     return found

@@ -5,7 +5,8 @@ items: reader threads read and decode ahead of inference through a bounded queue
 batches of `batch_size`, and each batch's results are committed in one transaction. So a crash loses at most
 the batches in flight, and resuming processes only what is still pending. When no item is pending the
 output is written from the stored results in item order, which makes a resumed job's output byte-identical
-to an uninterrupted run's.
+to an uninterrupted run's. A CVAT task output is uploaded after that, in chunks the store keeps track of
+(server.jobs.cvat_upload), so a resumed upload neither repeats nor misses annotations.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from pydantic import BaseModel, Field
 from models.detector import Detector, DetectorInfo, DetectParams
 from server.errors import ApiError
 from server.images import decode_image
+from server.jobs import cvat_task as cvat
+from server.jobs.cvat_spec import CvatTaskOutput
 from server.jobs.serde import shape_from_dict, shape_to_dict
 from server.jobs.spec import JobSpec
 from server.jobs.store import ACTIVE_STATES, JobRow, JobState, JobStore, Outcome
@@ -48,6 +51,7 @@ from server.sources import READERS
 log = logging.getLogger("labelserve.jobs")
 
 GetDetector = Callable[[str], Detector]
+Read = Callable[[str], bytes]  # an item's ref → its bytes
 # (SAM model name, image bytes, decoded RGB image, detections) -> refined shapes
 Refine = Callable[[str, bytes, np.ndarray, list[Shape]], list[Shape]]
 
@@ -64,6 +68,16 @@ class ItemFailure(BaseModel):
     error: str
 
 
+class CvatUploadStatus(BaseModel):
+    task: str = Field(description="The CVAT task's page.")
+    uploaded_images: int = Field(description="Images whose annotations CVAT acknowledged.")
+    shapes: int
+    tags: int
+    skipped: int = Field(
+        description="Detections left out: label mapped to nothing, or a kind the CVAT label cannot hold."
+    )
+
+
 class JobStatus(BaseModel):
     id: str
     state: JobState
@@ -78,8 +92,13 @@ class JobStatus(BaseModel):
     pending: int
     images_per_second: float | None = Field(description="This run's throughput (since it last started).")
     eta_seconds: float | None = Field(description="Pending images at that throughput; while running.")
-    outputs: list[str] = Field(description="The files written, once completed.")
+    outputs: list[str] = Field(
+        description="The files written, and the CVAT task uploaded to, once completed."
+    )
     failures: list[ItemFailure] = Field(description=f"The first {FAILURES_SHOWN} failed images, in order.")
+    cvat_upload: CvatUploadStatus | None = Field(
+        default=None, description="Progress of the upload into a CVAT task, once it has started."
+    )
 
 
 class Engine(Protocol):
@@ -92,6 +111,8 @@ class Engine(Protocol):
     def status(self, job_id: str) -> JobStatus: ...
 
     def resume_unfinished(self) -> list[str]: ...
+
+    def resume(self, job_id: str, credentials: JobSpec | None = None) -> JobStatus: ...
 
     def list(self, state: JobState | None = None, limit: int = 100) -> list[JobStatus]: ...
 
@@ -187,7 +208,7 @@ class LocalEngine:
                 "unknown_class",
                 f"Detector {spec.detector!r} has no class ids {unknown}; it has {sorted(info.class_names)}.",
             )
-        if info.task == "classify" and spec.output.format != "cvat_images":
+        if info.task == "classify" and spec.output.format not in (None, "cvat_images"):
             raise ApiError(
                 422,
                 "unsupported_output",
@@ -199,13 +220,25 @@ class LocalEngine:
                 raise ApiError(422, "refine_unavailable", "SAM refinement is not available on this server.")
             if self._check_refine is not None:
                 _model_call(spec.sam_refine, self._check_refine)
-        self._check_output(spec.output.directory)
-        entries = spec.source.enumerate(self._settings)
-        check_names(spec.output.format, (name for _, name in entries))
+        if spec.output.directory is not None:
+            self._check_output(spec.output.directory)
+        self._check_destinations(spec)
+        entries = (
+            self._cvat_checked_entries(spec, info)
+            if spec.uses_cvat()
+            else spec.source.enumerate(self._settings)
+        )
+        if spec.output.format is not None:
+            check_names(spec.output.format, (name for _, name in entries))
 
         job_id = uuid.uuid4().hex
-        total = self.store.create_job(job_id, spec.model_dump_json(), entries, time.time())
-        log.info("job %s: %d images, %s -> %s", job_id, total, spec.detector, spec.output.format)
+        secrets = spec.secrets()
+        # The spec's JSON has the credentials redacted; the real ones are kept apart until the job completes.
+        stored = spec.model_dump_json()
+        total = self.store.create_job(
+            job_id, stored, entries, time.time(), json.dumps(secrets) if secrets else None
+        )
+        log.info("job %s: %d images, %s -> %s", job_id, total, spec.detector, ", ".join(_destinations(spec)))
         self._enqueue(job_id)
         return self.status(job_id)
 
@@ -220,6 +253,7 @@ class LocalEngine:
                 "job_finished",
                 f"Job {job_id} is already {state}; only queued or running jobs can be cancelled.",
             )
+        self.store.set_secrets(job_id, None)
         with self._lock:
             control = self._active.get(job_id)
         if control is not None:
@@ -237,11 +271,14 @@ class LocalEngine:
             self._enqueue(job_id)
         return ids
 
-    def resume(self, job_id: str) -> JobStatus:
-        """Run a failed, cancelled or interrupted job again from where it stopped."""
+    def resume(self, job_id: str, credentials: JobSpec | None = None) -> JobStatus:
+        """Run a failed, cancelled or interrupted job again from where it stopped; `credentials`, a spec with
+        the job's CVAT credentials, replaces the stored ones (a cancelled job's are forgotten)."""
         row = self._row(job_id)
         if row.state == "completed":
             raise ApiError(409, "job_finished", f"Job {job_id} is already completed.")
+        if credentials is not None and credentials.secrets():
+            self.store.set_secrets(job_id, json.dumps(credentials.secrets()))
         self.store.transition(job_id, "queued", only_from=("failed", "cancelled"))
         self._enqueue(job_id)
         return self.status(job_id)
@@ -284,6 +321,9 @@ class LocalEngine:
         running = row.state == "running"
         eta = round(pending / rate, 1) if running and rate else None
         outputs = output_locations(spec) if row.state == "completed" else []
+        upload = self.store.upload(row.id) if spec.output.cvat_task is not None else None
+        if row.state == "completed" and spec.output.cvat_task is not None:
+            outputs.append(self._task_page(spec.output.cvat_task))
         failures = self.store.failures(row.id, FAILURES_SHOWN) if row.failed else []
         return JobStatus(
             id=row.id,
@@ -301,7 +341,21 @@ class LocalEngine:
             eta_seconds=eta,
             outputs=outputs,
             failures=[ItemFailure(index=f.index, image=f.name, error=f.error or "") for f in failures],
+            cvat_upload=CvatUploadStatus(
+                task=self._task_page(spec.output.cvat_task),
+                uploaded_images=self.store.done_through(row.id, upload.confirmed),
+                shapes=upload.shapes,
+                tags=upload.tags,
+                skipped=upload.skipped,
+            )
+            if upload is not None and spec.output.cvat_task is not None
+            else None,
         )
+
+    def _task_page(self, task: CvatTaskOutput) -> str:
+        profile = self._settings.cvat_profiles.get(task.profile) if task.profile else None
+        url = task.url or (profile.url if profile is not None else f"profile {task.profile}")
+        return f"{url.rstrip('/')}/tasks/{task.task_id}"
 
     # -- running -------------------------------------------------------------------------------------------
 
@@ -319,12 +373,29 @@ class LocalEngine:
                     "output_not_writable",
                     f"The output directory {directory!r} cannot be written ({exc.strerror or exc}).",
                 ) from None
+
+    def _check_destinations(self, spec: JobSpec) -> None:
+        """Two running jobs never write the same directory or upload into the same CVAT task."""
+        mine = _destinations(spec)
         for row in self.store.jobs(ACTIVE_STATES):
-            other = JobSpec.model_validate_json(row.spec).output.directory
-            if _same_output(other, directory):
+            shared = mine & _destinations(JobSpec.model_validate_json(row.spec))
+            if shared:
                 raise ApiError(
-                    409, "output_in_use", f"Job {row.id} is still writing to {directory!r}; pick another."
+                    409,
+                    "output_in_use",
+                    f"Job {row.id} is still writing to {sorted(shared)[0]}; pick another.",
                 )
+
+    def _cvat_checked_entries(self, spec: JobSpec, info: DetectorInfo) -> list[tuple[str, str]]:
+        """The source's entries, after connecting to the CVAT tasks and checking the output task's labels
+        and that every image has a frame in it (ApiError otherwise): nothing is stored before that holds."""
+        with cvat.Connections(self._settings) as connections:
+            source, output = spec.source.cvat_task, spec.output.cvat_task
+            prepared = cvat.prepare(connections, info, spec.sam_refine, spec.params.classes, source, output)
+            entries = prepared.entries if prepared.entries is not None else spec.source.enumerate()
+            if output is not None and prepared.output is not None and not output.same_task(source):
+                cvat.match_frames((name for _, name in entries), prepared.output)
+        return entries
 
     def _enqueue(self, job_id: str) -> None:
         with self._lock:
@@ -362,34 +433,89 @@ class LocalEngine:
         if not self.store.transition(job_id, "running", only_from=ACTIVE_STATES, now=time.time()):
             return
         spec = JobSpec.model_validate_json(row.spec)
+        secrets = self.store.secrets(job_id)
+        if secrets is not None:
+            spec = spec.with_secrets(json.loads(secrets))
+        for task in (spec.source.cvat_task, spec.output.cvat_task):
+            if task is not None:  # credentials gone, or a profile removed: fail now, not after every image
+                _cvat_step("logging in to CVAT", cvat.Login.of, task, self._settings)
         if spec.sam_refine is not None and self._refine is None:  # resumed by a process without SAM
             raise _JobFailed("the job asks for SAM refinement, which this process does not have")
-        detector = self._ready_detector(spec.detector, control)
-        if detector is not None:
-            self._process(job_id, spec, detector, control)
-        if control.stop.is_set():
-            if control.reason == "shutdown":  # not the user's decision: leave it to be resumed
-                self.store.transition(job_id, "queued", only_from=("running",))
-            return
-        left = self.store.pending(job_id, -1, 1)
-        if left:
-            raise _JobFailed(f"image {left[0][0]} and maybe others were left unprocessed; resume the job")
-        assert detector is not None
-        self._write_output(job_id, spec, detector.info)
+        with contextlib.ExitStack() as stack:
+            connections = stack.enter_context(cvat.Connections(self._settings)) if spec.uses_cvat() else None
+            read: Read = self._read
+            if connections is not None and spec.source.cvat_task is not None:
+                read = _cvat_step("reading the CVAT task", connections.frame_reader, spec.source.cvat_task)
+            detector = self._ready_detector(spec.detector, control)
+            if detector is not None:
+                self._process(job_id, spec, detector, control, read)
+            if control.stop.is_set():
+                self._stopped(job_id, control)
+                return
+            left = self.store.pending(job_id, -1, 1)
+            if left:
+                raise _JobFailed(f"image {left[0][0]} and maybe others were left unprocessed; resume the job")
+            assert detector is not None
+            outputs: list[str] = []
+            if spec.output.directory is not None:
+                self._write_output(job_id, spec, detector.info)
+                outputs += output_locations(spec)
+            if connections is not None and spec.output.cvat_task is not None:
+                if not self._upload(job_id, spec, detector.info, connections, control):
+                    self._stopped(job_id, control)
+                    return
+                outputs.append(self._task_page(spec.output.cvat_task))
         if self.store.transition(job_id, "completed", only_from=("running",), now=time.time()):
-            log.info("job %s completed: %s", job_id, ", ".join(output_locations(spec)))
+            self.store.set_secrets(job_id, None)  # nothing left to do with them
+            log.info("job %s completed: %s", job_id, ", ".join(outputs))
+
+    def _stopped(self, job_id: str, control: _Control) -> None:
+        if control.reason == "shutdown":  # not the user's decision: leave it to be resumed
+            self.store.transition(job_id, "queued", only_from=("running",))
+
+    def _upload(
+        self, job_id: str, spec: JobSpec, info: DetectorInfo, connections: cvat.Connections, control: _Control
+    ) -> bool:
+        """Upload the results into the output task (the labels are checked again: the task may have changed
+        since submit); False when stopped midway."""
+        from server.jobs import cvat_upload  # imports cvat-sdk
+
+        output = spec.output.cvat_task
+        assert output is not None
+        try:
+            task = connections.task(output)
+            plan = cvat.plan_labels(info, spec.sam_refine, spec.params.classes, output, task)
+            same_task = output.same_task(spec.source.cvat_task)
+            frame_of = cvat_upload.frame_lookup(self.store, job_id, task, same_task)
+            return cvat_upload.upload(
+                self.store,
+                job_id,
+                task,
+                plan,
+                frame_of,
+                clear_existing=output.clear_existing,
+                chunk_size=self._settings.cvat_upload_chunk,
+                tolerance=self._settings.polygon_tolerance,
+                stopped=control.stop.is_set,
+            )
+        except ApiError as exc:
+            raise _JobFailed(
+                f"uploading into the CVAT task failed: {exc.message} The results are kept; resume the job "
+                "to retry."
+            ) from None
 
     def _write_output(self, job_id: str, spec: JobSpec, info: DetectorInfo) -> None:
         """Write the output files; an s3:// output is written to a staging folder, then uploaded. Both are
         redone whole when a job fails here and is resumed."""
-        target = spec.output.directory
+        target, output_format = spec.output.directory, spec.output.format
+        assert target is not None and output_format is not None
         remote = is_s3_url(target)
         directory = self._settings.data_dir / STAGING_DIR / job_id if remote else Path(target)
         try:
             if remote:
                 shutil.rmtree(directory, ignore_errors=True)  # no files left from an earlier attempt
             write_output(
-                spec.output.format,
+                output_format,
                 directory,
                 info,
                 lambda: self._results(job_id),
@@ -416,14 +542,14 @@ class LocalEngine:
             control.stop.wait(2.0)
         return None
 
-    def _process(self, job_id: str, spec: JobSpec, detector: Detector, control: _Control) -> None:
+    def _process(self, job_id: str, spec: JobSpec, detector: Detector, control: _Control, read: Read) -> None:
         params = spec.params.detect_params()
         control.started = time.monotonic()
         held: list[Outcome] = []  # outcomes of batches where the detector failed on every image
         failed_batches, last_error = 0, ""
 
         def load(index: int, ref: str) -> _Loaded:
-            return self._load(index, ref, keep_bytes=spec.sam_refine is not None)
+            return self._load(index, ref, read, keep_bytes=spec.sam_refine is not None)
 
         reader = (
             _Prefetch(self._pending(job_id), load, self._readers, self._prefetch, control.stop)
@@ -499,10 +625,10 @@ class LocalEngine:
             outcomes.append(Outcome(item.index, width, height, result))
         return outcomes, None
 
-    def _load(self, index: int, ref: str, keep_bytes: bool) -> _Loaded:
+    def _load(self, index: int, ref: str, read: Read, keep_bytes: bool) -> _Loaded:
         """Read and decode one image; any problem becomes the item's failure reason, never an exception."""
         try:
-            data = self._read(ref)
+            data = read(ref)
             image = decode_image(data, self._settings.max_image_pixels)
         except ApiError as exc:
             return _Loaded(index, error=exc.message)
@@ -533,19 +659,34 @@ class LocalEngine:
 
 def output_locations(spec: JobSpec) -> list[str]:
     """The files (or folder, for YOLO labels) a completed job wrote: local paths or s3:// URLs."""
-    target = spec.output.directory
+    target, output_format = spec.output.directory, spec.output.format
+    if target is None or output_format is None:
+        return []
     if is_s3_url(target):
         folder = parse_s3_url(target, folder=True)
-        return [
-            f"s3://{folder.bucket}/{folder.key}{p.name}" for p in output_paths(spec.output.format, Path())
-        ]
-    return [str(p) for p in output_paths(spec.output.format, Path(target))]
+        return [f"s3://{folder.bucket}/{folder.key}{p.name}" for p in output_paths(output_format, Path())]
+    return [str(p) for p in output_paths(output_format, Path(target))]
 
 
-def _same_output(a: str, b: str) -> bool:
-    if is_s3_url(a) or is_s3_url(b):
-        return is_s3_url(a) and is_s3_url(b) and parse_s3_url(a, folder=True) == parse_s3_url(b, folder=True)
-    return Path(a).resolve() == Path(b).resolve()
+def _destinations(spec: JobSpec) -> set[str]:
+    found = set(spec.output.destinations())
+    directory = spec.output.directory
+    if directory is not None:  # the same directory however it is spelled
+        found.discard(directory)
+        if is_s3_url(directory):
+            folder = parse_s3_url(directory, folder=True)
+            found.add(f"s3://{folder.bucket}/{folder.key}")
+        else:
+            found.add(repr(str(Path(directory).resolve())))
+    return found
+
+
+def _cvat_step(doing: str, step: Callable[..., T], *args: object) -> T:
+    """A CVAT call while a job runs: its ApiError fails the job with the message."""
+    try:
+        return step(*args)
+    except ApiError as exc:
+        raise _JobFailed(f"{doing} failed: {exc.message}") from None
 
 
 def _model_call(name: str, lookup: Callable[[str], T]) -> T:

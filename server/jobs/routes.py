@@ -17,11 +17,13 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 ERRORS = {
     code: {"description": text}
     for code, text in {
-        400: "Unusable source or output directory",
+        400: "Unusable source or output directory; CVAT unreachable, credentials refused, unknown task, "
+        "images without a frame in the CVAT task",
         403: "An s3:// source or output that the storage profiles do not allow, or whose key may not write",
         404: "Unknown job, or unknown detector",
-        409: "The job already finished, or its output directory is in use",
-        422: "Invalid job spec",
+        409: "The job already finished, or its output directory or CVAT task is in use",
+        422: "Invalid job spec; the detector's labels do not map onto the CVAT task's (label_mapping)",
+        502: "CVAT failed or answered unexpectedly",
         503: "Detector unavailable or loading",
     }.items()
 }
@@ -49,6 +51,13 @@ def list_jobs(
 def get_job(job_id: str, request: Request) -> JobStatus:
     """State, progress (done/failed/total, images per second, ETA), outputs, and the first failures."""
     return engine(request).status(job_id)
+
+
+@router.post("/{job_id}/resume", responses=ERRORS)
+def resume_job(job_id: str, request: Request) -> JobStatus:
+    """Run a failed or cancelled job again from where it stopped (e.g. after an upload into CVAT failed);
+    finished images are not redone."""
+    return engine(request).resume(job_id)
 
 
 @router.delete("/{job_id}", responses=ERRORS)

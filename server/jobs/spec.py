@@ -5,7 +5,8 @@ one) can run the same job. Sources plug in at two points:
 - `LISTERS` maps a URL scheme to a function listing a directory-like `source.directory` (local paths, and
   `s3://bucket/prefix`, whose byte reader is server.sources.READERS["s3"]);
 - `ENUMERATORS` maps a Source field to its expansion, so a new kind of source (like `manifest`, a CVAT
-  `manifest.jsonl`) is one new optional field plus one entry.
+  `manifest.jsonl`, or `cvat_task`, a CVAT task's frames read through cvat-sdk) is one new optional field
+  plus one entry.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.detector import DetectParams
 from server.errors import ApiError
+from server.jobs.cvat_spec import CvatTaskOutput, CvatTaskSource
 from server.jobs.manifest import manifest_names
 from server.objectstore.locations import is_s3_url
 from server.objectstore.store import list_s3, store_for
@@ -72,6 +74,9 @@ class Source(BaseModel):
     frames: FrameRange | None = Field(
         default=None, description="Only these of the source's images (in job order), as CVAT's frame range."
     )
+    cvat_task: CvatTaskSource | None = Field(
+        default=None, description="A CVAT task's frames; output names are its frame names."
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Source:
@@ -113,19 +118,40 @@ class Params(BaseModel):
 
 
 class Output(BaseModel):
-    """Where results go. Uploading into a CVAT task will be another destination field next to `directory`."""
+    """Where results go: files (`format` in `directory`), a CVAT task (`cvat_task`), or both."""
 
     model_config = ConfigDict(extra="forbid")
 
-    format: OutputFormat = Field(
+    format: OutputFormat | None = Field(
+        default=None,
         description="cvat_images: annotations.xml (CVAT for images 1.1); coco: annotations.json; "
-        "yolo: labels/<name>.txt and data.yaml (ultralytics layout)."
+        "yolo: labels/<name>.txt and data.yaml (ultralytics layout).",
     )
-    directory: str = Field(
+    directory: str | None = Field(
+        default=None,
         min_length=1,
         description="A local directory (created if missing; must be writable), or an object-store folder "
         "s3://bucket/prefix: files are staged under the data directory and uploaded when the job is done.",
     )
+    cvat_task: CvatTaskOutput | None = Field(
+        default=None, description="Upload into this CVAT task once every image is done."
+    )
+
+    @model_validator(mode="after")
+    def _destination(self) -> Output:
+        if (self.format is None) != (self.directory is None):
+            raise ValueError("format and directory go together")
+        if self.directory is None and self.cvat_task is None:
+            raise ValueError("give format and directory, or cvat_task, or both")
+        return self
+
+    def destinations(self) -> list[str]:
+        """What two running jobs must not share: the directory, the CVAT task."""
+        found = [self.directory] if self.directory is not None else []
+        task = self.cvat_task
+        if task is not None:
+            found.append(f"CVAT task {task.task_id} on {task.url or f'profile {task.profile}'}")
+        return found
 
 
 class JobSpec(BaseModel):
@@ -141,6 +167,36 @@ class JobSpec(BaseModel):
     )
     output: Output
     batch_size: int = Field(default=8, ge=1, le=256, description="Images per detector call.")
+
+    @model_validator(mode="after")
+    def _output_task_defaults_to_the_source(self) -> JobSpec:
+        task = self.output.cvat_task
+        if task is not None and task.task_id is None:
+            if self.source.cvat_task is None:
+                raise ValueError(
+                    "output.cvat_task needs task_id and a connection unless the source is a CVAT task"
+                )
+            self.output.cvat_task = task.targeting(self.source.cvat_task)
+        return self
+
+    def uses_cvat(self) -> bool:
+        return self.source.cvat_task is not None or self.output.cvat_task is not None
+
+    def secrets(self) -> dict[str, dict[str, str]]:
+        """CVAT credentials by place ("source", "output"); the JSON dump of the spec has them redacted."""
+        places = {"source": self.source.cvat_task, "output": self.output.cvat_task}
+        return {
+            place: task.secrets() for place, task in places.items() if task is not None and task.secrets()
+        }
+
+    def with_secrets(self, secrets: dict[str, dict[str, str]]) -> JobSpec:
+        """A copy with the credentials `secrets()` gave put back (a stored spec holds redacted ones)."""
+        spec = self.model_copy(deep=True)
+        if spec.source.cvat_task is not None and "source" in secrets:
+            spec.source.cvat_task = spec.source.cvat_task.with_secrets(secrets["source"])
+        if spec.output.cvat_task is not None and "output" in secrets:
+            spec.output.cvat_task = spec.output.cvat_task.with_secrets(secrets["output"])
+        return spec
 
 
 # -- expansion -------------------------------------------------------------------------------------------
@@ -241,9 +297,19 @@ def _from_urls(urls: list[str], _: Settings) -> Iterator[ImageEntry]:
         yield url, "/".join(segments) or parts.hostname or "image"
 
 
+def _from_cvat_task(task: CvatTaskSource, settings: Settings) -> Iterator[ImageEntry]:
+    # The engine expands CVAT sources itself, on the connection it validates labels with; this entry serves
+    # any other caller of Source.enumerate().
+    from server.jobs import cvat_task
+
+    with cvat_task.Connections(settings) as connections:
+        yield from connections.source_frames(task)
+
+
 ENUMERATORS: dict[str, Callable[..., Iterator[ImageEntry]]] = {
     "directory": _from_directory,
     "paths": _from_paths,
     "urls": _from_urls,
     "manifest": _from_manifest,
+    "cvat_task": _from_cvat_task,
 }

@@ -46,6 +46,22 @@ CREATE TABLE IF NOT EXISTS items (
     PRIMARY KEY (job_id, idx)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS items_status ON items (job_id, status, idx);
+-- Credentials given inline in a spec (the stored spec has them redacted), kept until the job completes.
+CREATE TABLE IF NOT EXISTS job_secrets (
+    job_id TEXT PRIMARY KEY,
+    secrets TEXT NOT NULL
+);
+-- Uploading into a CVAT task, in chunks of whole items: `confirmed` is the last item index whose chunk CVAT
+-- acknowledged; `started` is the last index of a chunk sent but not acknowledged (it may or may not have
+-- landed: resuming checks the task before sending it again).
+CREATE TABLE IF NOT EXISTS uploads (
+    job_id TEXT PRIMARY KEY,
+    confirmed INTEGER NOT NULL DEFAULT -1,
+    started INTEGER,
+    shapes INTEGER NOT NULL DEFAULT 0,
+    tags INTEGER NOT NULL DEFAULT 0,
+    skipped INTEGER NOT NULL DEFAULT 0
+);
 """
 
 
@@ -73,6 +89,15 @@ class ItemRow:
     height: int | None
     result: str | None
     error: str | None
+
+
+@dataclass(frozen=True)
+class UploadRow:
+    confirmed: int  # last item index uploaded and acknowledged; -1 for none
+    started: int | None  # last item index of a chunk sent but not acknowledged
+    shapes: int  # annotations acknowledged so far
+    tags: int
+    skipped: int  # shapes left out (no CVAT label, or a kind the label cannot hold)
 
 
 @dataclass(frozen=True)
@@ -106,7 +131,14 @@ class JobStore:
 
     # -- jobs ------------------------------------------------------------------------------------------
 
-    def create_job(self, job_id: str, spec: str, entries: Iterable[tuple[str, str]], now: float) -> int:
+    def create_job(
+        self,
+        job_id: str,
+        spec: str,
+        entries: Iterable[tuple[str, str]],
+        now: float,
+        secrets: str | None = None,
+    ) -> int:
         """Insert a queued job and all its items in one transaction: a crash never leaves half a job."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -115,6 +147,10 @@ class JobStore:
                     "INSERT INTO jobs (id, spec, state, created) VALUES (?, ?, 'queued', ?)",
                     (job_id, spec, now),
                 )
+                if secrets is not None:
+                    self._db.execute(
+                        "INSERT INTO job_secrets (job_id, secrets) VALUES (?, ?)", (job_id, secrets)
+                    )
                 cur = self._db.executemany(
                     "INSERT INTO items (job_id, idx, ref, name) VALUES (?, ?, ?, ?)",
                     ((job_id, i, ref, name) for i, (ref, name) in enumerate(entries)),
@@ -237,3 +273,58 @@ class JobStore:
                 (job_id, limit),
             ).fetchall()
         return [ItemRow(*r) for r in rows]
+
+    # -- secrets ---------------------------------------------------------------------------------------
+
+    def secrets(self, job_id: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT secrets FROM job_secrets WHERE job_id = ?", (job_id,)).fetchone()
+        return row[0] if row else None
+
+    def set_secrets(self, job_id: str, secrets: str | None) -> None:
+        """Replace a job's stored credentials; None forgets them."""
+        with self._lock:
+            if secrets is None:
+                self._db.execute("DELETE FROM job_secrets WHERE job_id = ?", (job_id,))
+            else:
+                self._db.execute(
+                    "INSERT INTO job_secrets (job_id, secrets) VALUES (?, ?) "
+                    "ON CONFLICT (job_id) DO UPDATE SET secrets = excluded.secrets",
+                    (job_id, secrets),
+                )
+
+    # -- uploads -----------------------------------------------------------------------------------------
+
+    def upload(self, job_id: str) -> UploadRow | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT confirmed, started, shapes, tags, skipped FROM uploads WHERE job_id = ?", (job_id,)
+            ).fetchone()
+        return UploadRow(*row) if row else None
+
+    def upload_started(self, job_id: str, last: int) -> None:
+        """Mark the chunk ending at item `last` as sent: committed before the request goes out."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO uploads (job_id, started) VALUES (?, ?) "
+                "ON CONFLICT (job_id) DO UPDATE SET started = excluded.started",
+                (job_id, last),
+            )
+
+    def upload_confirmed(self, job_id: str, last: int, shapes: int, tags: int, skipped: int) -> None:
+        """CVAT acknowledged the chunk ending at item `last`, holding these counts."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO uploads (job_id, confirmed, shapes, tags, skipped) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (job_id) DO UPDATE SET confirmed = excluded.confirmed, started = NULL, "
+                "shapes = shapes + excluded.shapes, tags = tags + excluded.tags, "
+                "skipped = skipped + excluded.skipped",
+                (job_id, last, shapes, tags, skipped),
+            )
+
+    def done_through(self, job_id: str, last: int) -> int:
+        """How many items up to index `last` are done."""
+        with self._lock:
+            return self._db.execute(
+                "SELECT COUNT(*) FROM items WHERE job_id = ? AND status = 'done' AND idx <= ?", (job_id, last)
+            ).fetchone()[0]
