@@ -392,7 +392,9 @@ class LocalEngine:
         with cvat.Connections(self._settings) as connections:
             source, output = spec.source.cvat_task, spec.output.cvat_task
             prepared = cvat.prepare(connections, info, spec.sam_refine, spec.params.classes, source, output)
-            entries = prepared.entries if prepared.entries is not None else spec.source.enumerate()
+            entries = (
+                prepared.entries if prepared.entries is not None else spec.source.enumerate(self._settings)
+            )
             if output is not None and prepared.output is not None and not output.same_task(source):
                 cvat.match_frames((name for _, name in entries), prepared.output)
         return entries
