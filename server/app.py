@@ -19,11 +19,19 @@ from server.jobs import routes as job_routes
 from server.jobs.engine import LocalEngine
 from server.jobs.store import JOBS_DB_NAME
 from server.memory import pin_mmap_threshold
-from server.routes import detect, sam, system
+from server.routes import detect, sam, system, track
 from server.sam_service import SamService
-from server.schemas import DetectRequest, EmbedRequest, SegmentRequest
+from server.schemas import (
+    DetectRequest,
+    EmbedRequest,
+    PropagateRequest,
+    SegmentRequest,
+    TrackStartRequest,
+    TrackStepRequest,
+)
 from server.settings import Settings, get_settings
 from server.state import Services
+from server.track_service import TrackService
 
 log = logging.getLogger("labelserve")
 
@@ -54,12 +62,14 @@ def create_app(settings: Settings | None = None, *, load_models_in_background: b
         description="AI-assisted labeling inference: SAM clicks on cached embeddings.",
         lifespan=lifespan,
     )
-    app.state.services = Services(settings, registry, sam_service, detect_service)
+    track_service = TrackService(registry, sam_service, settings)
+    app.state.services = Services(settings, registry, sam_service, detect_service, track_service)
     app.state.jobs = jobs
     install_error_handlers(app)
     _install_model_errors(app)
     app.include_router(sam.router)
     app.include_router(detect.router)
+    app.include_router(track.router)
     app.include_router(system.router)
     app.include_router(nuclio.router)
     app.include_router(job_routes.router)
@@ -91,7 +101,8 @@ def _openapi(app: FastAPI) -> dict:
         )
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         # Request bodies are parsed by hand (JSON or multipart), so their models are added explicitly.
-        for model in (EmbedRequest, SegmentRequest, DetectRequest):
+        for model in (EmbedRequest, SegmentRequest, DetectRequest, TrackStartRequest, TrackStepRequest,
+                      PropagateRequest):  # fmt: skip
             body = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(body.pop("$defs", {}))
             components[model.__name__] = body

@@ -59,6 +59,14 @@ class SamService:
             embedding, cached = self.cache.get_or_compute(self._key(segmenter, content_id), compute)
         return Embedded(content_id, embedding, cached)
 
+    def embed_decoded(self, model: str, content_id: str, image: np.ndarray) -> ImageEmbedding:
+        """The embedding of an already decoded image (video frames), through the same cache as `embed`."""
+        segmenter = self.registry.segmenter(model)
+        embedding, _ = self.cache.get_or_compute(
+            self._key(segmenter, content_id), lambda: segmenter.encode(image)
+        )
+        return embedding
+
     def cached_embedding(self, model: str, content_id: str) -> Embedded:
         segmenter = self.registry.segmenter(model)
         embedding = self.cache.get(self._key(segmenter, content_id))

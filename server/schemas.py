@@ -147,3 +147,65 @@ class DetectRequest(BaseModel):
         if (self.image is not None) + uploaded != 1:
             raise ValueError("give exactly one image: 'image', or (multipart) a 'file' part")
         return self
+
+
+class TrackShape(BaseModel):
+    """A shape as CVAT's trackers exchange them: a rectangle [x1, y1, x2, y2], a polygon [x, y, ...], or a
+    mask (CVAT RLE + inclusive [xtl, ytl, xbr, ybr]), in pixel-edge coordinates."""
+
+    type: str = Field(description="rectangle, polygon or mask")
+    points: list[float]
+
+
+def _one_image(image: ImageRef | None, info: ValidationInfo) -> None:
+    uploaded = bool(info.context and info.context.get("upload"))
+    if (image is not None) + uploaded != 1:
+        raise ValueError("give exactly one image: 'image', or (multipart) a 'file' part")
+
+
+class TrackStartRequest(BaseModel):
+    """Start following objects on a frame; the reply holds one state id per shape."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: ImageRef | None = Field(default=None, description="The frame the shapes are drawn on.")
+    shapes: list[TrackShape] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _image(self, info: ValidationInfo) -> TrackStartRequest:
+        _one_image(self.image, info)
+        return self
+
+
+class TrackStepRequest(BaseModel):
+    """The next frame, and the state ids of the objects to find on it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: ImageRef | None = Field(default=None, description="The next frame of the same video.")
+    states: list[str] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _image(self, info: ValidationInfo) -> TrackStepRequest:
+        _one_image(self.image, info)
+        return self
+
+
+class PropagateRequest(BaseModel):
+    """Follow shapes drawn on frame `start` of a video through the next frames, streamed back as they come."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    video: ImageRef | None = Field(default=None, description="The video file (mp4, mkv, webm, avi, ...).")
+    shapes: list[TrackShape] = Field(min_length=1, description="The objects on frame `start`.")
+    start: int = Field(default=0, ge=0, description="The frame the shapes are drawn on.")
+    stop: int | None = Field(
+        default=None, ge=1, description="Last frame + 1; the end of the video if absent."
+    )
+
+    @model_validator(mode="after")
+    def _video(self, info: ValidationInfo) -> PropagateRequest:
+        _one_image(self.video, info)
+        if self.stop is not None and self.stop <= self.start:
+            raise ValueError("stop must be greater than start")
+        return self

@@ -120,6 +120,15 @@ class Settings(BaseSettings):
     )
     job_concurrency: int = Field(default=1, ge=1, description="Jobs that run at the same time.")
 
+    # Tracking: per-object states live server-side; clients hold ids (CVAT round-trips them every frame).
+    track_state_ttl_s: float = Field(
+        default=8 * 3600, gt=0, description="An unused tracking state expires after this (CVAT's is 8 h)."
+    )
+    track_state_bytes: int = Field(
+        default=512 * 1024**2, ge=1, description="Byte cap of all tracking states; the least recent go first."
+    )
+    track_max_objects: int = Field(default=64, ge=1, description="Most objects one tracking call may start.")
+
     # Input limits
     max_image_pixels: int = Field(default=64_000_000, description="Larger images are refused (413).")
     max_request_bytes: int = Field(

@@ -10,6 +10,7 @@ from models.registry import ModelRegistry
 from server.detect_service import DetectService
 from server.sam_service import SamService
 from server.settings import Settings
+from server.track_service import TrackService
 
 
 @dataclass
@@ -18,6 +19,7 @@ class Services:
     registry: ModelRegistry
     sam: SamService
     detect: DetectService
+    track: TrackService
 
 
 def services(request: Request) -> Services:

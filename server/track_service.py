@@ -26,6 +26,7 @@ from server.settings import Settings
 from server.shapes import Shape
 
 PROPAGATE_SUFFIX = "-propagate"
+CVAT_TYPES = {"box": "rectangle", "polygon": "polygon", "mask": "mask"}  # what each object was started as
 
 
 @dataclass
@@ -34,6 +35,7 @@ class TrackEntry:
     state: Any
     size: tuple[int, int]  # (height, width) of the video
     scope: str  # who may step it (a CVAT function id, or "api")
+    shape_type: str  # the CVAT type the object was started as, and is answered in
     expires: float = 0.0
     nbytes: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -138,8 +140,11 @@ class TrackService:
     def frame(self, data: bytes) -> Frame:
         return Frame(decode_image(data, self.settings.max_image_pixels), image_id(data))
 
-    def init(self, name: str, frame: Frame, shapes: list[Shape], scope: str) -> list[str]:
-        """One state per shape; nothing is stored when any shape is refused."""
+    def init(
+        self, name: str, frame: Frame, shapes: list[Shape], scope: str, answer_as: list[str] | None = None
+    ) -> list[str]:
+        """One state per shape; nothing is stored when any shape is refused. `answer_as`: the CVAT type each
+        object is answered in on later frames (default: the type it was given as)."""
         if not shapes:
             raise ApiError(422, "no_shapes", "Give at least one shape to track.")
         if len(shapes) > self.settings.track_max_objects:
@@ -163,13 +168,17 @@ class TrackService:
                 states.append(tracker.init(frame, shape))
             except TrackerInputError as exc:
                 raise ApiError(422, "bad_track_shape", f"shape {index}: {exc}.") from None
+        answer_as = answer_as or [CVAT_TYPES[shape.kind] for shape in shapes]
         return [
-            self.store.add(TrackEntry(name, state, frame.size, scope, nbytes=tracker.state_bytes(state)))
-            for state in states
+            self.store.add(
+                TrackEntry(name, state, frame.size, scope, as_type, nbytes=tracker.state_bytes(state))
+            )
+            for state, as_type in zip(states, answer_as, strict=True)
         ]
 
-    def step(self, frame: Frame, state_ids: list[str], scope: str) -> list[Shape | None]:
-        """Each object on `frame`, or None when lost. All ids are checked before any state moves."""
+    def step(self, frame: Frame, state_ids: list[str], scope: str) -> list[tuple[Shape | None, str]]:
+        """Each object on `frame` (None when lost) and the CVAT type it was started as. All ids are checked
+        before any state moves."""
         entries = [self.store.get(state_id, scope) for state_id in state_ids]
         for state_id, entry in zip(state_ids, entries, strict=True):
             if entry.size != frame.size:
@@ -179,16 +188,23 @@ class TrackService:
                     f"state {state_id[:32]!r} tracks a {entry.size[1]}x{entry.size[0]} video but this "
                     f"frame is {frame.size[1]}x{frame.size[0]}; start tracking again for another video.",
                 )
-        out: list[Shape | None] = []
+        out: list[tuple[Shape | None, str]] = []
         for entry in entries:
             tracker = self.tracker(entry.tracker)
             with entry.lock:  # one object's frames go in order, even from concurrent requests
                 try:
-                    out.append(tracker.step(entry.state, frame))
+                    out.append((tracker.step(entry.state, frame), entry.shape_type))
                 except TrackerInputError as exc:
                     raise ApiError(422, "bad_track_frame", f"{exc}.") from None
                 self.store.resize(entry, tracker.state_bytes(entry.state))
         return out
+
+    def forget(self, state_id: str, scope: str) -> bool:
+        try:
+            self.store.get(state_id, scope)
+        except ApiError:
+            return False
+        return self.store.remove(state_id)
 
     def stats(self) -> dict[str, int]:
         return self.store.snapshot()

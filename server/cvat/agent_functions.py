@@ -8,7 +8,8 @@ cvat-sdk, httpx and Pillow, so it can be loaded with `--function-file` from any 
     cvat-cli function run-agent <FUNCTION_ID> --function-file agent_functions.py \\
         -p url=str:http://labelserve:8080 -p model=str:mobile_sam
 
-`create` returns a DetectionFunction for detector models (YOLO) and an InteractionFunction for SAM models.
+`create` returns a DetectionFunction for detector models (YOLO), an InteractionFunction for SAM models, and a
+TrackingFunction when given `-p tracker=str:NAME` (a name from GET /v1/trackers).
 """
 
 from __future__ import annotations
@@ -170,6 +171,50 @@ def cvat_annotation(shape: dict[str, Any], label_id: int, mask_to_polygon: bool)
     return cvataa.tag(label_id)
 
 
+class TrackingFunction:
+    """A labelserve tracker for the agent. The agent keeps each object's state, which here is only the id of
+    the state labelserve keeps; every call sends the frame as PNG."""
+
+    def __init__(self, url: str, tracker: str, api_key: str = "", timeout: float = 120.0) -> None:
+        self.tracker = tracker
+        self._http = _client(url, api_key, timeout)
+        found = {t["name"]: t for t in _json(self._http.get("/v1/trackers"))["trackers"]}
+        if tracker not in found:
+            raise LabelserveError(f"labelserve has no tracker {tracker!r}; it has {sorted(found)}")
+        accepts = found[tracker]["accepts"]
+        types = [cvat for cvat, ours in _TRACKABLE.items() if ours in accepts]
+        self.spec = cvataa.TrackingFunctionSpec(supported_shape_types=types)
+
+    def preprocess_image(self, context: cvataa.TrackingFunctionContext, image: PIL.Image.Image) -> bytes:
+        # Always defined: cvat-cli 2.80 calls it on every track request without checking that it exists.
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, format="PNG", compress_level=1)
+        return buffer.getvalue()
+
+    def init_tracking_state(
+        self, context: cvataa.TrackingFunctionShapeContext, pp_image: bytes, shape: cvataa.TrackableShape
+    ) -> str:
+        params = {"shapes": [{"type": shape.type, "points": [float(v) for v in shape.points]}]}
+        return self._call("", pp_image, params)["states"][0]
+
+    def track(
+        self, context: cvataa.TrackingFunctionShapeContext, pp_image: bytes, state: str
+    ) -> cvataa.TrackableShape | None:
+        found = self._call("/step", pp_image, {"states": [state]})["shapes"][0]
+        return None if found is None else cvataa.TrackableShape(type=found["type"], points=found["points"])
+
+    def _call(self, path: str, png: bytes, params: dict[str, Any]) -> dict[str, Any]:
+        response = self._http.post(
+            f"/v1/track/{self.tracker}{path}",
+            files={"file": ("frame.png", png, "image/png")},
+            data={"params": json.dumps(params)},
+        )
+        return _json(response)
+
+
+_TRACKABLE = {"rectangle": "box", "polygon": "polygon", "mask": "mask"}
+
+
 def _client(url: str, api_key: str, timeout: float) -> httpx.Client:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     return httpx.Client(base_url=url.rstrip("/"), timeout=timeout, headers=headers)
@@ -206,9 +251,12 @@ def _json(response: httpx.Response) -> Any:
 
 
 def create(
-    url: str, model: str = "mobile_sam", api_key: str = "", timeout: float = 120.0
-) -> InteractionFunction | DetectionFunction:
-    """Called by cvat-cli with the `-p NAME=TYPE:VALUE` parameters; the model's kind picks the function."""
+    url: str, model: str = "mobile_sam", api_key: str = "", timeout: float = 120.0, tracker: str = ""
+) -> InteractionFunction | DetectionFunction | TrackingFunction:
+    """Called by cvat-cli with the `-p NAME=TYPE:VALUE` parameters: `-p tracker=str:medianflow` (or
+    `mobile_sam-propagate`, ...) makes a tracking function; otherwise the model's kind picks the function."""
+    if tracker:
+        return TrackingFunction(url, tracker=tracker, api_key=api_key, timeout=timeout)
     with _client(url, api_key, timeout) as http:
         kind = _describe(http, model)["kind"]
     if kind == "detector":

@@ -44,7 +44,16 @@ class NuclioFunction:
 
     def config(self, svc: Services) -> dict[str, Any]:
         """Exactly the keys CVAT's LambdaFunction reads; every annotation value is a string."""
-        if self.kind == "detector":
+        if self.kind == "tracker":
+            tracker = svc.track.tracker(self.model)
+            name, description = (
+                f"labelserve {self.model}",
+                _TRACKER_DESCRIPTIONS.get("sam" if self.model.endswith("-propagate") else self.model, ""),
+            )
+            # CVAT Community lists only trackers that declare rectangle; polygon and mask are for Enterprise.
+            types = ["rectangle", *(t for t in ("polygon", "mask") if _KIND[t] in tracker.accepts)]
+            annotations = {"spec": "", "supported_shape_types": ",".join(types)}
+        elif self.kind == "detector":
             info = svc.registry.detector(self.model).info
             name, description = f"labelserve {self.model}", f"Ultralytics {info.task} model {self.model}"
             annotations = {"spec": json.dumps(render.label_spec(info), separators=(",", ":"))}
@@ -64,6 +73,8 @@ class NuclioFunction:
         }
 
     def invoke(self, svc: Services, payload: dict[str, Any]) -> Any:
+        if self.kind == "tracker":
+            return _track(svc, self, payload)
         if self.kind == "detector":
             return _detect(svc, self.model, payload)
         if self.browser:
@@ -73,6 +84,18 @@ class NuclioFunction:
 
 def function_id(model: str) -> str:
     return "labelserve-" + model.replace("_", "-")
+
+
+def tracker_function_id(tracker: str) -> str:
+    return "labelserve-track-" + tracker.replace("_", "-")
+
+
+_KIND = {"rectangle": "box", "polygon": "polygon", "mask": "mask"}
+LEGACY = "legacy"  # CVAT's rectangle protocol: [x1, y1, x2, y2] lists, no supported_shape_types
+_TRACKER_DESCRIPTIONS = {
+    "medianflow": "Weight-free box tracker (Median Flow optical flow, re-finds objects after occlusions)",
+    "sam": "SAM mask propagation: each frame is prompted with the previous mask; embeddings cached",
+}
 
 
 # Interactor annotations. Booleans are parsed by CVAT with bool(str), so "true" or absent, never "false".
@@ -97,6 +120,9 @@ def catalogue(svc: Services) -> dict[str, NuclioFunction]:
         )
         for model, kind in loaded.items()
     }
+    for tracker in svc.track.names():
+        fid = tracker_function_id(tracker)
+        functions[fid] = NuclioFunction(fid, "tracker", tracker)
     browser_model = svc.settings.cvat_browser_sam_model
     if loaded.get(browser_model) == "segmenter":
         functions[BROWSER_SAM_ID] = NuclioFunction(BROWSER_SAM_ID, "interactor", browser_model, browser=True)
@@ -160,6 +186,48 @@ def _detect(svc: Services, model: str, payload: dict[str, Any]) -> list[dict[str
     params = DetectParams(conf=request.threshold) if request.threshold else DetectParams()
     found = svc.detect.detect(model, decode_base64(request.image), params, None, Timings())
     return [render.detector_item(shape, svc.settings.polygon_tolerance) for shape in found.shapes]
+
+
+class TrackerPayload(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    image: str = Field(description="base64 of the frame's original bytes")
+    shapes: list[Any] = Field(default_factory=list)
+    states: list[Any] = Field(default_factory=list)
+
+
+def _track(svc: Services, fn: NuclioFunction, payload: dict[str, Any]) -> dict[str, Any]:
+    """Both of CVAT's tracker protocols: shape dicts (supported_shape_types) or legacy [x1, y1, x2, y2] lists.
+    Init: shapes given and no states (CVAT sends []). Continue: shapes all null, one state per object."""
+    request = _parse(TrackerPayload, payload, "CVAT tracker")
+    frame = svc.track.frame(decode_base64(request.image))
+    height, width = frame.size
+    scope = f"cvat:{fn.id}"
+    states = [s for s in request.states if s is not None]
+    if not states:
+        legacy = any(isinstance(item, list) for item in request.shapes)
+        items = [{"type": "rectangle", "points": s} if isinstance(s, list) else s for s in request.shapes]
+        if not items or any(not isinstance(item, dict) for item in items):
+            raise ApiError(
+                422, "no_shapes", "A tracker call needs shapes to start from, or states to continue."
+            )
+        try:
+            shapes = [render.trackable_to_shape(item, width, height) for item in items]
+        except ValueError as exc:
+            raise ApiError(422, "bad_track_shape", f"{exc}.") from None
+        # A legacy object is answered in the legacy form on every later frame, so the state remembers it.
+        answer_as = [LEGACY if legacy else item["type"] for item in items]
+        new_states = svc.track.init(fn.model, frame, shapes, scope, answer_as)
+        return {"shapes": request.shapes, "states": new_states}
+    if len(states) != len(request.states) or any(not isinstance(s, str) for s in states):
+        raise ApiError(422, "bad_track_state", "Every state must be the string id this tracker returned.")
+    found = svc.track.step(frame, states, scope)
+    replies: list[Any] = []
+    for shape, kind in found:
+        as_type = "rectangle" if kind == LEGACY else kind
+        reply = render.shape_to_trackable(shape, as_type, svc.settings.polygon_tolerance) if shape else None
+        replies.append(reply["points"] if kind == LEGACY and reply is not None else reply)
+    return {"shapes": replies, "states": states}
 
 
 def _browser_embedding(svc: Services, model: str, payload: dict[str, Any]) -> dict[str, Any]:
