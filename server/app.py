@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 
 from models.base import ModelLoading, ModelUnavailable, UnknownModel
 from models.registry import ModelRegistry
+from server.backpressure import InflightLimiter, InflightMiddleware, LatestWins
 from server.cvat import nuclio
 from server.detect_service import DetectService
 from server.errors import error_body, install_error_handlers
@@ -65,6 +66,11 @@ def create_app(settings: Settings | None = None, *, load_models_in_background: b
     track_service = TrackService(registry, sam_service, settings)
     app.state.services = Services(settings, registry, sam_service, detect_service, track_service)
     app.state.jobs = jobs
+    app.state.inflight = InflightLimiter(
+        settings.max_inflight_interactive, settings.max_inflight_other, settings.busy_retry_after_s
+    )
+    app.state.latest_wins = LatestWins()
+    app.add_middleware(InflightMiddleware, limiter=app.state.inflight)
     install_error_handlers(app)
     _install_model_errors(app)
     app.include_router(sam.router)

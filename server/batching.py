@@ -8,8 +8,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
+
+from server.backpressure import busy
+from server.errors import ApiError
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -25,9 +29,20 @@ class BatchStats:
 
 class MicroBatcher(Generic[T, R]):
     def __init__(
-        self, run: Callable[[Hashable, list[T]], list[R]], max_batch: int, max_wait_ms: float, name: str
+        self,
+        run: Callable[[Hashable, list[T]], list[R]],
+        max_batch: int,
+        max_wait_ms: float,
+        name: str,
+        max_queue: int = 1 << 30,
+        timeout_s: float | None = None,
+        retry_after_s: float = 1.0,
     ) -> None:
         self._run = run
+        self.max_queue = max_queue
+        self.timeout_s = timeout_s
+        self.retry_after_s = retry_after_s
+        self.refused = 0
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self._queue: deque[tuple[Hashable, T, Future[R]]] = deque()
@@ -37,12 +52,26 @@ class MicroBatcher(Generic[T, R]):
         self._worker.start()
 
     def submit(self, key: Hashable, item: T) -> R:
-        """Blocks until the item's batch has run; raises what the batch raised."""
+        """Blocks until the item's batch has run; raises what the batch raised, a 503 when the queue is full,
+        a 504 after `timeout_s` in the queue (the item is then dropped, never run)."""
         future: Future[R] = Future()
         with self._ready:
+            if len(self._queue) >= self.max_queue:
+                self.refused += 1
+                raise busy(f"{self.max_queue} requests queued for this model", self.retry_after_s)
             self._queue.append((key, item, future))
             self._ready.notify()
-        return future.result()
+        try:
+            return future.result(self.timeout_s)
+        except FutureTimeout:
+            with self._ready:
+                waiting = [e for e in self._queue if e[2] is not future]  # identity: items are arrays
+                if len(waiting) < len(self._queue):
+                    self._queue = deque(waiting)
+                    raise ApiError(
+                        504, "request_timeout", f"The request waited {self.timeout_s:g} s for the model."
+                    ) from None
+            return future.result()  # its batch is running: it finishes soon
 
     def _loop(self) -> None:
         while True:

@@ -44,6 +44,9 @@ class DetectService:
                     self.settings.detect_max_batch,
                     self.settings.detect_max_wait_ms,
                     model,
+                    max_queue=self.settings.detect_queue_max,
+                    timeout_s=self.settings.request_timeout_s,
+                    retry_after_s=self.settings.busy_retry_after_s,
                 )
             return self._batchers[model]
 

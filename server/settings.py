@@ -129,6 +129,19 @@ class Settings(BaseSettings):
     )
     track_max_objects: int = Field(default=64, ge=1, description="Most objects one tracking call may start.")
 
+    # Backpressure: bounded work in flight; beyond it, 503 with Retry-After instead of unbounded queues.
+    max_inflight_interactive: int = Field(
+        default=32, ge=1, description="Interactive requests (SAM, detect, track, CVAT calls) served at once."
+    )
+    max_inflight_other: int = Field(default=16, ge=1, description="Job and admin requests served at once.")
+    detect_queue_max: int = Field(
+        default=64, ge=1, description="Detection requests waiting for a detector's forward pass, per model."
+    )
+    busy_retry_after_s: float = Field(default=1.0, gt=0, description="Retry-After sent with a 503 when full.")
+    request_timeout_s: float = Field(
+        default=120.0, gt=0, description="Longest a request waits for a model queue before a 504."
+    )
+
     # Input limits
     max_image_pixels: int = Field(default=64_000_000, description="Larger images are refused (413).")
     max_request_bytes: int = Field(
