@@ -1,4 +1,4 @@
-"""`labelserve` command line: serve, and manage weights."""
+"""`labelserve` command line: serve, manage weights and API keys, pre-label."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from server.jobs.cli import add_prelabel_command
+from server.keys_cli import add_keys_commands
 from weights.cli import add_weights_commands
 
 
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(func=_serve)
     add_weights_commands(commands)
+    add_keys_commands(commands)
     add_prelabel_command(commands, _prelabel_runtime)
     return parser
 
