@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -13,9 +12,9 @@ from weights.cli import add_weights_commands
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from server.app import create_app
+    from server.logs import configure_logging
+    from server.serving import serve
     from server.settings import Settings
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
@@ -24,8 +23,8 @@ def _serve(args: argparse.Namespace) -> int:
     if args.models:
         overrides["models"] = args.models.split(",")
     settings = Settings(**overrides)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    configure_logging(settings)
+    serve(create_app(settings), settings)
     return 0
 
 
