@@ -20,6 +20,7 @@ from server.jobs import routes as job_routes
 from server.jobs.engine import LocalEngine
 from server.jobs.store import JOBS_DB_NAME
 from server.memory import pin_mmap_threshold
+from server.middleware import install_request_pipeline
 from server.routes import detect, sam, system, track
 from server.sam_service import SamService
 from server.schemas import (
@@ -79,6 +80,7 @@ def create_app(settings: Settings | None = None, *, load_models_in_background: b
     app.include_router(system.router)
     app.include_router(nuclio.router)
     app.include_router(job_routes.router)
+    install_request_pipeline(app, settings, jobs.store)  # after the routers: it checks each has a scope
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

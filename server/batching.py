@@ -9,7 +9,7 @@ from collections import deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
 from server.backpressure import busy
@@ -81,13 +81,25 @@ class MicroBatcher(Generic[T, R]):
                 key = self._queue[0][0]
                 deadline = time.monotonic() + self.max_wait
                 # Wait for company until the batch is full or the first request has waited max_wait.
-                while self._count(key) < self.max_batch and (remaining := deadline - time.monotonic()) > 0:
+                while self._queued(key) < self.max_batch and (remaining := deadline - time.monotonic()) > 0:
                     self._ready.wait(remaining)
                 batch = self._take(key)
+                self._record_batch(len(batch))
             self._execute(key, batch)
 
-    def _count(self, key: Hashable) -> int:
+    def _queued(self, key: Hashable) -> int:
         return sum(1 for k, _, _ in self._queue if k == key)
+
+    def _record_batch(self, size: int) -> None:
+        self.stats.batches += 1
+        self.stats.items += size
+        self.stats.largest = max(self.stats.largest, size)
+        self.stats.sizes[size] = self.stats.sizes.get(size, 0) + 1
+
+    def snapshot(self) -> tuple[int, BatchStats]:
+        """Requests waiting now, and a copy of the batch statistics (both counted under the queue's lock)."""
+        with self._ready:
+            return len(self._queue), replace(self.stats, sizes=dict(self.stats.sizes))
 
     def _take(self, key: Hashable) -> list[tuple[T, Future[R]]]:
         taken, kept = [], deque()
@@ -100,11 +112,6 @@ class MicroBatcher(Generic[T, R]):
         return taken
 
     def _execute(self, key: Hashable, batch: list[tuple[T, Future[R]]]) -> None:
-        size = len(batch)
-        self.stats.batches += 1
-        self.stats.items += size
-        self.stats.largest = max(self.stats.largest, size)
-        self.stats.sizes[size] = self.stats.sizes.get(size, 0) + 1
         try:
             results = self._run(key, [item for item, _ in batch])
         except BaseException as exc:  # every request of the batch learns why

@@ -50,6 +50,11 @@ class DetectService:
                 )
             return self._batchers[model]
 
+    def batchers(self) -> dict[str, MicroBatcher[np.ndarray, list[Shape]]]:
+        """The micro-batchers started so far, by detector."""
+        with self._lock:
+            return dict(self._batchers)
+
     def detect(
         self, model: str, data: bytes, params: DetectParams, sam_refine: str | None, timings: Timings
     ) -> Detections:
