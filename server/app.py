@@ -65,13 +65,16 @@ def create_app(settings: Settings | None = None, *, load_models_in_background: b
         lifespan=lifespan,
     )
     track_service = TrackService(registry, sam_service, settings)
-    app.state.services = Services(settings, registry, sam_service, detect_service, track_service)
-    app.state.jobs = jobs
-    app.state.inflight = InflightLimiter(
+    inflight = InflightLimiter(
         settings.max_inflight_interactive, settings.max_inflight_other, settings.busy_retry_after_s
     )
-    app.state.latest_wins = LatestWins()
-    app.add_middleware(InflightMiddleware, limiter=app.state.inflight)
+    app.state.services = Services(
+        settings, registry, sam_service, detect_service, track_service, inflight, LatestWins()
+    )
+    app.state.jobs = jobs
+    app.state.inflight = inflight
+    app.state.latest_wins = app.state.services.latest_wins
+    app.add_middleware(InflightMiddleware, limiter=inflight)
     install_error_handlers(app)
     _install_model_errors(app)
     app.include_router(sam.router)

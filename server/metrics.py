@@ -104,6 +104,7 @@ class LiveCollector(Collector):
             lambda: model_metrics(svc),
             lambda: track_metrics(svc.track.stats()),
             lambda: gpu_metrics(svc),
+            lambda: backpressure_metrics(svc),
         ]
         for section in sections:
             try:
@@ -182,6 +183,28 @@ def batcher_metrics(svc: Services) -> Iterator[Metric]:
         sizes.add_metric([model], [*buckets, ("+Inf", stats.batches)], sum_value=stats.items)
         depth.add_metric([model], waiting)
     yield from (sizes, depth)
+
+
+def backpressure_metrics(svc: Services) -> Iterator[Metric]:
+    snapshot = svc.inflight.snapshot()
+    inflight = GaugeMetricFamily("labelserve_inflight_requests", "Requests in progress.", labels=["kind"])
+    limits = GaugeMetricFamily(
+        "labelserve_inflight_limit", "Most requests in progress at once.", labels=["kind"]
+    )
+    refused = CounterMetricFamily(
+        "labelserve_refused_busy", "Requests answered 503 (Retry-After) at capacity.", labels=["where"]
+    )
+    for kind, count in snapshot["inflight"].items():
+        inflight.add_metric([kind], count)
+        limits.add_metric([kind], snapshot["limits"][kind])
+        refused.add_metric([kind], snapshot["refused"][kind])
+    for model, batcher in svc.detect.batchers().items():
+        refused.add_metric([f"detect:{model}"], batcher.refused)
+    superseded = CounterMetricFamily(
+        "labelserve_clicks_superseded", "Clicks dropped because a newer one on the same image arrived first."
+    )
+    superseded.add_metric([], svc.latest_wins.superseded)
+    yield from (inflight, limits, refused, superseded)
 
 
 def job_metrics(store: JobStore) -> Iterator[Metric]:
