@@ -42,12 +42,19 @@ class LoadReport:
 
 
 async def _annotator(
-    http: httpx.AsyncClient, model: str, index: int, until: float, think_s: float, report: LoadReport
+    http: httpx.AsyncClient,
+    model: str,
+    index: int,
+    until: float,
+    think_s: float,
+    stagger_s: float,
+    report: LoadReport,
 ) -> None:
     rng = random.Random(index)
     width, height = 640, 480
     image = base64.b64encode(encode_image(synthetic_scene(width, height, seed=index))).decode()
     image_id = None
+    await asyncio.sleep(index * stagger_s)  # people do not all open their image at the same instant
     while time.monotonic() < until:
         if image_id is None:
             path, body, sink = f"/v1/sam/{model}/embed", {"image": {"base64": image}}, report.embed_ms
@@ -94,15 +101,16 @@ async def run_annotators(
     clients: int = 16,
     seconds: float = 60,
     think_s: float = 1.0,
+    stagger_s: float = 1.0,
     model: str = "mobile_sam",
 ) -> LoadReport:
     report = LoadReport(clients, seconds)
     started = time.monotonic()
     until = started + seconds
     limits = httpx.Limits(max_connections=clients + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as http:
         await asyncio.gather(
             _sample_rss(pid, started, until, report),
-            *(_annotator(http, model, i, until, think_s, report) for i in range(clients)),
+            *(_annotator(http, model, i, until, think_s, stagger_s, report) for i in range(clients)),
         )
     return report
