@@ -95,6 +95,15 @@ class Settings(BaseSettings):
         "CVAT's decoder only works with sam_vit_h weights.",
     )
 
+    # Tracking
+    sam2_memory_frames: int = Field(
+        default=6,
+        ge=1,
+        le=6,
+        description="Recent frames whose memory a SAM 2 track keeps besides the prompted one (SAM 2 reads 6);"
+        " fewer saves memory per tracked object, at some accuracy.",
+    )
+
     @field_validator("models", mode="before")
     @classmethod
     def _split_names(cls, value: object) -> object:
