@@ -12,11 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
+from models.registry import ModelRegistry
 from models.sam2_tracker import Sam2State, Sam2Tracker, build_sam2
 from models.tracker import Frame, TrackerInputError
 from server.masks import RegionMask
 from server.shapes import Keypoint, Shape
 
+from .conftest import make_settings
 from .synthetic_video import SyntheticVideo
 
 IMAGE_SIZE = 256
@@ -181,6 +183,17 @@ def test_bad_frames_are_refused(tracker: Sam2Tracker) -> None:
 
 
 # ---- registry and checkpoints -----------------------------------------------------------------------------
+def test_registry_loads_a_manifest_tracker(tmp_path: Path) -> None:
+    settings = make_settings(tmp_path, models=["sam2.1_hiera_tiny"], sam2_memory_frames=4)
+    registry = ModelRegistry(settings)
+    registry.load_enabled()
+    record = registry.record("sam2.1_hiera_tiny")
+    assert record.kind == "tracker" and record.state == "loaded" and record.weights == "random-init"
+    tracker = registry.tracker("sam2.1_hiera_tiny")
+    assert isinstance(tracker, Sam2Tracker) and tracker.memory_frames == 4 and tracker.size == 1024
+    assert {r["name"]: r["kind"] for r in registry.describe()}["sam2_hiera_large"] == "tracker"
+
+
 def test_checkpoint_in_meta_layout_loads(tmp_path: Path, model: torch.nn.Module) -> None:
     path = tmp_path / "sam2.1_hiera_tiny.pt"
     torch.save({"model": model.state_dict()}, path)
