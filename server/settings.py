@@ -260,6 +260,15 @@ class Settings(BaseSettings):
         "rotated by renaming it.",
     )
 
+    # Tracking
+    sam2_memory_frames: int = Field(
+        default=6,
+        ge=1,
+        le=6,
+        description="Recent frames whose memory a SAM 2 track keeps besides the prompted one (SAM 2 reads 6);"
+        " fewer saves memory per tracked object, at some accuracy.",
+    )
+
     @field_validator("models", "url_allow_hosts", "cvat_allow_ips", mode="before")
     @classmethod
     def _split_names(cls, value: object) -> object:
