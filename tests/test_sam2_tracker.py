@@ -202,3 +202,34 @@ def test_checkpoint_in_meta_layout_loads(tmp_path: Path, model: torch.nn.Module)
     expected = model.state_dict()
     assert loaded.keys() == expected.keys()
     assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+
+
+def test_sam2_over_the_tracking_api_and_cvat(tmp_path: Path) -> None:
+    """A loaded SAM 2 model is a tracker of /v1/track and a CVAT tracker function like the others."""
+    import base64
+
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+
+    from .conftest import encode_image
+    from .synthetic_video import SyntheticVideo
+
+    app = create_app(make_settings(tmp_path, models=["sam2.1_hiera_tiny"]), load_models_in_background=False)
+    with TestClient(app) as client:
+        trackers = {t["name"]: t["accepts"] for t in client.get("/v1/trackers").json()["trackers"]}
+        assert "sam2.1_hiera_tiny" in trackers
+        assert "labelserve-track-sam2.1-hiera-tiny" in client.get("/api/functions").json()
+        video = SyntheticVideo(frames=3, width=320, height=240)
+        image, truth = video.frame(0)
+        frame = base64.b64encode(encode_image(image)).decode()
+        started = client.post("/v1/track/sam2.1_hiera_tiny", json={
+            "image": {"base64": frame}, "shapes": [{"type": "rectangle", "points": list(truth[0])}],
+        })  # fmt: skip
+        assert started.status_code == 200, started.text
+        following = base64.b64encode(encode_image(video.frame(1)[0])).decode()
+        body = {"image": {"base64": following}, "states": started.json()["states"]}
+        step = client.post("/v1/track/sam2.1_hiera_tiny/step", json=body)
+        assert step.status_code == 200, step.text
+        (shape,) = step.json()["shapes"]
+        assert shape is None or shape["type"] == "rectangle"  # random weights: the object may be lost
