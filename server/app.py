@@ -19,7 +19,8 @@ from server.jobs import routes as job_routes
 from server.jobs.engine import LocalEngine
 from server.jobs.store import JOBS_DB_NAME
 from server.memory import pin_mmap_threshold
-from server.routes import detect, sam, system
+from server.prefetch import PrefetchManager, PrefetchRequest
+from server.routes import detect, prefetch, sam, system
 from server.sam_service import SamService
 from server.schemas import DetectRequest, EmbedRequest, SegmentRequest
 from server.settings import Settings, get_settings
@@ -35,6 +36,7 @@ def create_app(settings: Settings | None = None, *, load_models_in_background: b
     sam_service = SamService(registry, settings)
     detect_service = DetectService(registry, settings, sam_service)
     jobs = job_engine(registry, detect_service, settings)
+    prefetcher = PrefetchManager(sam_service, settings)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -47,6 +49,8 @@ def create_app(settings: Settings | None = None, *, load_models_in_background: b
             log.info("resumed %d unfinished jobs: %s", len(resumed), resumed)
         yield
         jobs.close()  # running jobs go back to queued; the next start resumes them
+        prefetcher.close()
+        sam_service.close()  # after the prefetch runner: its queued encodes fail rather than hang
 
     app = FastAPI(
         title="labelserve",
@@ -56,6 +60,7 @@ def create_app(settings: Settings | None = None, *, load_models_in_background: b
     )
     app.state.services = Services(settings, registry, sam_service, detect_service)
     app.state.jobs = jobs
+    app.state.prefetch = prefetcher
     install_error_handlers(app)
     _install_model_errors(app)
     app.include_router(sam.router)
@@ -63,6 +68,7 @@ def create_app(settings: Settings | None = None, *, load_models_in_background: b
     app.include_router(system.router)
     app.include_router(nuclio.router)
     app.include_router(job_routes.router)
+    app.include_router(prefetch.router)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 
@@ -91,7 +97,7 @@ def _openapi(app: FastAPI) -> dict:
         )
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         # Request bodies are parsed by hand (JSON or multipart), so their models are added explicitly.
-        for model in (EmbedRequest, SegmentRequest, DetectRequest):
+        for model in (EmbedRequest, SegmentRequest, DetectRequest, PrefetchRequest):
             body = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(body.pop("$defs", {}))
             components[model.__name__] = body
