@@ -1,4 +1,8 @@
-"""L2 in Redis: shared by every replica, and outlives a labelserve restart."""
+"""L2 in Redis: shared by every replica, and outlives a labelserve restart.
+
+redis-py parses replies with hiredis (a pinned dependency) when it is installed: its pure-Python parser
+took 9–20 ms to read a 2 MiB embedding on the project's loaded 2-core machine, hiredis 1.3–2 ms.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +16,6 @@ from server.l2.blob import VERSION
 from server.l2.breaker import Breaker
 from server.l2.tier import L2Tier
 
-# redis-py reads replies in chunks of this size; its 64 KiB default makes a 2 MiB GET ~30 % slower.
-_READ_CHUNK = 1 << 20
 _CLEAR_BATCH = 500
 
 
@@ -32,7 +34,6 @@ class RedisTier(L2Tier):
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             retry=Retry(NoBackoff(), 0),
-            socket_read_size=_READ_CHUNK,
         )
 
     def _read(self, key: str) -> bytes | None:
