@@ -12,12 +12,15 @@ from pathlib import Path
 import pytest
 import redis
 import torch
+from pydantic import ValidationError
 
 from models.base import ImageEmbedding
+from server.l2 import build_l2
 from server.l2.blob import HEADER_SIZE, CorruptBlob, decode_blob, encode_blob
 from server.l2.breaker import Breaker
 from server.l2.disk_tier import DiskTier
 from server.l2.redis_tier import RedisTier, redact
+from server.settings import Settings
 
 from .redis_server import RedisServer
 
@@ -273,3 +276,19 @@ def test_disk_tier_shared_by_processes_keeps_its_cap(tmp_path: Path) -> None:
     for path in files:  # every entry left is whole: writes were atomic
         decode_blob(path.read_bytes())
     assert not list((tier.root / "tmp").iterdir())
+
+
+# -- settings -----------------------------------------------------------------------------------------------
+
+
+def test_settings_pick_one_l2_and_refuse_both(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LABELSERVE_CACHE_REDIS_URL", "")  # an empty variable means "not set"
+    monkeypatch.delenv("LABELSERVE_CACHE_DISK_DIR", raising=False)
+    assert Settings().cache_redis_url is None and build_l2(Settings()) is None
+    redis_l2 = build_l2(Settings(cache_redis_url="redis://127.0.0.1:1/0"))  # nothing is contacted yet
+    disk_l2 = build_l2(Settings(cache_disk_dir=tmp_path))
+    assert isinstance(redis_l2, RedisTier) and isinstance(disk_l2, DiskTier)
+    with pytest.raises(ValidationError, match="not both"):
+        Settings(cache_redis_url="redis://127.0.0.1:1/0", cache_disk_dir=tmp_path)
+    with pytest.raises(ValidationError, match="cache_namespace"):
+        Settings(cache_namespace="a b*")
