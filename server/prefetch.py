@@ -319,6 +319,8 @@ class PrefetchManager:
         except OSError as exc:
             run.fail(item, f"The file {item.name!r} cannot be read ({exc.strerror or exc}).")
         except Exception as exc:  # a decoder's or encoder's own bug: the image fails, the run goes on
+            if run.stop.is_set():  # the encoder shut down under a cancelled run: the item stays pending
+                return
             log.exception("prefetch %s: item %d (%s) failed", run.id, item.index, item.name)
             run.fail(item, f"The image could not be embedded ({exc}).")
         else:
