@@ -9,12 +9,17 @@ encoded.
 from __future__ import annotations
 
 import threading
+from collections import Counter
+from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
+
 from models.base import ImageEmbedding, Segmenter
 from server.cache import EmbeddingCache
-from server.encode_scheduler import EncodeScheduler, Priority
+from server.encode_scheduler import EncodeScheduler, EncodeTicket, Priority
 from server.images import decode_image
 from server.l2 import L2Tier
 from server.l2.blob import dtype_name
@@ -37,6 +42,10 @@ class TieredEmbeddings:
         self.max_image_pixels = settings.max_image_pixels
         self._schedulers: dict[str, EncodeScheduler] = {}
         self._lock = threading.Lock()
+        # Background encodes queued or running, and the images interactive requests wait for: a click that
+        # joins a background encode of its image (single-flight) promotes that encode (_encode, _awaiting).
+        self._background: dict[Hashable, tuple[EncodeScheduler, EncodeTicket]] = {}
+        self._awaited: Counter[Hashable] = Counter()
 
     def scheduler(self, segmenter: Segmenter) -> EncodeScheduler:
         with self._lock:
@@ -51,6 +60,7 @@ class TieredEmbeddings:
         self, segmenter: Segmenter, content_id: str, data: bytes, timings: Timings, priority: Priority
     ) -> Found:
         tiers: list[Tier] = []
+        key = _l1_key(segmenter, content_id)
 
         def compute() -> ImageEmbedding:
             stored = self._from_l2(segmenter, content_id, timings)
@@ -59,20 +69,58 @@ class TieredEmbeddings:
                 return stored
             with timings.stage("decode_image"):
                 image = decode_image(data, self.max_image_pixels)
-            ticket = self.scheduler(segmenter).encode(image, priority)
+            ticket = self._encode(segmenter, key, image, priority)
             timings.add("encode_queue", ticket.queued_ms)
             timings.add("encode", ticket.run_ms)
             tiers.append("encode")
             return ticket.result()
 
-        with timings.stage("embedding"):
-            embedding, _ = self.l1.get_or_compute(_l1_key(segmenter, content_id), compute)
+        with timings.stage("embedding"), self._awaiting(key, priority):
+            embedding, _ = self.l1.get_or_compute(key, compute)
         tier = tiers[0] if tiers else "l1"
         if tier == "encode" and self.l2 is not None:
             # After the L1 fill: requests waiting for this encode do not wait for the L2 write as well.
             with timings.stage("l2_put"):
                 self.l2.put(_l2_key(segmenter, content_id), embedding)
         return Found(embedding, tier)
+
+    def _encode(
+        self, segmenter: Segmenter, key: Hashable, image: np.ndarray, priority: Priority
+    ) -> EncodeTicket:
+        scheduler = self.scheduler(segmenter)
+        if priority == Priority.INTERACTIVE:
+            return scheduler.encode(image, priority)
+        ticket = scheduler.submit(image, priority)
+        with self._lock:
+            self._background[key] = (scheduler, ticket)
+            if self._awaited[key]:  # a click came for this image between the L1 lookup and now
+                scheduler.promote(ticket)
+        try:
+            ticket.result()
+        finally:
+            with self._lock:
+                self._background.pop(key, None)
+        return ticket
+
+    @contextmanager
+    def _awaiting(self, key: Hashable, priority: Priority) -> Iterator[None]:
+        """Marks an interactive request's image as awaited while it is looked up or encoded, promoting a
+        background encode of the same image. The lock orders this against _encode's registration."""
+        if priority != Priority.INTERACTIVE:
+            yield
+            return
+        with self._lock:
+            self._awaited[key] += 1
+            if key in self._background:
+                scheduler, ticket = self._background[key]
+                scheduler.promote(ticket)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._awaited[key] -= 1
+                if not self._awaited[key]:
+                    del self._awaited[key]
 
     def find(self, segmenter: Segmenter, content_id: str, timings: Timings) -> Found | None:
         """A cached embedding (L1, else L2, which then fills L1) without the image bytes; None if neither."""

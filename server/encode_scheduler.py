@@ -56,6 +56,7 @@ class SchedulerStats:
     # The most encodes an interactive request ever waited for: 1 is the one running when it arrived.
     interactive_waited_encodes_max: int = 0
     interactive_queued_ms_max: float = 0.0
+    promoted: int = 0  # background encodes moved up because an interactive request waited for them
 
 
 class EncodeScheduler:
@@ -86,6 +87,18 @@ class EncodeScheduler:
         ticket.result()
         return ticket
 
+    def promote(self, ticket: EncodeTicket) -> None:
+        """Give a queued background encode interactive priority: an interactive request waits for it (the
+        same image), and must not wait behind other clicks for as long as background work would."""
+        with self._ready:
+            try:
+                self._queues[Priority.BACKGROUND].remove(ticket)
+            except ValueError:  # already running, done, or promoted
+                return
+            ticket.priority = Priority.INTERACTIVE
+            self._queues[Priority.INTERACTIVE].append(ticket)
+            self.stats.promoted += 1
+
     def close(self) -> None:
         """Fail whatever is still queued and stop the worker after the running encode."""
         with self._ready:
@@ -106,6 +119,7 @@ class EncodeScheduler:
                 "done": dict(self.stats.done),
                 "interactive_waited_encodes_max": self.stats.interactive_waited_encodes_max,
                 "interactive_queued_ms_max": round(self.stats.interactive_queued_ms_max, 1),
+                "promoted": self.stats.promoted,
             }
 
     def _take(self) -> EncodeTicket | None:
