@@ -72,13 +72,8 @@ def test_l1_hit_then_l2_hit_fills_l1_and_a_miss_encodes_into_both(tmp_path: Path
         stats = client.get("/v1/cache/stats").json()
         assert stats["encoders"][MODEL]["done"] == {"interactive": 1, "background": 0}  # one encode in all
         l2 = stats["l2"]
-        assert (l2["kind"], l2["hits"], l2["writes"], l2["errors"], l2["state"]) == (
-            "redis",
-            2,
-            1,
-            0,
-            "closed",
-        )
+        counts = {key: l2[key] for key in ("kind", "hits", "writes", "errors", "state")}
+        assert counts == {"kind": "redis", "hits": 2, "writes": 1, "errors": 0, "state": "closed"}
 
         cleared = client.delete("/v1/cache", params={"scope": "all"}).json()["cleared"]
         assert cleared["l2"] == 1 and not store.exists(key)
