@@ -18,6 +18,7 @@ import uuid
 from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 from urllib.parse import unquote, urlsplit
@@ -87,9 +88,9 @@ class PrefetchStatus(BaseModel):
     failed: int
     pending: int
     images_per_second: float | None = Field(description="Images done or failed per second of running.")
-    created_at: float = Field(description="Unix time.")
-    started_at: float | None
-    finished_at: float | None
+    created_at: str = Field(description="ISO 8601, UTC, in milliseconds (as jobs).")
+    started_at: str | None
+    finished_at: str | None
     error: str | None = Field(description="Why the run failed (not why single images failed).")
     failures: list[PrefetchFailure] = Field(description=f"The first {FAILURES_SHOWN} failed images.")
 
@@ -160,9 +161,9 @@ class _Run:
                 failed=self.failed,
                 pending=len(self.items) - done - self.failed,
                 images_per_second=self.rate(),
-                created_at=self.created,
-                started_at=self.started,
-                finished_at=self.finished,
+                created_at=_iso(self.created),
+                started_at=_iso(self.started),
+                finished_at=_iso(self.finished),
                 error=self.error,
                 failures=list(self.failures),
             )
@@ -343,3 +344,9 @@ class PrefetchManager:
             finished = [run_id for run_id, run in self._runs.items() if not run.active]
             for run_id in finished[: max(len(finished) - FINISHED_KEPT, 0)]:
                 del self._runs[run_id]
+
+
+def _iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -7,6 +7,7 @@ import base64
 import hashlib
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime
 
 import pytest
 from fastapi.testclient import TestClient
@@ -31,6 +32,10 @@ def frame(seed: int) -> bytes:
 
 def inline(*images: bytes) -> list[dict]:
     return [{"base64": base64.b64encode(image).decode()} for image in images]
+
+
+def at(iso: str) -> float:
+    return datetime.fromisoformat(iso).timestamp()
 
 
 def wait_for(client: TestClient, path: str, until: Callable[[dict], bool], timeout: float = 300) -> dict:
@@ -59,7 +64,7 @@ def test_prefetch_of_a_directory_range_then_the_first_click_is_a_cache_hit(clien
     counts = {key: status[key] for key in ("done", "encoded", "cached", "failed", "pending")}
     assert counts == {"done": 2, "encoded": 1, "cached": 1, "failed": 1, "pending": 0}
     assert status["failures"][0]["image"] == "f2.png" and "not an image" in status["failures"][0]["error"]
-    assert status["images_per_second"] > 0 and status["finished_at"] >= status["started_at"]
+    assert status["images_per_second"] > 0 and at(status["finished_at"]) >= at(status["started_at"])
 
     first_click = client.post(
         f"/v1/sam/{MODEL}/embed", content=frames["f1"], headers={"content-type": "image/png"}
@@ -105,7 +110,7 @@ def test_interactive_embed_overtakes_a_running_prefetch_and_the_run_queue_is_bou
     assert encoder["interactive_waited_encodes_max"] <= 1
 
     final = wait_for(client, f"/v1/prefetch/{run_id}", lambda s: s["state"] != "running")
-    assert final["state"] == "completed" and final["encoded"] == 3 and final["finished_at"] > clicked_at
+    assert final["state"] == "completed" and final["encoded"] == 3 and at(final["finished_at"]) > clicked_at
     assert client.get(f"/v1/prefetch/{queued.json()['id']}").json()["done"] == 0  # never ran
 
 
