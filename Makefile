@@ -36,3 +36,4 @@ lint: install
 bench: install
 	$(PY) bench/bench_sam.py
 	$(PY) bench/bench_jobs.py
+	$(PY) bench/bench_cache.py
