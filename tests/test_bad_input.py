@@ -195,6 +195,20 @@ def test_oversized_body_is_refused(tmp_path) -> None:
         ({"points": [[1, 1]], "max_masks": 9}, 422, "invalid_request"),
         ({"points": [[1, 1]], "mask_input": {"cvat": [5, 0, 0, 0, 0]}}, 422, "bad_mask_input"),
         ({"points": [[1, 1]], "mask_input": {"cvat": [1, 2, 3]}}, 422, "bad_mask_input"),
+        # int64 run sums that wrap around to the box area: this request used to segfault the server.
+        (
+            {"points": [[1, 1]], "mask_input": {"cvat": [2.0**62] * 4 + [1, 0, 0, 0, 0]}},
+            422,
+            "bad_mask_input",
+        ),
+        (
+            {
+                "points": [[1, 1]],
+                "mask_input": {"coco_rle": {"size": [48, 64], "counts": [2**62] * 4 + [3072]}},
+            },
+            422,
+            "bad_mask_input",
+        ),
         ({"points": [[1]]}, 422, "invalid_request"),
         ({"points": [[1, 1]], "unexpected": True}, 422, "invalid_request"),
     ],
