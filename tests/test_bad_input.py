@@ -188,6 +188,8 @@ def test_oversized_body_is_refused(tmp_path) -> None:
         ({"box": [100, 100, 200, 200]}, 422, "prompt_outside_image"),
         ({"box": [30, 30, 10, 10]}, 422, "bad_prompt"),
         ({"box": [10, 10, 10, 20]}, 422, "bad_prompt"),
+        ({"box": [0, 0, 10, 1e-50]}, 422, "bad_prompt"),  # empty once in float32 (found by fuzzing)
+        ({"points": [[1e308, 1]]}, 422, "prompt_outside_image"),
         ({}, 422, "no_prompt"),
         ({"points": [[1, 1]], "labels": [1, 0]}, 422, "bad_prompt"),
         ({"points": [[1, 1]], "labels": [2]}, 422, "bad_prompt"),
