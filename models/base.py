@@ -71,6 +71,10 @@ class Segmenter(ABC):
     def encode(self, image: np.ndarray) -> ImageEmbedding:
         """Encode an RGB uint8 image [H, W, 3]."""
 
+    def encode_batch(self, images: list[np.ndarray]) -> list[ImageEmbedding]:
+        """Encode several images; backends that can run them in one pass override this."""
+        return [self.encode(image) for image in images]
+
     @abstractmethod
     def decode(self, embedding: ImageEmbedding, prompt: Prompt, multimask: bool) -> Decoded:
         """Run the prompt encoder and mask decoder on a cached embedding."""

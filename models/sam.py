@@ -91,6 +91,30 @@ class SamSegmenter(Segmenter):
             input_size=(int(tensor.shape[-2]), int(tensor.shape[-1])),
         )
 
+    def encode_batch(self, images: list[np.ndarray]) -> list[ImageEmbedding]:
+        """Several images in one encoder pass (each is resized and padded to the encoder's square input, so
+        sizes may differ): on a GPU this amortises the ViT over the batch (bench/bench_gpu.py)."""
+        if len(images) == 1:
+            return [self.encode(images[0])]
+        inputs, sizes = [], []
+        for image in images:
+            resized = self.transform.apply_image(image)
+            tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
+            inputs.append(self.sam.preprocess(tensor))
+            sizes.append(
+                ((int(image.shape[0]), int(image.shape[1])), (int(tensor.shape[-2]), int(tensor.shape[-1])))
+            )
+        with self.encoder_lock, torch.inference_mode(), self._autocast():
+            features = self.sam.image_encoder(torch.cat(inputs))
+        return [
+            ImageEmbedding(
+                features=features[i : i + 1].to(self.cache_device, self.cache_dtype),
+                original_size=original,
+                input_size=input_size,
+            )
+            for i, (original, input_size) in enumerate(sizes)
+        ]
+
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.encoder_autocast is None:
             return contextlib.nullcontext()

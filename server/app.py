@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 
 from models.base import ModelLoading, ModelUnavailable, UnknownModel
 from models.registry import ModelRegistry
+from server.backpressure import InflightLimiter, InflightMiddleware, LatestWins
 from server.cvat import nuclio
 from server.detect_service import DetectService
 from server.errors import error_body, install_error_handlers
@@ -19,6 +20,7 @@ from server.jobs import routes as job_routes
 from server.jobs.engine import LocalEngine
 from server.jobs.store import JOBS_DB_NAME
 from server.memory import pin_mmap_threshold
+from server.middleware import install_request_pipeline
 from server.routes import detect, sam, system, track
 from server.sam_service import SamService
 from server.schemas import (
@@ -63,8 +65,16 @@ def create_app(settings: Settings | None = None, *, load_models_in_background: b
         lifespan=lifespan,
     )
     track_service = TrackService(registry, sam_service, settings)
-    app.state.services = Services(settings, registry, sam_service, detect_service, track_service)
+    inflight = InflightLimiter(
+        settings.max_inflight_interactive, settings.max_inflight_other, settings.busy_retry_after_s
+    )
+    app.state.services = Services(
+        settings, registry, sam_service, detect_service, track_service, inflight, LatestWins()
+    )
     app.state.jobs = jobs
+    app.state.inflight = inflight
+    app.state.latest_wins = app.state.services.latest_wins
+    app.add_middleware(InflightMiddleware, limiter=inflight)
     install_error_handlers(app)
     _install_model_errors(app)
     app.include_router(sam.router)
@@ -73,6 +83,7 @@ def create_app(settings: Settings | None = None, *, load_models_in_background: b
     app.include_router(system.router)
     app.include_router(nuclio.router)
     app.include_router(job_routes.router)
+    install_request_pipeline(app, settings, jobs.store)  # after the routers: it checks each has a scope
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

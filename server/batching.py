@@ -8,8 +8,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
+
+from server.backpressure import busy
+from server.errors import ApiError
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -25,9 +29,20 @@ class BatchStats:
 
 class MicroBatcher(Generic[T, R]):
     def __init__(
-        self, run: Callable[[Hashable, list[T]], list[R]], max_batch: int, max_wait_ms: float, name: str
+        self,
+        run: Callable[[Hashable, list[T]], list[R]],
+        max_batch: int,
+        max_wait_ms: float,
+        name: str,
+        max_queue: int = 1 << 30,
+        timeout_s: float | None = None,
+        retry_after_s: float = 1.0,
     ) -> None:
         self._run = run
+        self.max_queue = max_queue
+        self.timeout_s = timeout_s
+        self.retry_after_s = retry_after_s
+        self.refused = 0
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000.0
         self._queue: deque[tuple[Hashable, T, Future[R]]] = deque()
@@ -37,12 +52,26 @@ class MicroBatcher(Generic[T, R]):
         self._worker.start()
 
     def submit(self, key: Hashable, item: T) -> R:
-        """Blocks until the item's batch has run; raises what the batch raised."""
+        """Blocks until the item's batch has run; raises what the batch raised, a 503 when the queue is full,
+        a 504 after `timeout_s` in the queue (the item is then dropped, never run)."""
         future: Future[R] = Future()
         with self._ready:
+            if len(self._queue) >= self.max_queue:
+                self.refused += 1
+                raise busy(f"{self.max_queue} requests queued for this model", self.retry_after_s)
             self._queue.append((key, item, future))
             self._ready.notify()
-        return future.result()
+        try:
+            return future.result(self.timeout_s)
+        except FutureTimeout:
+            with self._ready:
+                waiting = [e for e in self._queue if e[2] is not future]  # identity: items are arrays
+                if len(waiting) < len(self._queue):
+                    self._queue = deque(waiting)
+                    raise ApiError(
+                        504, "request_timeout", f"The request waited {self.timeout_s:g} s for the model."
+                    ) from None
+            return future.result()  # its batch is running: it finishes soon
 
     def _loop(self) -> None:
         while True:
@@ -52,13 +81,25 @@ class MicroBatcher(Generic[T, R]):
                 key = self._queue[0][0]
                 deadline = time.monotonic() + self.max_wait
                 # Wait for company until the batch is full or the first request has waited max_wait.
-                while self._count(key) < self.max_batch and (remaining := deadline - time.monotonic()) > 0:
+                while self._queued(key) < self.max_batch and (remaining := deadline - time.monotonic()) > 0:
                     self._ready.wait(remaining)
                 batch = self._take(key)
+                self._record_batch(len(batch))
             self._execute(key, batch)
 
-    def _count(self, key: Hashable) -> int:
+    def _queued(self, key: Hashable) -> int:
         return sum(1 for k, _, _ in self._queue if k == key)
+
+    def _record_batch(self, size: int) -> None:
+        self.stats.batches += 1
+        self.stats.items += size
+        self.stats.largest = max(self.stats.largest, size)
+        self.stats.sizes[size] = self.stats.sizes.get(size, 0) + 1
+
+    def snapshot(self) -> tuple[int, BatchStats]:
+        """Requests waiting now, and a copy of the batch statistics (both counted under the queue's lock)."""
+        with self._ready:
+            return len(self._queue), replace(self.stats, sizes=dict(self.stats.sizes))
 
     def _take(self, key: Hashable) -> list[tuple[T, Future[R]]]:
         taken, kept = [], deque()
@@ -71,11 +112,6 @@ class MicroBatcher(Generic[T, R]):
         return taken
 
     def _execute(self, key: Hashable, batch: list[tuple[T, Future[R]]]) -> None:
-        size = len(batch)
-        self.stats.batches += 1
-        self.stats.items += size
-        self.stats.largest = max(self.stats.largest, size)
-        self.stats.sizes[size] = self.stats.sizes.get(size, 0) + 1
         try:
             results = self._run(key, [item for item, _ in batch])
         except BaseException as exc:  # every request of the batch learns why

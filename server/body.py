@@ -10,6 +10,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
 from server.errors import ApiError
+from server.request_context import note_image_bytes
 from server.schemas import EmbedRequest
 from server.settings import Settings
 from server.sources import read_image_ref
@@ -64,6 +65,7 @@ async def parse_embed_request(request: Request, settings: Settings) -> bytes:
     if content_type.startswith(RAW_TYPES):
         if not body:
             raise ApiError(400, "empty_image", "The request body is empty; send the image bytes.")
+        note_image_bytes(body)
         return body
     raise _unsupported(content_type, "or the raw image with an image/* type")
 
@@ -98,7 +100,11 @@ def _content_type(request: Request) -> str:
 async def _upload(request: Request, settings: Settings) -> bytes | None:
     form = await request.form(max_part_size=settings.max_request_bytes)
     upload = form.get("file")
-    return await upload.read() if isinstance(upload, UploadFile) else None
+    if not isinstance(upload, UploadFile):
+        return None
+    data = await upload.read()
+    note_image_bytes(data)
+    return data
 
 
 def _unsupported(content_type: str, extra: str) -> ApiError:

@@ -1,20 +1,20 @@
-"""`labelserve` command line: serve, and manage weights."""
+"""`labelserve` command line: serve, manage weights and API keys, pre-label."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 from server.jobs.cli import add_prelabel_command
+from server.keys_cli import add_keys_commands
 from weights.cli import add_weights_commands
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from server.app import create_app
+    from server.logs import configure_logging
+    from server.serving import serve
     from server.settings import Settings
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
@@ -23,8 +23,8 @@ def _serve(args: argparse.Namespace) -> int:
     if args.models:
         overrides["models"] = args.models.split(",")
     settings = Settings(**overrides)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    configure_logging(settings)
+    serve(create_app(settings), settings)
     return 0
 
 
@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(func=_serve)
     add_weights_commands(commands)
+    add_keys_commands(commands)
     add_prelabel_command(commands, _prelabel_runtime)
     return parser
 

@@ -44,8 +44,16 @@ class DetectService:
                     self.settings.detect_max_batch,
                     self.settings.detect_max_wait_ms,
                     model,
+                    max_queue=self.settings.detect_queue_max,
+                    timeout_s=self.settings.request_timeout_s,
+                    retry_after_s=self.settings.busy_retry_after_s,
                 )
             return self._batchers[model]
+
+    def batchers(self) -> dict[str, MicroBatcher[np.ndarray, list[Shape]]]:
+        """The micro-batchers started so far, by detector."""
+        with self._lock:
+            return dict(self._batchers)
 
     def detect(
         self, model: str, data: bytes, params: DetectParams, sam_refine: str | None, timings: Timings

@@ -18,6 +18,7 @@ from pi_heif import register_heif_opener
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from server.errors import ApiError
+from server.request_context import note_content_hash
 
 # Our own pixel limit is checked before decoding; Pillow's bomb check would only duplicate it.
 Image.MAX_IMAGE_PIXELS = None
@@ -28,7 +29,9 @@ register_heif_opener()
 
 
 def image_id(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+    digest = hashlib.sha256(data).hexdigest()
+    note_content_hash(data, digest)
+    return digest
 
 
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -56,6 +57,25 @@ class CvatProfile(BaseModel):
     username: str | None = None
     password: SecretStr | None = None
     organization: str | None = None
+
+
+Scope = Literal["interactive", "jobs", "admin", "metrics"]
+
+
+class ApiKeyEntry(BaseModel):
+    """One API key as the server stores it: never the key itself, only its hash."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$",
+        description="Who holds the key; the audit log names it.",
+    )
+    hash: str = Field(
+        pattern=r"^sha256:[0-9a-f]{64}$",
+        description="sha256:HEX of the key, as `labelserve keys create` prints it.",
+    )
+    scopes: tuple[Scope, ...] = Field(min_length=1, description="What the key may call.")
 
 
 class Settings(BaseSettings):
@@ -129,6 +149,19 @@ class Settings(BaseSettings):
     )
     track_max_objects: int = Field(default=64, ge=1, description="Most objects one tracking call may start.")
 
+    # Backpressure: bounded work in flight; beyond it, 503 with Retry-After instead of unbounded queues.
+    max_inflight_interactive: int = Field(
+        default=32, ge=1, description="Interactive requests (SAM, detect, track, CVAT calls) served at once."
+    )
+    max_inflight_other: int = Field(default=16, ge=1, description="Job and admin requests served at once.")
+    detect_queue_max: int = Field(
+        default=64, ge=1, description="Detection requests waiting for a detector's forward pass, per model."
+    )
+    busy_retry_after_s: float = Field(default=1.0, gt=0, description="Retry-After sent with a 503 when full.")
+    request_timeout_s: float = Field(
+        default=120.0, gt=0, description="Longest a request waits for a model queue before a 504."
+    )
+
     # Input limits
     max_image_pixels: int = Field(default=64_000_000, description="Larger images are refused (413).")
     max_request_bytes: int = Field(
@@ -190,7 +223,44 @@ class Settings(BaseSettings):
         default=2000, ge=1, description="Annotations per upload request into a CVAT task (whole images)."
     )
 
-    @field_validator("models", "url_allow_hosts", mode="before")
+    # Access control: with no keys configured every endpoint is open, as on a single-user workstation.
+    api_keys: list[ApiKeyEntry] = Field(
+        default=[],
+        description='API keys as JSON [{"id", "hash": "sha256:HEX", "scopes": [...]}]; with any key (or a '
+        "keys file) configured, every endpoint but /healthz and /readyz needs one.",
+    )
+    api_keys_file: Path | None = Field(
+        default=None,
+        description="A file of API keys, one JSON object per line as in api_keys ('#' comments allowed), "
+        "read again whenever it changes; keys can be added and revoked without a restart.",
+    )
+    cvat_port: int | None = Field(
+        default=None,
+        ge=1,
+        le=65535,
+        description="Also serve CVAT's Nuclio routes (/api/functions*) on this port, without API keys: CVAT "
+        "sends none. Firewall it to the CVAT hosts.",
+    )
+    cvat_host: str | None = Field(
+        default=None, description="Address the CVAT listener binds to; default: LABELSERVE_HOST."
+    )
+    cvat_allow_ips: Annotated[list[str], NoDecode] = Field(
+        default=[],
+        description="Networks (CIDR, comma-separated or JSON list) whose clients call the Nuclio routes "
+        "without a key on the API port; on the CVAT listener, the only clients served when given.",
+    )
+
+    # Observability
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="`json`: one JSON object per log line, with the request id."
+    )
+    audit_log_file: Path | None = Field(
+        default=None,
+        description="Also append the audit log (one JSON line per request) to this file, which may be "
+        "rotated by renaming it.",
+    )
+
+    @field_validator("models", "url_allow_hosts", "cvat_allow_ips", mode="before")
     @classmethod
     def _split_names(cls, value: object) -> object:
         if isinstance(value, str):
@@ -212,6 +282,33 @@ class Settings(BaseSettings):
                     raise ValueError(f"bucket {bucket!r} is in profiles {owner[bucket]!r} and {name!r}")
                 owner[bucket] = name
         return profiles
+
+    @field_validator("cvat_allow_ips")
+    @classmethod
+    def _networks(cls, entries: list[str]) -> list[str]:
+        for entry in entries:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"cvat_allow_ips: {entry!r} is not an IP address or CIDR network") from None
+        return entries
+
+    @field_validator("api_keys")
+    @classmethod
+    def _unique_key_ids(cls, keys: list[ApiKeyEntry]) -> list[ApiKeyEntry]:
+        ids = [key.id for key in keys]
+        duplicated = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicated:
+            raise ValueError(
+                f"api_keys: ids {duplicated} appear more than once; audit lines name one key each"
+            )
+        return keys
+
+    @model_validator(mode="after")
+    def _cvat_port_differs(self) -> Settings:
+        if self.cvat_port is not None and self.cvat_port == self.port:
+            raise ValueError("cvat_port must differ from port: the CVAT listener is a second server")
+        return self
 
     def job_reader_threads(self, cuda: bool) -> int:
         if self.job_readers is not None:

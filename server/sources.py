@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field, model_validator
 from server.errors import ApiError
 from server.objectstore.clients import Purpose
 from server.objectstore.store import read_s3
+from server.request_context import note_image_bytes, note_image_url
 from server.settings import Settings
 
 
@@ -54,15 +55,18 @@ def decode_base64(text: str) -> bytes:
         text = text.partition(",")[2]
     try:
         # pybase64 (SIMD): CVAT sends the whole frame as base64 on every click; stdlib takes ~10x longer.
-        return pybase64.b64decode(text, validate=True)
+        data = pybase64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise ApiError(400, "bad_base64", "The image is not valid base64; encode the file's bytes.") from None
+    note_image_bytes(data)
+    return data
 
 
 async def read_image_ref(ref: ImageRef, settings: Settings) -> bytes:
     if ref.base64 is not None:
         return decode_base64(ref.base64)
     assert ref.url is not None
+    note_image_url(ref.url)
     scheme = urlsplit(ref.url).scheme.lower()
     reader = READERS.get(scheme)
     if reader is None:

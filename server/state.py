@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from models.registry import ModelRegistry
+from server.backpressure import InflightLimiter, LatestWins
 from server.detect_service import DetectService
 from server.sam_service import SamService
 from server.settings import Settings
@@ -20,6 +21,8 @@ class Services:
     sam: SamService
     detect: DetectService
     track: TrackService
+    inflight: InflightLimiter
+    latest_wins: LatestWins
 
 
 def services(request: Request) -> Services:

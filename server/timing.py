@@ -6,10 +6,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from server.request_context import note_timings
+
 
 class Timings:
     def __init__(self) -> None:
         self.stages: dict[str, float] = {}
+        note_timings(self)  # the request's stages also feed the per-stage latency histograms
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:

@@ -59,7 +59,11 @@ class ServerProcess:
         self.http.close()
         if self.process.poll() is None:
             self.process.send_signal(sig)
-            self.process.wait(30)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:  # still finishing requests: do not leave it behind
+                self.process.kill()
+                self.process.wait(10)
 
     def __enter__(self) -> ServerProcess:
         return self

@@ -191,3 +191,15 @@ def test_region_upsampling_equals_full_postprocess(exact_client: TestClient, siz
         assert ours.to_full().shape == (height, width)
         # The GPU path (run here on the CPU) is postprocess_masks itself: exactly equal.
         assert np.array_equal(segmenter.upsample_full(embedding, logits).to_full(), reference.numpy())
+
+
+def test_batched_encode_equals_one_by_one(exact_client: TestClient) -> None:
+    """Encoder micro-batching: images of different sizes in one pass give each image's own embedding."""
+    segmenter = segmenter_of(exact_client)
+    images = [synthetic_scene(640, 480, seed=1), synthetic_scene(300, 500, seed=2), synthetic_scene(800, 200)]
+    batched = segmenter.encode_batch(images)
+    for image, embedding in zip(images, batched, strict=True):
+        single = segmenter.encode(image)
+        assert embedding.original_size == single.original_size and embedding.input_size == single.input_size
+        error = (embedding.features.float() - single.features.float()).norm() / single.features.float().norm()
+        assert float(error) < 1e-4

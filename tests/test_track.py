@@ -297,3 +297,18 @@ def test_agent_tracking_function_through_cvat_cli(live_server: str) -> None:
         (found,) = agent_driver_tracking._worker_job_track(7, PIL.Image.fromarray(image), states)
         assert found is not None and found.type == "rectangle"
         assert box_iou(tuple(found.points), truth[1]) > 0.9
+
+
+def test_tracking_memory_does_not_grow_with_video_length(client: TestClient) -> None:
+    """A state holds the last frame and two small templates, whatever the length; the store counts it."""
+    svc = client.app.state.services
+    video = SyntheticVideo(width=320, height=180, frames=600, loop=150)
+    image, truth = video.frame(0)
+    frame = svc.track.frame(encode_image(image))
+    (state_id,) = svc.track.init("medianflow", frame, [Shape("box", box=truth[1])], "test")
+    sizes = []
+    for t in range(1, 600):
+        svc.track.step(Frame(video.frame(t)[0], str(t)), [state_id], "test")
+        if t in (100, 599):
+            sizes.append(svc.track.store.get(state_id, "test").nbytes)
+    assert sizes[0] == sizes[1] < 200_000

@@ -9,8 +9,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Query, Request
 
 from server.jobs.engine import Engine, JobStatus
-from server.jobs.spec import JobSpec
+from server.jobs.spec import JobSpec, Source
 from server.jobs.store import JobState
+from server.request_context import note_image_reference, redact_url
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -36,7 +37,24 @@ def engine(request: Request) -> Engine:
 @router.post("", status_code=201, responses=ERRORS)
 def submit_job(spec: JobSpec, request: Request) -> JobStatus:
     """Validate the job (source, detector, output directory), store it and queue it."""
+    note_image_reference(source_reference(spec.source))
     return engine(request).submit(spec)
+
+
+def source_reference(source: Source) -> str:
+    """The job's images for the audit log: where they are, with no credentials or URL queries."""
+    if source.cvat_task is not None:
+        where = (
+            redact_url(source.cvat_task.url)
+            if source.cvat_task.url
+            else f"profile {source.cvat_task.profile}"
+        )
+        return f"cvat task {source.cvat_task.task_id} at {where}"
+    if source.directory is not None or source.manifest is not None:
+        return redact_url(source.directory or source.manifest or "")
+    listed = source.paths or source.urls or []
+    more = f" and {len(listed) - 1} more" if len(listed) > 1 else ""
+    return (redact_url(listed[0]) if listed else "") + more
 
 
 @router.get("", responses=ERRORS)

@@ -184,6 +184,18 @@ class JobStore:
         with self._lock:
             return [JobRow(*r) for r in self._db.execute(query, args).fetchall()]
 
+    def state_counts(self) -> dict[str, int]:
+        """How many jobs are in each state (for /metrics)."""
+        with self._lock:
+            return dict(self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall())
+
+    def active_progress(self) -> list[tuple[str, str, int, int, int]]:
+        """(id, state, total, done, failed) of each queued or running job, without their specs."""
+        marks = ", ".join("?" * len(ACTIVE_STATES))
+        query = f"SELECT id, state, total, done, failed FROM jobs WHERE state IN ({marks}) ORDER BY created"
+        with self._lock:
+            return self._db.execute(query, ACTIVE_STATES).fetchall()
+
     def transition(
         self,
         job_id: str,

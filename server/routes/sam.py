@@ -6,12 +6,15 @@ import orjson
 from fastapi import APIRouter, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+from server.backpressure import LatestWins
 from server.body import parse_embed_request, parse_image_with_params
 from server.schemas import EmbedRequest, EmbedResponse, SegmentRequest, SegmentResponse
 from server.state import services
 from server.timing import Timings
 
 router = APIRouter(prefix="/v1/sam", tags=["sam"])
+
+CLIENT_HEADER = "x-client-id"  # one annotator's session (a browser tab); enables "latest wins" for clicks
 
 ERRORS = {
     code: {"description": text}
@@ -21,7 +24,9 @@ ERRORS = {
         413: "Too large",
         415: "Unsupported media type",
         422: "Invalid parameters or prompts",
-        503: "Model unavailable or loading",
+        409: "Superseded: a newer click on the same image from the same X-Client-ID arrived first",
+        503: "Model unavailable or loading, or the server is at capacity (Retry-After)",
+        504: "Waited longer than LABELSERVE_REQUEST_TIMEOUT_S for the model",
     }.items()
 }
 
@@ -100,5 +105,17 @@ async def segment(model: str, request: Request) -> Response:
     timings = Timings()
     with timings.stage("read"):
         data, params = await parse_image_with_params(request, svc.settings, SegmentRequest, "prompts")
-    body = await run_in_threadpool(svc.sam.segment, model, data, params, timings)
+    client = request.headers.get(CLIENT_HEADER)
+    if client and params.image_id is not None:
+        # Latest wins: a click that is still waiting for a worker when a newer one arrives is dropped.
+        latest: LatestWins = request.app.state.latest_wins
+        key, number = latest.ticket(client[:128], model, params.image_id)
+
+        def run() -> dict:
+            latest.check(key, number)
+            return svc.sam.segment(model, data, params, timings)
+
+        body = await run_in_threadpool(run)
+    else:
+        body = await run_in_threadpool(svc.sam.segment, model, data, params, timings)
     return reply(body, timings, svc.registry.record(model).weights)

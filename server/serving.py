@@ -1,0 +1,56 @@
+"""`labelserve serve` under uvicorn: the API port, and the CVAT listener's port when one is configured. Both
+servers run in one event loop over the same app, so CVAT's calls share the models and caches."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Iterator
+
+import uvicorn
+from fastapi import FastAPI
+
+from server.middleware import CvatListener
+from server.settings import Settings
+
+
+class _Server(uvicorn.Server):
+    """Signals are handled once for all servers: uvicorn's own handler would stop only one of them."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def servers(app: FastAPI, settings: Settings) -> list[uvicorn.Server]:
+    # log_config=None: the root handler (server.logs) formats uvicorn's lines too. No access log: the audit
+    # log has a line per request, with more in it.
+    common = {"log_config": None, "access_log": False}
+    found = [_Server(uvicorn.Config(app, host=settings.host, port=settings.port, **common))]
+    if settings.cvat_port is not None:
+        host = settings.cvat_host or settings.host
+        # lifespan off: the API server's start-up already loads the models (once).
+        config = uvicorn.Config(
+            CvatListener(app), host=host, port=settings.cvat_port, lifespan="off", **common
+        )
+        found.append(_Server(config))
+    return found
+
+
+async def serve_all(running: list[uvicorn.Server]) -> None:
+    """Until SIGINT or SIGTERM; a second signal stops without waiting for open connections."""
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        for server in running:
+            server.force_exit = server.should_exit
+            server.should_exit = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
+    await asyncio.gather(*(server.serve() for server in running))
+
+
+def serve(app: FastAPI, settings: Settings) -> None:
+    asyncio.run(serve_all(servers(app, settings)))

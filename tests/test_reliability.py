@@ -1,0 +1,69 @@
+"""Load and overload against a real `labelserve serve` process on loopback, bounded in time.
+
+- Load: 16 simulated annotators (embed their own image, then click on it with ~1 s think time) for 60 s:
+  no errors, and the server's RSS after warm-up stays flat.
+- Overload: more clients than the server admits: the excess gets 503 with Retry-After (never a 5xx of any
+  other kind, never a hang), and the server answers normally once the load drops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .annotators import run_annotators
+from .conftest import encode_image, synthetic_scene
+from .server_process import ServerProcess
+
+
+@pytest.fixture
+def server(tmp_path: Path, request: pytest.FixtureRequest) -> ServerProcess:
+    env = {
+        "LABELSERVE_WEIGHTS_DIR": str(tmp_path / "weights"),
+        "LABELSERVE_DATA_DIR": str(tmp_path / "data"),
+        "LABELSERVE_MODELS": "mobile_sam",
+        "LABELSERVE_CACHE_BYTES": str(64 * 1024**2),
+        **getattr(request, "param", {}),
+    }
+    with ServerProcess(env, tmp_path / "server.log", random_init=True) as process:
+        yield process
+
+
+def test_sixteen_annotators_for_a_minute(server: ServerProcess, tmp_path: Path) -> None:
+    report = asyncio.run(run_annotators(server.url, server.process.pid, clients=16, seconds=60))
+    summary = report.summary()
+    (tmp_path / "load.json").write_text(json.dumps(summary))
+    print("\nload:", {k: v for k, v in summary.items() if k != "rss_mib"}, "rss:", summary["rss_mib"][-3:])
+    assert report.errors == {} and report.busy == 0
+    assert len(report.embed_ms) >= 16 and len(report.click_ms) >= 50
+    # After warm-up (every annotator embedded, caches filled), memory stays flat.
+    steady = [rss for t, rss in report.rss_mib if t >= 40]
+    assert steady and max(steady) - min(steady) <= 64
+
+
+@pytest.mark.parametrize("server", [{"LABELSERVE_MAX_INFLIGHT_INTERACTIVE": "2"}], indirect=True)
+def test_overload_is_refused_with_retry_after_and_recovers(server: ServerProcess) -> None:
+    image = encode_image(synthetic_scene(320, 240))
+    headers = {"content-type": "image/png"}
+
+    async def hammer() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
+            return await asyncio.gather(
+                *(http.post("/v1/sam/mobile_sam/embed", content=image, headers=headers) for _ in range(12))
+            )
+
+    responses = asyncio.run(hammer())
+    statuses = sorted(r.status_code for r in responses)
+    assert set(statuses) <= {200, 503} and statuses.count(200) >= 2 and 503 in statuses
+    for response in responses:
+        if response.status_code == 503:
+            assert response.headers["retry-after"] == "1"
+            assert response.json()["error"]["code"] == "server_busy"
+    # Load gone: served normally, and the refusals are counted.
+    assert server.http.post("/v1/sam/mobile_sam/embed", content=image, headers=headers).status_code == 200
+    metrics = server.http.get("/metrics").text
+    assert 'labelserve_refused_busy_total{where="interactive"}' in metrics
