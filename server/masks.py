@@ -286,6 +286,17 @@ def _as_int_array(values: Any, what: str) -> np.ndarray:
     raise ValueError(f"{what} must contain numbers only (got {arr.dtype.name} values)")
 
 
+def _sum_runs(runs: np.ndarray, limit: int, what: str) -> int:
+    """The sum of non-negative ``runs``, each at most ``limit`` pixels. Bounding each run first keeps the
+    int64 sum exact: runs near 2**62 used to wrap it around to the expected total and send np.repeat past
+    its buffer (a segfault from one request)."""
+    if np.any(runs < 0):
+        raise ValueError(f"{what} must be non-negative")
+    if runs.size and int(runs.max()) > limit:
+        raise ValueError(f"{what} include a run of {int(runs.max())}, more than the {limit} pixels there are")
+    return int(runs.sum())
+
+
 def _check_image_size(width: Any, height: Any) -> tuple[int, int]:
     for name, v in (("width", width), ("height", height)):
         if isinstance(v, bool) or not isinstance(v, int | np.integer) or v <= 0:
@@ -319,7 +330,7 @@ def cvat_rle_decode(points: Sequence[float | int], width: int, height: int) -> R
             f"{width}x{height} image (need 0 <= xtl <= xbr < {width} and 0 <= ytl <= ybr < {height})"
         )
     bw, bh = xbr - xtl + 1, ybr - ytl + 1
-    total = int(runs.sum())
+    total = _sum_runs(runs, bw * bh, "mask run lengths")
     if total != bw * bh:
         raise ValueError(
             f"mask run lengths sum to {total} but the inclusive box {bw}x{bh} has {bw * bh} pixels"
@@ -421,9 +432,7 @@ def coco_rle_decode(rle: dict[str, Any]) -> RegionMask:
         counts = _as_int_array(raw, 'COCO RLE "counts"')
     else:
         raise ValueError('COCO RLE "counts" must be a string (compressed) or a list of ints (uncompressed)')
-    if np.any(counts < 0):
-        raise ValueError('COCO RLE "counts" must be non-negative')
-    total = int(counts.sum())
+    total = _sum_runs(counts, width * height, 'COCO RLE "counts"')
     if total != width * height:
         raise ValueError(f'COCO RLE "counts" sum to {total}, expected height*width = {width * height}')
 

@@ -170,7 +170,8 @@ def _finite(values: list[float], what: str) -> None:
 
 def build_prompt(request: SegmentRequest, width: int, height: int) -> Prompt:
     """Validate prompts against the image (pixel-edge coordinates, 0..W × 0..H)."""
-    points = np.asarray(request.points, dtype=np.float32).reshape(-1, 2)
+    # Checked in float64, as sent: 1e308 would overflow float32, the precision SAM works in, into inf.
+    points = np.asarray(request.points, dtype=np.float64).reshape(-1, 2)
     _finite(points.ravel().tolist(), "points")
     labels = request.labels if request.labels is not None else [1] * len(points)
     if len(labels) != len(points):
@@ -206,9 +207,13 @@ def build_prompt(request: SegmentRequest, width: int, height: int) -> Prompt:
             )
         # A box dragged past the image edge is clipped, as CVAT clips shapes.
         box = np.array([max(x1, 0), max(y1, 0), min(x2, width), min(y2, height)], dtype=np.float32)
+        if box[2] <= box[0] or box[3] <= box[1]:  # [0, 0, 10, 1e-50] is empty once in float32
+            raise ApiError(
+                422, "bad_prompt", f"box {list(request.box)} is empty at float32 precision; widen it."
+            )
     if not len(points) and box is None and request.mask_input is None:
         raise ApiError(422, "no_prompt", "No prompt: give at least one point, a box or a mask_input.")
-    return Prompt(points, np.asarray(labels, dtype=np.int32), box)
+    return Prompt(points.astype(np.float32), np.asarray(labels, dtype=np.int32), box)
 
 
 def _decode_mask_prompt(prompt: MaskPrompt, width: int, height: int) -> RegionMask:

@@ -188,6 +188,8 @@ def test_oversized_body_is_refused(tmp_path) -> None:
         ({"box": [100, 100, 200, 200]}, 422, "prompt_outside_image"),
         ({"box": [30, 30, 10, 10]}, 422, "bad_prompt"),
         ({"box": [10, 10, 10, 20]}, 422, "bad_prompt"),
+        ({"box": [0, 0, 10, 1e-50]}, 422, "bad_prompt"),  # empty once in float32 (found by fuzzing)
+        ({"points": [[1e308, 1]]}, 422, "prompt_outside_image"),
         ({}, 422, "no_prompt"),
         ({"points": [[1, 1]], "labels": [1, 0]}, 422, "bad_prompt"),
         ({"points": [[1, 1]], "labels": [2]}, 422, "bad_prompt"),
@@ -195,6 +197,20 @@ def test_oversized_body_is_refused(tmp_path) -> None:
         ({"points": [[1, 1]], "max_masks": 9}, 422, "invalid_request"),
         ({"points": [[1, 1]], "mask_input": {"cvat": [5, 0, 0, 0, 0]}}, 422, "bad_mask_input"),
         ({"points": [[1, 1]], "mask_input": {"cvat": [1, 2, 3]}}, 422, "bad_mask_input"),
+        # int64 run sums that wrap around to the box area: this request used to segfault the server.
+        (
+            {"points": [[1, 1]], "mask_input": {"cvat": [2.0**62] * 4 + [1, 0, 0, 0, 0]}},
+            422,
+            "bad_mask_input",
+        ),
+        (
+            {
+                "points": [[1, 1]],
+                "mask_input": {"coco_rle": {"size": [48, 64], "counts": [2**62] * 4 + [3072]}},
+            },
+            422,
+            "bad_mask_input",
+        ),
         ({"points": [[1]]}, 422, "invalid_request"),
         ({"points": [[1, 1]], "unexpected": True}, 422, "invalid_request"),
     ],

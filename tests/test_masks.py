@@ -166,6 +166,9 @@ def test_cvat_detector_mask_is_bbox_bitmap(bm: np.ndarray) -> None:
         ([0, float("nan"), 2, 1, 4, 2], "NaN"),
         (["0", "6", "2", "1", "4", "2"], "numbers"),
         ([[0, 6], 2, 1, 4, 2], "numbers"),
+        # Runs whose int64 sum wraps around to the box's 6 pixels (this crashed the process).
+        ([2**62, 2**62, 2**62, 2**62 + 6, 2, 1, 4, 2], "more than the 6 pixels"),
+        ([2.0**62] * 4 + [1.0, 0, 0, 0, 0], "more than the 1 pixels"),
     ],
 )
 def test_cvat_rle_decode_validation(points: list, message: str) -> None:
@@ -239,6 +242,7 @@ def test_coco_rle_large_counts_round_trip() -> None:
         ({"size": [2, 3], "counts": "~~~"}, "invalid character"),
         ({"size": [2, 3], "counts": "1o"}, "truncated"),
         ({"size": [2, 3], "counts": 6}, "string"),
+        ({"size": [2, 3], "counts": [2**62, 2**62, 2**62, 2**62 + 6]}, "more than the 6 pixels"),
     ],
 )
 def test_coco_rle_decode_validation(rle: object, message: str) -> None:

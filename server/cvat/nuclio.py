@@ -252,7 +252,7 @@ async def list_functions(request: Request) -> Response:
     return _json({fid: fn.config(svc) for fid, fn in catalogue(svc).items()})
 
 
-@router.get("/api/functions/{function_id}")
+@router.get("/api/functions/{function_id}", responses={404: {"description": "No such function"}})
 async def get_function(function_id: str, request: Request) -> Response:
     svc = services(request)
     fn = catalogue(svc).get(function_id)
@@ -263,7 +263,33 @@ async def get_function(function_id: str, request: Request) -> Response:
     return _json(fn.config(svc))
 
 
-@router.post("/api/function_invocations")
+# The body is parsed by hand, by function kind: the schema documents the header and the codes.
+_INVOKE_DOC = {
+    "parameters": [
+        {
+            "name": "x-nuclio-function-name",
+            "in": "header",
+            "required": True,
+            "schema": {"type": "string"},
+            "description": "The function's id, as GET /api/functions lists it.",
+        }
+    ],
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": {"type": "object", "additionalProperties": True}}},
+    },
+}
+_INVOKE_ERRORS = {
+    400: {"description": "No function name, a body that is not JSON, or an undecodable image"},
+    404: {"description": "No such function"},
+    413: {"description": "Too large"},
+    415: {"description": "Not an image"},
+    422: {"description": "A payload the function cannot take"},
+    503: {"description": "Model unavailable or loading"},
+}
+
+
+@router.post("/api/function_invocations", responses=_INVOKE_ERRORS, openapi_extra=_INVOKE_DOC)
 async def invoke(request: Request) -> Response:
     svc = services(request)
     function_id = request.headers.get("x-nuclio-function-name")

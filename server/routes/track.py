@@ -105,7 +105,9 @@ async def step(tracker: str, request: Request) -> Response:
     return Response(orjson.dumps(await run_in_threadpool(run)), media_type="application/json")
 
 
-@router.delete("/track/{tracker}/states/{state}")
+@router.delete(
+    "/track/{tracker}/states/{state}", responses={404: {"description": "No such state for this tracker"}}
+)
 async def forget(tracker: str, state: str, request: Request) -> dict:
     """Drop a state now instead of letting it expire."""
     svc = services(request)
