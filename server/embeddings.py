@@ -40,6 +40,8 @@ class TieredEmbeddings:
         self.l1: EmbeddingCache[ImageEmbedding] = EmbeddingCache(settings.cache_bytes, lambda e: e.nbytes)
         self.l2 = l2
         self.max_image_pixels = settings.max_image_pixels
+        self.encode_max_batch = settings.encode_max_batch
+        self.encode_max_wait_ms = settings.encode_max_wait_ms
         self._schedulers: dict[str, EncodeScheduler] = {}
         self._lock = threading.Lock()
         # Background encodes queued or running, and the images interactive requests wait for: a click that
@@ -51,8 +53,14 @@ class TieredEmbeddings:
         with self._lock:
             scheduler = self._schedulers.get(segmenter.name)
             if scheduler is None:
+                device = getattr(segmenter, "device", None)
+                batch = self.encode_max_batch or (8 if getattr(device, "type", "cpu") == "cuda" else 1)
                 scheduler = self._schedulers[segmenter.name] = EncodeScheduler(
-                    segmenter.encode, segmenter.name
+                    segmenter.encode,
+                    segmenter.name,
+                    encode_batch=segmenter.encode_batch,
+                    max_batch=batch,
+                    max_wait_ms=self.encode_max_wait_ms,
                 )
             return scheduler
 

@@ -60,8 +60,23 @@ class SchedulerStats:
 
 
 class EncodeScheduler:
-    def __init__(self, encode: Callable[[np.ndarray], ImageEmbedding], name: str) -> None:
+    """`encode_batch` with `max_batch` > 1 (GPU hosts): the tickets waiting when the worker takes one, up to
+    `max_batch` (interactive first, then background), share one encoder pass; the worker waits up to
+    `max_wait_ms` for company only while fewer are queued than fit."""
+
+    def __init__(
+        self,
+        encode: Callable[[np.ndarray], ImageEmbedding],
+        name: str,
+        encode_batch: Callable[[list[np.ndarray]], list[ImageEmbedding]] | None = None,
+        max_batch: int = 1,
+        max_wait_ms: float = 0.0,
+    ) -> None:
         self._encode = encode
+        self._encode_batch = encode_batch
+        self.max_batch = max_batch if encode_batch is not None else 1
+        self.max_wait = max_wait_ms / 1000.0
+        self.batch_sizes: dict[int, int] = {}
         self._queues: dict[Priority, deque[EncodeTicket]] = {p: deque() for p in Priority}
         self._ready = threading.Condition()
         self._running: EncodeTicket | None = None
@@ -120,6 +135,7 @@ class EncodeScheduler:
                 "interactive_waited_encodes_max": self.stats.interactive_waited_encodes_max,
                 "interactive_queued_ms_max": round(self.stats.interactive_queued_ms_max, 1),
                 "promoted": self.stats.promoted,
+                "batch_sizes": dict(self.batch_sizes),
             }
 
     def _take(self) -> EncodeTicket | None:
@@ -148,8 +164,51 @@ class EncodeScheduler:
             )
             stats.interactive_queued_ms_max = max(stats.interactive_queued_ms_max, ticket.queued_ms)
 
+    def _more(self, first: EncodeTicket) -> list[EncodeTicket]:
+        """Up to max_batch - 1 more queued tickets to encode with `first`, interactive first."""
+        deadline = time.perf_counter() + self.max_wait
+        taken: list[EncodeTicket] = []
+        with self._ready:
+            while sum(len(q) for q in self._queues.values()) < self.max_batch - 1 and not self._closed:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0 or not self._ready.wait(remaining):
+                    break
+            for priority in Priority:
+                queue = self._queues[priority]
+                while queue and len(taken) < self.max_batch - 1:
+                    ticket = queue.popleft()
+                    if ticket.future.set_running_or_notify_cancel():
+                        ticket.started = time.perf_counter()
+                        ticket.finished_before_start = self._finished - ticket.finished_at_submit
+                        self._note_start(ticket)
+                        taken.append(ticket)
+        return taken
+
+    def _run_batch(self, tickets: list[EncodeTicket]) -> None:
+        images = [t.image for t in tickets]
+        for ticket in tickets:
+            ticket.image = None
+        self.batch_sizes[len(tickets)] = self.batch_sizes.get(len(tickets), 0) + 1
+        try:
+            results = self._encode_batch(images)  # type: ignore[misc, arg-type]
+        except BaseException as exc:
+            for ticket in tickets:
+                ticket.finished = time.perf_counter()
+                self._finish(ticket)
+                ticket.future.set_exception(exc)
+            return
+        for ticket, result in zip(tickets, results, strict=True):
+            ticket.finished = time.perf_counter()
+            self._finish(ticket)
+            ticket.future.set_result(result)
+
     def _loop(self) -> None:
         while (ticket := self._take()) is not None:
+            if self.max_batch > 1:
+                more = self._more(ticket)
+                if more:
+                    self._run_batch([ticket, *more])
+                    continue
             image, ticket.image = ticket.image, None  # not kept alive by the ticket after the encode
             try:
                 result = self._encode(image)  # type: ignore[arg-type]

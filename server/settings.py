@@ -186,6 +186,17 @@ class Settings(BaseSettings):
     )
     track_max_objects: int = Field(default=64, ge=1, description="Most objects one tracking call may start.")
 
+    # Encoder micro-batching: first clicks and prefetches that arrive together share one encoder pass.
+    encode_max_batch: int | None = Field(
+        default=None,
+        ge=1,
+        description="Most images in one SAM encoder pass; default 8 with CUDA, 1 on a CPU (where one encode "
+        "already fills every core, so batching would only delay the first image).",
+    )
+    encode_max_wait_ms: float = Field(
+        default=2.0, ge=0, description="How long an encode waits for others to share its pass (GPU)."
+    )
+
     # Backpressure: bounded work in flight; beyond it, 503 with Retry-After instead of unbounded queues.
     max_inflight_interactive: int = Field(
         default=32, ge=1, description="Interactive requests (SAM, detect, track, CVAT calls) served at once."
