@@ -248,7 +248,7 @@ class PrefetchManager:
             entries = [(ref, ref.url or f"images[{i}]") for i, ref in enumerate(request.images)]
         else:
             assert request.source is not None
-            entries = list(request.source.enumerate())
+            entries = list(request.source.enumerate(self.settings))
         if request.range is not None:
             entries = entries[request.range.start : request.range.stop : request.range.step]
             if not entries:
