@@ -219,7 +219,9 @@ def test_sam2_over_the_tracking_api_and_cvat(tmp_path: Path) -> None:
     with TestClient(app) as client:
         trackers = {t["name"]: t["accepts"] for t in client.get("/v1/trackers").json()["trackers"]}
         assert "sam2.1_hiera_tiny" in trackers
-        assert "labelserve-track-sam2.1-hiera-tiny" in client.get("/api/functions").json()
+        functions = client.get("/api/functions").json()
+        assert functions["labelserve-track-sam2.1-hiera-tiny"]["metadata"]["annotations"]["type"] == "tracker"
+        assert "labelserve-sam2.1-hiera-tiny" not in functions  # not also offered as an interactor
         video = SyntheticVideo(frames=3, width=320, height=240)
         image, truth = video.frame(0)
         frame = base64.b64encode(encode_image(image)).decode()
