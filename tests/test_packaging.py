@@ -321,8 +321,10 @@ def test_entrypoint_serves_and_its_healthcheck_sees_it(
     assert (tmp_path / "data" / "jobs.sqlite3").exists()  # the server itself uses the checked data dir
     # exec'd, so `docker stop`'s SIGTERM reaches uvicorn, which shuts down and then re-raises the signal.
     process.send_signal(signal.SIGTERM)
-    assert process.wait(60) in (0, -signal.SIGTERM)
-    assert "Application shutdown complete" in (tmp_path / "server.log").read_text()
+    returncode = process.wait(60)
+    log = (tmp_path / "server.log").read_text()
+    assert returncode in (0, -signal.SIGTERM), log
+    assert "Application shutdown complete" in log
     assert run_entrypoint(env, "healthcheck").returncode == 1
 
 
