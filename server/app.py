@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -50,9 +51,8 @@ def create_app(settings: Settings | None = None, *, load_models_in_background: b
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        if load_models_in_background:
-            registry.start_loading()
-        else:
+        loader = registry.start_loading() if load_models_in_background else None
+        if loader is None:
             registry.load_enabled()
         resumed = jobs.resume_unfinished()  # resumed jobs wait for their models to finish loading
         if resumed:
@@ -61,6 +61,11 @@ def create_app(settings: Settings | None = None, *, load_models_in_background: b
         jobs.close()  # running jobs go back to queued; the next start resumes them
         prefetcher.close()
         sam_service.close()  # after the prefetch runner: its queued encodes fail rather than hang
+        if loader is not None and loader.is_alive():
+            # Exiting while torch builds a model in that thread aborts the process ("terminate called without
+            # an active exception", exit 134): a stop during start-up waits for the build to end instead.
+            log.info("stopping: waiting for the models being loaded")
+            await asyncio.to_thread(loader.join)
 
     app = FastAPI(
         title="labelserve",

@@ -61,6 +61,7 @@ OPERATIONS = (
     "DELETE /v1/cache",
     "GET /healthz",
     "GET /readyz",
+    "GET /metrics",
     "GET /api/functions",
     "GET /api/functions/{function_id}",
     "POST /api/function_invocations",

@@ -229,9 +229,10 @@ def test_compose_labelserve_services(
     mounts = dict(volume.split(":")[::-1] for volume in spec["volumes"])
     assert set(mounts) == {runtime_env["LABELSERVE_WEIGHTS_DIR"], runtime_env["LABELSERVE_DATA_DIR"]}
     assert set(mounts.values()) <= set(compose["volumes"])
-    (port,) = spec["ports"]
+    (port,) = spec["ports"]  # the API port only: the CVAT listener stays on the compose network
     published, container = compose_default(port).rsplit(":", 1)
     assert container == runtime_env["LABELSERVE_PORT"] and published.startswith("127.0.0.1:")
+    assert env["LABELSERVE_CVAT_PORT"] != container
     assert spec["healthcheck"]["test"] == ["CMD", "labelserve-entrypoint", "healthcheck"]
     assert spec["networks"]["labelserve"]["aliases"] == ["labelserve"]
 
@@ -255,7 +256,11 @@ def test_cvat_override_reaches_the_compose_deployment(compose: dict) -> None:
         env = {name: compose_default(value) for name, value in spec["environment"].items()}
         assert env["CVAT_NUCLIO_INVOKE_METHOD"] == "dashboard"
         assert env["CVAT_NUCLIO_HOST"] == "labelserve"  # the alias both labelserve services carry
-        assert env["CVAT_NUCLIO_PORT"] == "8080"
+        for labelserve in LABELSERVE_SERVICES:  # the keyless CVAT listener: CVAT sends no API key
+            assert (
+                env["CVAT_NUCLIO_PORT"]
+                == compose["services"][labelserve]["environment"]["LABELSERVE_CVAT_PORT"]
+            )
         assert env["CVAT_NUCLIO_HOST"] in env["no_proxy"].split(",")
         assert network in spec["networks"]
 
@@ -321,8 +326,10 @@ def test_entrypoint_serves_and_its_healthcheck_sees_it(
     assert (tmp_path / "data" / "jobs.sqlite3").exists()  # the server itself uses the checked data dir
     # exec'd, so `docker stop`'s SIGTERM reaches uvicorn, which shuts down and then re-raises the signal.
     process.send_signal(signal.SIGTERM)
-    assert process.wait(60) in (0, -signal.SIGTERM)
-    assert "Application shutdown complete" in (tmp_path / "server.log").read_text()
+    returncode = process.wait(60)
+    log = (tmp_path / "server.log").read_text()
+    assert returncode in (0, -signal.SIGTERM), log
+    assert "Application shutdown complete" in log
     assert run_entrypoint(env, "healthcheck").returncode == 1
 
 
@@ -381,8 +388,9 @@ def test_secret_files_are_read_into_the_environment(tmp_path: Path) -> None:
     environ = {
         "LABELSERVE_CVAT_PROFILES_FILE": str(tmp_path / "profiles"),
         "CVAT_ACCESS_TOKEN_FILE": str(tmp_path / "token"),
-        # Read by the storage profile itself at each use: left alone.
+        # Read by the storage profile itself at each use, and settings that are file paths: left alone.
         "LABELSERVE_STORAGE_PROFILES__B2__SECRET_FILE": "/run/secrets/b2",
+        "LABELSERVE_API_KEYS_FILE": "/run/secrets/keys",
         "OTHER_FILE": "/etc/hostname",
     }
     loaded = entrypoint.load_secret_files(environ)
@@ -390,6 +398,7 @@ def test_secret_files_are_read_into_the_environment(tmp_path: Path) -> None:
     assert environ["CVAT_ACCESS_TOKEN"] == "abc\n"  # only the one newline a file ends with is dropped
     assert json.loads(environ["LABELSERVE_CVAT_PROFILES"])["main"]["token"] == "t0k"
     assert "LABELSERVE_STORAGE_PROFILES__B2__SECRET" not in environ and "OTHER" not in environ
+    assert "LABELSERVE_API_KEYS" not in environ  # LABELSERVE_API_KEYS_FILE is a setting of its own
 
     with pytest.raises(entrypoint.DeploymentError, match="both CVAT_ACCESS_TOKEN and CVAT_ACCESS_TOKEN_FILE"):
         entrypoint.load_secret_files(
