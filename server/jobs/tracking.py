@@ -59,8 +59,9 @@ class MultiTracker:
         for x1, y1, x2, y2, track_id, score, class_id, index in tracked.reshape(-1, 8).tolist():
             source = sources[int(index)]
             label = self.info.class_names.get(int(class_id), source.label)
-            if source.kind == "box":  # the tracker's box (its Kalman estimate), as model.track reports it
-                shape = Shape("box", label=label, score=score, box=(x1, y1, x2, y2))
+            if source.kind == "box":  # the tracker's box (its Kalman estimate), clipped as model.track does
+                box = (_clip(x1, width), _clip(y1, height), _clip(x2, width), _clip(y2, height))
+                shape = Shape("box", label=label, score=score, box=box)
             else:  # a mask stays the detection's own
                 shape = replace(source, label=label, score=score)
             found.append(TrackedShape(int(track_id), shape))
@@ -68,6 +69,10 @@ class MultiTracker:
 
     def snapshot(self) -> bytes:
         return pickle.dumps(self._tracker, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _clip(value: float, limit: int) -> float:
+    return min(max(value, 0.0), float(limit))
 
 
 def tracker_args(spec: TrackerSpec) -> Any:
