@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import queue
 import threading
@@ -33,6 +34,8 @@ from server.jobs.tracking import MultiTracker
 from server.jobs.video_source import Position, VideoDecodeError, decode
 
 CHECKPOINT_SECONDS = 2.0
+
+log = logging.getLogger("labelserve.jobs")
 
 
 class Control(Protocol):
@@ -90,6 +93,12 @@ def run_video_job(
                 "the first pending one; submit the job again"
             )
         after, state = Position(**json.loads(checkpoint.position)), checkpoint.state
+        log.info(
+            "job %s: resuming at item %d, after frame %d, with the tracker as it was there",
+            job_id,
+            checkpoint.next_index,
+            after.frame,
+        )
     elif first[0][0] != 0:
         raise VideoJobFailed("frames were labelled but no tracker checkpoint was kept; submit the job again")
     try:
