@@ -123,7 +123,7 @@ def _open_for_probe(path: Path, shown: str) -> Any:
         raise ApiError(
             415,
             "unsupported_video",
-            f"{shown} is not a video FFmpeg can read ({reason}); truncated files fail this way too.",
+            f"{shown} is not a video FFmpeg can read ({reason}): not a video, or one cut short.",
         ) from None
 
 
