@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,11 +20,12 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from models.detector import DetectorInfo
-from server.errors import install_error_handlers
+from server.errors import ApiError, install_error_handlers
 from server.jobs import cli
 from server.jobs.engine import LocalEngine
 from server.jobs.routes import router
 from server.jobs.serde import shape_from_dict
+from server.jobs.spec import JobSpec
 from server.jobs.video_source import copy_path
 from server.jobs.video_writers import FrameTracks, VideoMeta, write_cvat_video, write_mot
 from server.masks import RegionMask, cvat_rle_decode
@@ -289,9 +291,6 @@ def test_s3_video_is_downloaded_then_removed_and_tracks_equal_a_local_run(
 
 
 def error_of(engine: LocalEngine, body: dict) -> tuple[int, str]:
-    from server.errors import ApiError
-    from server.jobs.spec import JobSpec
-
     with pytest.raises(ApiError) as caught:
         engine.submit(JobSpec.model_validate(body))
     return caught.value.status, caught.value.code
@@ -417,6 +416,51 @@ def test_a_video_that_breaks_midway_fails_its_later_frames_clearly(
     print(failures[0].error)
     _, tracks = read_cvat_video(tmp_path / "out" / "annotations.xml")
     assert tracks and max(s.frame for t in tracks for s in t.shapes if not s.outside) < status.done
+
+
+def test_shutdown_midway_then_resume_with_read_ahead_equals_a_straight_run(
+    fall: object, tmp_path: Path
+) -> None:
+    """Reading ahead in a thread (the CUDA default), a graceful stop (server shutdown) and a resume in
+    another engine, reading inline: the same output as one uninterrupted inline run."""
+    pan = bus_pan(150)
+    pan.width, pan.height = 192, 256
+    pan.write(tmp_path / "pan.mp4")
+    settings = Settings(data_dir=tmp_path / "data")
+
+    def engine(db: str, readers: int) -> LocalEngine:
+        return LocalEngine(lambda _: fall, state_db=tmp_path / db, readers=readers, settings=settings)
+
+    def body(out: str) -> dict:
+        return video_job(
+            tmp_path / "pan.mp4", tmp_path / out, "cvat_video", params={"imgsz": 256}, batch_size=4
+        )
+
+    first = engine("stopped.sqlite3", readers=2)
+    job = first.submit(JobSpec.model_validate(body("resumed")))
+    while (status := first.status(job.id)).done == 0:
+        assert status.state in ("queued", "running"), status
+        time.sleep(0.05)
+    first.close()  # as at server shutdown: the batch in flight is committed, the job goes back to queued
+    stopped = LocalEngine(lambda _: fall, state_db=tmp_path / "stopped.sqlite3", settings=settings)
+    assert (stopped.status(job.id).state, stopped.status(job.id).done % 4) == ("queued", 0)
+    stopped.close()
+
+    second = engine("stopped.sqlite3", readers=0)
+    try:
+        assert second.resume_unfinished() == [job.id]
+        while (status := second.status(job.id)).state in ("queued", "running"):
+            time.sleep(0.1)
+        assert (status.state, status.done) == ("completed", 150), status
+        straight = engine("straight.sqlite3", readers=0)
+        try:
+            assert run_job(straight, body("straight")).state == "completed"
+        finally:
+            straight.close()
+    finally:
+        second.close()
+    resumed = (tmp_path / "resumed" / "annotations.xml").read_bytes()
+    assert resumed == (tmp_path / "straight" / "annotations.xml").read_bytes()
 
 
 # -- writers, on tracks made by hand -------------------------------------------------------------------------

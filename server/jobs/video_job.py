@@ -152,6 +152,9 @@ class _Run:
                 self._commit()
             if self.control.stop.is_set():
                 return
+        if self.control.stop.is_set():  # the reader gave up midway: leave a partial batch pending, so that
+            self._commit()  # the resumed job forms the same batches as an uninterrupted run
+            return
         self._label(batch)
         self._commit()
 
