@@ -109,11 +109,8 @@ def run_video_job(
         ) from None
 
     frames = _paired(_pending(store, job_id), video, after)
-    with (
-        _ReadAhead(frames, read_ahead, control.stop)
-        if read_ahead > 0
-        else contextlib.nullcontext(frames) as source
-    ):
+    ahead = _ReadAhead(frames, read_ahead, control.stop) if read_ahead > 0 else contextlib.nullcontext(frames)
+    with ahead as source:
         _Run(store, job_id, spec, detector, tracker, control).consume(source)
 
 
