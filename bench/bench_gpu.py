@@ -136,6 +136,44 @@ def click_rows(name: str, images: dict[str, np.ndarray], repeat: int) -> list[di
     return rows
 
 
+def scheduler_rows(name: str, image: np.ndarray, clients: int, batches: list[int]) -> list[dict]:
+    """labelserve's encode scheduler: `clients` first clicks arriving together, batched or one by one."""
+    import threading
+
+    from server.encode_scheduler import EncodeScheduler, Priority
+
+    torch.manual_seed(0)
+    segmenter = SamSegmenter(name, build_sam(name, None).to(DEVICE), torch.device(DEVICE),
+                             encoder_autocast=torch.float16)  # fmt: skip
+    rows = []
+    for batch in batches:
+        scheduler = EncodeScheduler(segmenter.encode, name, segmenter.encode_batch, batch, 2.0)
+        for _ in range(2):  # warm-up of this batch shape
+            [t.result() for t in [scheduler.submit(image, Priority.INTERACTIVE) for _ in range(clients)]]
+        waits: list[float] = []
+        start = time.perf_counter()
+        threads = []
+        for _ in range(clients):
+
+            def one(scheduler: EncodeScheduler = scheduler, waits: list[float] = waits) -> None:
+                began = time.perf_counter()
+                scheduler.submit(image, Priority.INTERACTIVE).result()
+                waits.append((time.perf_counter() - began) * 1000)
+
+            threads.append(threading.Thread(target=one))
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        total = (time.perf_counter() - start) * 1000
+        alone = median_ms(lambda s=scheduler: s.submit(image, Priority.INTERACTIVE).result(), 10)
+        rows.append({"model": name, "max_batch": batch, "clients": clients, "total_ms": total,
+                     "images_per_s": clients / total * 1000, "p50_wait_ms": statistics.median(waits),
+                     "max_wait_ms": max(waits), "single_ms": alone})  # fmt: skip
+        scheduler.close()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -143,7 +181,8 @@ def main() -> None:
     parser.add_argument("--models", default="sam_vit_h,sam_vit_b,mobile_sam")
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--batches", default="1,2,4,8")
-    parser.add_argument("--sections", default="encoder,batch,click")
+    parser.add_argument("--sections", default="encoder,batch,click,scheduler")
+    parser.add_argument("--clients", type=int, default=16, help="simultaneous first clicks (scheduler)")
     parser.add_argument("--sizes", default="1920x1080,4000x3000", help="click images, WxH")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False  # the reference's float32 stays float32
@@ -152,7 +191,7 @@ def main() -> None:
     sizes = [tuple(int(v) for v in size.split("x")) for size in args.sizes.split(",")]
     images = {f"{w}×{h}": synthetic_scene(w, h) for w, h in sizes}
     hd = next(iter(images.values()))
-    results: dict[str, list] = {"encoder": [], "batch": [], "click": []}
+    results: dict[str, list] = {"encoder": [], "batch": [], "click": [], "scheduler": []}
     for name in names:
         if "encoder" in args.sections:
             results["encoder"] += encoder_rows(name, hd, args.repeat)
@@ -160,6 +199,8 @@ def main() -> None:
             results["batch"] += batch_rows(name, batches, args.repeat, torch.float16)
         if "click" in args.sections:
             results["click"] += click_rows(name, images, args.repeat * 2)
+        if "scheduler" in args.sections:
+            results["scheduler"] += scheduler_rows(name, hd, args.clients, [1, 4, 8])
     gpu = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (smoke run)"
     results["device"] = gpu
     results["torch"] = torch.__version__
@@ -185,6 +226,13 @@ def main() -> None:
     for r in results["batch"]:
         print(f"| {r['model']} | {r['batch']} | {r['ms']:.1f} | {r['ms_per_image']:.1f} | "
               f"{single[r['model']] / r['ms_per_image']:.2f}× | {r['peak_gib']:.1f} |")  # fmt: skip
+    print(f"\nEncode scheduler, {args.clients} first clicks at once (1080p), batched vs one by one:\n")
+    print("| model | max batch | all done | images/s | p50 wait | max wait | one click alone |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results["scheduler"]:
+        print(f"| {r['model']} | {r['max_batch']} | {r['total_ms']:.0f} ms | {r['images_per_s']:.1f} | "
+              f"{r['p50_wait_ms']:.0f} ms | {r['max_wait_ms']:.0f} ms | "
+              f"{r['single_ms']:.1f} ms |")  # fmt: skip
     print("\nWarm click (prompt → full-resolution mask), against SamPredictor.predict:\n")
     print("| model | image | labelserve ms | SamPredictor ms | speed-up |")
     print("|---|---|---|---|---|")

@@ -66,6 +66,9 @@ class Segmenter(ABC):
     name: str
     # Bumped whenever preprocessing changes, so stale cached embeddings are never reused.
     preprocessing_version: str
+    # What encode() returns its features as; embeddings read back from a shared cache tier are put there too.
+    cache_dtype: torch.dtype = torch.float16
+    cache_device: torch.device = torch.device("cpu")
 
     @abstractmethod
     def encode(self, image: np.ndarray) -> ImageEmbedding:

@@ -15,6 +15,7 @@ import torch
 from models.base import ModelLoading, ModelUnavailable, Segmenter, UnknownModel
 from models.detector import Detector
 from models.sam import SAM_ARCHITECTURES, SamSegmenter, build_sam, encoder_autocast
+from models.tracker import Tracker
 from server.settings import Settings
 from weights import store
 
@@ -34,7 +35,7 @@ class ModelRecord:
     fix: str | None = None
     load_seconds: float | None = None
     path: Path | None = None  # a local checkpoint the operator configured (not in the manifest)
-    model: Segmenter | Detector | None = field(default=None, repr=False)
+    model: Segmenter | Detector | Tracker | None = field(default=None, repr=False)
 
     def describe(self) -> dict:
         return {
@@ -78,8 +79,8 @@ class ModelRegistry:
         for entry in store.load_manifest().values():
             if entry.architecture in SAM_ARCHITECTURES:
                 self._records[entry.name] = ModelRecord(entry.name, "segmenter", entry.architecture)
-            elif entry.kind == "detector":
-                self._records[entry.name] = ModelRecord(entry.name, "detector", entry.architecture)
+            elif entry.kind in ("detector", "tracker"):
+                self._records[entry.name] = ModelRecord(entry.name, entry.kind, entry.architecture)
         for name, path in settings.detector_paths.items():
             self._records[name] = ModelRecord(name, "detector", "ultralytics", path=Path(path))
         unknown = [name for name in settings.models if name not in self._records]
@@ -179,8 +180,14 @@ class ModelRegistry:
             log.error("model %s refused: %s", record.name, bad)
             return None
 
-    def _build(self, record: ModelRecord, source: Path | str) -> Segmenter | Detector:
+    def _build(self, record: ModelRecord, source: Path | str) -> Segmenter | Detector | Tracker:
         checkpoint = source if isinstance(source, Path) else None
+        if record.kind == "tracker":
+            from models.sam2_tracker import build_sam2_tracker
+
+            return build_sam2_tracker(
+                record.name, record.architecture, checkpoint, self.settings, self.device
+            )
         if record.kind == "segmenter":
             return SamSegmenter(
                 record.name,
@@ -214,7 +221,12 @@ class ModelRegistry:
         assert isinstance(model, Detector)
         return model
 
-    def _loaded(self, name: str, kind: str) -> Segmenter | Detector:
+    def tracker(self, name: str) -> Tracker:
+        model = self._loaded(name, "tracker")
+        assert isinstance(model, Tracker)
+        return model
+
+    def _loaded(self, name: str, kind: str) -> Segmenter | Detector | Tracker:
         record = self.record(name)
         if record.kind != kind:
             raise UnknownModel(f"{name!r} is a {record.kind}, not a {kind}; GET /v1/models lists the {kind}s")

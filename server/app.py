@@ -22,7 +22,8 @@ from server.jobs.engine import LocalEngine
 from server.jobs.store import JOBS_DB_NAME
 from server.memory import pin_mmap_threshold
 from server.middleware import install_request_pipeline
-from server.routes import detect, sam, system, track
+from server.prefetch import PrefetchManager, PrefetchRequest
+from server.routes import detect, prefetch, sam, system, track
 from server.sam_service import SamService
 from server.schemas import (
     DetectRequest,
@@ -46,6 +47,7 @@ def create_app(settings: Settings | None = None, *, load_models_in_background: b
     sam_service = SamService(registry, settings)
     detect_service = DetectService(registry, settings, sam_service)
     jobs = job_engine(registry, detect_service, settings)
+    prefetcher = PrefetchManager(sam_service, settings)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -57,6 +59,8 @@ def create_app(settings: Settings | None = None, *, load_models_in_background: b
             log.info("resumed %d unfinished jobs: %s", len(resumed), resumed)
         yield
         jobs.close()  # running jobs go back to queued; the next start resumes them
+        prefetcher.close()
+        sam_service.close()  # after the prefetch runner: its queued encodes fail rather than hang
         if loader is not None and loader.is_alive():
             # Exiting while torch builds a model in that thread aborts the process ("terminate called without
             # an active exception", exit 134): a stop during start-up waits for the build to end instead.
@@ -80,6 +84,7 @@ def create_app(settings: Settings | None = None, *, load_models_in_background: b
     app.state.inflight = inflight
     app.state.latest_wins = app.state.services.latest_wins
     app.add_middleware(InflightMiddleware, limiter=inflight)
+    app.state.prefetch = prefetcher
     install_error_handlers(app)
     _install_model_errors(app)
     app.include_router(sam.router)
@@ -88,6 +93,7 @@ def create_app(settings: Settings | None = None, *, load_models_in_background: b
     app.include_router(system.router)
     app.include_router(nuclio.router)
     app.include_router(job_routes.router)
+    app.include_router(prefetch.router)
     install_request_pipeline(app, settings, jobs.store)  # after the routers: it checks each has a scope
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
@@ -117,8 +123,8 @@ def _openapi(app: FastAPI) -> dict:
         )
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         # Request bodies are parsed by hand (JSON or multipart), so their models are added explicitly.
-        for model in (EmbedRequest, SegmentRequest, DetectRequest, TrackStartRequest, TrackStepRequest,
-                      PropagateRequest):  # fmt: skip
+        for model in (EmbedRequest, SegmentRequest, DetectRequest, PrefetchRequest, TrackStartRequest,
+                      TrackStepRequest, PropagateRequest):  # fmt: skip
             body = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(body.pop("$defs", {}))
             components[model.__name__] = body

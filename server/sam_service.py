@@ -7,11 +7,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.base import ImageEmbedding, Prompt, Segmenter
+from models.base import ImageEmbedding, Prompt
 from models.registry import ModelRegistry
-from server.cache import EmbeddingCache
+from server.embeddings import Tier, TieredEmbeddings
+from server.encode_scheduler import Priority
 from server.errors import ApiError
-from server.images import decode_image, image_id
+from server.images import image_id
+from server.l2 import build_l2
 from server.masks import RegionMask, coco_rle_decode, cvat_rle_decode
 from server.refine import PromptKey, RefinementHistory
 from server.schemas import MaskPrompt, SegmentRequest
@@ -24,7 +26,11 @@ from server.timing import Timings
 class Embedded:
     image_id: str
     embedding: ImageEmbedding
-    cached: bool
+    tier: Tier  # where the embedding came from: l1, l2, or a fresh encode
+
+    @property
+    def cached(self) -> bool:
+        return self.tier != "encode"
 
 
 @dataclass(frozen=True)
@@ -38,46 +44,38 @@ class SamService:
     def __init__(self, registry: ModelRegistry, settings: Settings) -> None:
         self.registry = registry
         self.settings = settings
-        self.cache: EmbeddingCache[ImageEmbedding] = EmbeddingCache(settings.cache_bytes, lambda e: e.nbytes)
+        self.embeddings = TieredEmbeddings(settings, build_l2(settings))
+        self.cache = self.embeddings.l1  # the in-process L1
         self.history = RefinementHistory(settings.prompt_history_bytes)
 
-    def _key(self, segmenter: Segmenter, content_id: str) -> tuple[str, str, str]:
-        return (segmenter.name, content_id, segmenter.preprocessing_version)
-
-    def embed(self, model: str, data: bytes, timings: Timings) -> Embedded:
+    def embed(
+        self, model: str, data: bytes, timings: Timings, priority: Priority = Priority.INTERACTIVE
+    ) -> Embedded:
         segmenter = self.registry.segmenter(model)
         with timings.stage("hash"):
             content_id = image_id(data)
-
-        def compute() -> ImageEmbedding:
-            with timings.stage("decode_image"):
-                image = decode_image(data, self.settings.max_image_pixels)
-            with timings.stage("encode"):
-                return segmenter.encode(image)
-
-        with timings.stage("embedding"):
-            embedding, cached = self.cache.get_or_compute(self._key(segmenter, content_id), compute)
-        return Embedded(content_id, embedding, cached)
+        found = self.embeddings.get_or_encode(segmenter, content_id, data, timings, priority)
+        return Embedded(content_id, found.embedding, found.tier)
 
     def embed_decoded(self, model: str, content_id: str, image: np.ndarray) -> ImageEmbedding:
-        """The embedding of an already decoded image (video frames), through the same cache as `embed`."""
+        """The embedding of an already decoded image (video frames), through the same tiers as `embed`."""
         segmenter = self.registry.segmenter(model)
-        embedding, _ = self.cache.get_or_compute(
-            self._key(segmenter, content_id), lambda: segmenter.encode(image)
+        found = self.embeddings.get_or_encode(
+            segmenter, content_id, b"", Timings(), Priority.INTERACTIVE, decoded=image
         )
-        return embedding
+        return found.embedding
 
-    def cached_embedding(self, model: str, content_id: str) -> Embedded:
+    def cached_embedding(self, model: str, content_id: str, timings: Timings | None = None) -> Embedded:
         segmenter = self.registry.segmenter(model)
-        embedding = self.cache.get(self._key(segmenter, content_id))
-        if embedding is None:
+        found = self.embeddings.find(segmenter, content_id, timings or Timings())
+        if found is None:
             raise ApiError(
                 404,
                 "image_not_cached",
                 f"No embedding of image {content_id} for model {model!r} (never sent, or evicted from the "
                 "cache); send the image itself in 'image', or POST it to /v1/sam/{model}/embed first.",
             )
-        return Embedded(content_id, embedding, True)
+        return Embedded(content_id, found.embedding, found.tier)
 
     def predict(
         self, model: str, data: bytes | None, request: SegmentRequest, timings: Timings
@@ -86,7 +84,7 @@ class SamService:
             embedded = self.embed(model, data, timings)
         else:
             assert request.image_id is not None
-            embedded = self.cached_embedding(model, request.image_id)
+            embedded = self.cached_embedding(model, request.image_id, timings)
         return self.predict_on(model, embedded, request, timings)
 
     def predict_on(
@@ -149,15 +147,20 @@ class SamService:
             "width": width,
             "height": height,
             "cached": prediction.embedded.cached,
+            "cache_tier": prediction.embedded.tier,
             "refined_from_points": prediction.refined_from,
             "masks": masks,
         }
 
-    def clear(self) -> dict:
-        return {"embeddings": self.cache.clear(), "refinement": self.history.clear()}
+    def clear(self, l2_too: bool = False) -> dict:
+        """This process's embeddings and refinement logits; the shared L2 only when asked."""
+        return {**self.embeddings.clear(l2_too), "refinement": self.history.clear()}
 
     def stats(self) -> dict:
-        return {"embeddings": self.cache.snapshot(), "refinement": self.history.snapshot()}
+        return {**self.embeddings.stats(), "refinement": self.history.snapshot()}
+
+    def close(self) -> None:
+        self.embeddings.close()
 
 
 def _finite(values: list[float], what: str) -> None:

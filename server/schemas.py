@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from server.shapes import MASK_FORMATS
@@ -76,12 +78,18 @@ class SegmentRequest(BaseModel):
         return self
 
 
+CACHE_TIER_DOC = (
+    "Where the embedding came from: l1 (this process's cache), l2 (Redis or disk), or encode (computed now)."
+)
+
+
 class EmbedResponse(BaseModel):
     image_id: str
     model: str
     width: int
     height: int
-    cached: bool
+    cached: bool = Field(description="No encode was needed (the embedding came from a cache tier).")
+    cache_tier: Literal["l1", "l2", "encode"] = Field(description=CACHE_TIER_DOC)
     timings_ms: dict[str, float]
 
 
@@ -100,6 +108,7 @@ class SegmentResponse(BaseModel):
     width: int
     height: int
     cached: bool
+    cache_tier: Literal["l1", "l2", "encode"] = Field(description=CACHE_TIER_DOC)
     refined_from_points: int | None = Field(
         description="Size of the earlier prompt set whose logits were reused."
     )

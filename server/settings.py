@@ -124,6 +124,43 @@ class Settings(BaseSettings):
         default=64 * 1024**2, description="Byte cap of the low-res logits kept for automatic refinement."
     )
 
+    # Second-level embedding cache (L2): Redis shared by replicas, or a directory on one host; not both.
+    cache_namespace: str = Field(
+        default="labelserve",
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Prefix of this deployment's L2 keys (Redis) or its subdirectory (disk); servers that "
+        "share it share embeddings, and DELETE /v1/cache?scope=all clears only it.",
+    )
+    cache_redis_url: str | None = Field(
+        default=None, description="redis://[:password@]host:port/db (or rediss://, unix://) of the L2 cache."
+    )
+    cache_redis_ttl_s: int = Field(
+        default=24 * 3600, ge=1, description="Redis entries expire this long after their last use."
+    )
+    cache_redis_timeout_s: float = Field(
+        default=0.25,
+        gt=0,
+        description="Connect and socket timeout of each Redis call; past it the call counts as failed and "
+        "the request goes on without L2.",
+    )
+    cache_disk_dir: Path | None = Field(
+        default=None, description="Directory of the on-disk L2 cache (single host, shared by its workers)."
+    )
+    cache_disk_bytes: int = Field(default=20 * 1024**3, ge=0, description="Byte cap of the on-disk L2 cache.")
+    cache_l2_retry_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="After an L2 failure, L2 is skipped this long, then tried once; each further failure "
+        "doubles the wait, up to cache_l2_retry_max_s.",
+    )
+    cache_l2_retry_max_s: float = Field(default=30.0, gt=0, description="Longest wait between L2 retries.")
+
+    # Prefetch: embeddings computed in the background, behind interactive requests.
+    prefetch_max_runs: int = Field(
+        default=4, ge=1, description="Prefetch runs queued or running at once; more are refused (503)."
+    )
+    prefetch_max_images: int = Field(default=10_000, ge=1, description="Most images in one prefetch run.")
+
     # Detection: concurrent requests are micro-batched onto the model.
     detect_max_batch: int = Field(default=8, ge=1, description="Most images in one detector forward pass.")
     detect_max_wait_ms: float = Field(
@@ -148,6 +185,17 @@ class Settings(BaseSettings):
         default=512 * 1024**2, ge=1, description="Byte cap of all tracking states; the least recent go first."
     )
     track_max_objects: int = Field(default=64, ge=1, description="Most objects one tracking call may start.")
+
+    # Encoder micro-batching: first clicks and prefetches that arrive together share one encoder pass.
+    encode_max_batch: int | None = Field(
+        default=None,
+        ge=1,
+        description="Most images in one SAM encoder pass; default 8 with CUDA, 1 on a CPU (where one encode "
+        "already fills every core, so batching would only delay the first image).",
+    )
+    encode_max_wait_ms: float = Field(
+        default=2.0, ge=0, description="How long an encode waits for others to share its pass (GPU)."
+    )
 
     # Backpressure: bounded work in flight; beyond it, 503 with Retry-After instead of unbounded queues.
     max_inflight_interactive: int = Field(
@@ -260,6 +308,15 @@ class Settings(BaseSettings):
         "rotated by renaming it.",
     )
 
+    # Tracking
+    sam2_memory_frames: int = Field(
+        default=6,
+        ge=1,
+        le=6,
+        description="Recent frames whose memory a SAM 2 track keeps besides the prompted one (SAM 2 reads 6);"
+        " fewer saves memory per tracked object, at some accuracy.",
+    )
+
     @field_validator("models", "url_allow_hosts", "cvat_allow_ips", mode="before")
     @classmethod
     def _split_names(cls, value: object) -> object:
@@ -308,6 +365,19 @@ class Settings(BaseSettings):
     def _cvat_port_differs(self) -> Settings:
         if self.cvat_port is not None and self.cvat_port == self.port:
             raise ValueError("cvat_port must differ from port: the CVAT listener is a second server")
+        return self
+
+    @field_validator("cache_redis_url", "cache_disk_dir", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _one_l2(self) -> Settings:
+        if self.cache_redis_url and self.cache_disk_dir is not None:
+            raise ValueError(
+                "set LABELSERVE_CACHE_REDIS_URL or LABELSERVE_CACHE_DISK_DIR, not both: there is one L2 cache"
+            )
         return self
 
     def job_reader_threads(self, cuda: bool) -> int:

@@ -22,6 +22,10 @@ class Timings:
         finally:
             self.stages[name] = self.stages.get(name, 0.0) + (time.perf_counter() - started) * 1000.0
 
+    def add(self, name: str, ms: float) -> None:
+        """A stage timed elsewhere (another thread)."""
+        self.stages[name] = self.stages.get(name, 0.0) + ms
+
     def as_dict(self) -> dict[str, float]:
         return {name: round(ms, 2) for name, ms in self.stages.items()}
 

@@ -114,10 +114,11 @@ class TrackService:
         self._lock = threading.Lock()
 
     def names(self) -> list[str]:
-        loaded = [
-            r["name"] for r in self.registry.describe() if r["kind"] == "segmenter" and r["state"] == "loaded"
-        ]
-        return [*self._weight_free, *(name + PROPAGATE_SUFFIX for name in loaded)]
+        """Weight-free trackers, SAM propagation per loaded SAM model, and loaded tracker models (SAM 2)."""
+        loaded = [r for r in self.registry.describe() if r["state"] == "loaded"]
+        segmenters = [r["name"] + PROPAGATE_SUFFIX for r in loaded if r["kind"] == "segmenter"]
+        models = [r["name"] for r in loaded if r["kind"] == "tracker"]
+        return [*self._weight_free, *segmenters, *models]
 
     def tracker(self, name: str) -> Tracker:
         if name in self._weight_free:
@@ -133,9 +134,14 @@ class TrackService:
 
                     self._sam[name] = SamPropagationTracker(segmenter, embed)
                 return self._sam[name]
+        if name in self.registry.enabled or self._is_known_tracker_model(name):
+            return self.registry.tracker(name)  # loading or unavailable: the registry's own 503
         raise ApiError(
             404, "unknown_tracker", f"No tracker {name!r}; GET /v1/trackers lists the available ones."
         )
+
+    def _is_known_tracker_model(self, name: str) -> bool:
+        return any(r["name"] == name and r["kind"] == "tracker" for r in self.registry.describe())
 
     def frame(self, data: bytes) -> Frame:
         return Frame(decode_image(data, self.settings.max_image_pixels), image_id(data))

@@ -17,6 +17,7 @@ from PIL import Image
 from server.app import create_app
 from server.settings import Settings
 
+from .redis_server import MISSING, REDIS_SERVER, RedisServer
 from .server_process import ServerProcess
 
 
@@ -116,3 +117,12 @@ def detect_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClie
     )
     with TestClient(create_app(settings, load_models_in_background=False)) as client:
         yield client
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real, empty redis-server of this test's own, on a free loopback port."""
+    if REDIS_SERVER is None:
+        pytest.skip(MISSING)
+    with RedisServer(tmp_path / "redis") as server:
+        yield server

@@ -101,7 +101,7 @@ def test_manifest_entries_are_well_formed() -> None:
         assert re.fullmatch(r"[0-9a-f]{64}", e.sha256), name
         assert isinstance(e.size, int) and e.size > 0, name
         assert e.url.startswith("https://"), name
-        assert e.kind in {"segmenter", "detector"}, name
+        assert e.kind in {"segmenter", "detector", "tracker"}, name
         assert e.filename and "/" not in e.filename and e.url.endswith(e.filename), name
         assert e.license and e.source, name
 

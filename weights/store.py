@@ -22,7 +22,7 @@ PART_SUFFIX = ".part"
 class WeightEntry:
     name: str
     architecture: str  # sam_vit_b | sam_vit_l | sam_vit_h | mobile_sam; detectors to come
-    kind: str  # segmenter | detector
+    kind: str  # segmenter | detector | tracker
     filename: str
     url: str
     size: int

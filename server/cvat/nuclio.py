@@ -119,6 +119,7 @@ def catalogue(svc: Services) -> dict[str, NuclioFunction]:
             function_id(model), "detector" if kind == "detector" else "interactor", model
         )
         for model, kind in loaded.items()
+        if kind in ("detector", "segmenter")  # tracker models are listed below, with the other trackers
     }
     for tracker in svc.track.names():
         fid = tracker_function_id(tracker)

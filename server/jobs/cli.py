@@ -1,5 +1,8 @@
 """`labelserve prelabel SOURCE... --model NAME --out DIR --format F`: a job run in this process, no server.
 
+A single video file (mp4, mkv, mov, webm, avi, ...) is pre-labelled with detection and multi-object tracking
+(`--tracker`, ByteTrack by default) into `--format cvat_video` (CVAT for video 1.1 tracks) or `mot`.
+
 `--cvat-task URL/tasks/ID` uploads the results into that CVAT task (as well as, or instead of, writing
 files); with no SOURCE the task's own frames are pre-labelled. Credentials come from the environment, as
 for cvat-cli: CVAT_ACCESS_TOKEN (a personal access token), or CVAT_USER and CVAT_PASSWORD.
@@ -32,6 +35,7 @@ from server.errors import ApiError
 from server.jobs.engine import GetDetector, JobStatus, LocalEngine, Refine
 from server.jobs.spec import IMAGE_EXTENSIONS, JobSpec
 from server.jobs.store import ACTIVE_STATES
+from server.jobs.video_source import is_video_path
 from server.objectstore.locations import is_s3_url
 from server.settings import get_settings
 
@@ -54,14 +58,22 @@ def add_prelabel_command(subparsers: Any, runtime: Runtime) -> None:
         "source",
         nargs="*",
         metavar="SOURCE",
-        help="one directory or s3://bucket/prefix, or one CVAT manifest.jsonl, or image files, or image URLs "
-        "(none: the frames of --cvat-task)",
+        help="one directory or s3://bucket/prefix, or one CVAT manifest.jsonl, or one video file or URL, or "
+        "image files, or image URLs (none: the frames of --cvat-task)",
     )
     p.add_argument("--model", required=True, help="detector model name")
     p.add_argument(
         "--out", help="output directory (created if missing), or s3://bucket/prefix; needs --format"
     )
-    p.add_argument("--format", choices=("cvat_images", "coco", "yolo"))
+    p.add_argument("--format", choices=("cvat_images", "coco", "yolo", "cvat_video", "mot"))
+    video = p.add_argument_group("video", "a single video SOURCE: detection + multi-object tracking")
+    video.add_argument(
+        "--tracker", choices=("bytetrack", "botsort"), help="multi-object tracker (default bytetrack)"
+    )
+    video.add_argument("--track-buffer", type=int, help="frames a lost track is kept (default 30)")
+    video.add_argument("--start-frame", type=int, help="first frame (default 0)")
+    video.add_argument("--stop-frame", type=int, help="last frame, included (default: the last)")
+    video.add_argument("--frame-step", type=int, help="every N-th frame (default 1)")
     cvat = p.add_argument_group(
         "CVAT task", "credentials: CVAT_ACCESS_TOKEN, or CVAT_USER and CVAT_PASSWORD (environment)"
     )
@@ -81,7 +93,7 @@ def add_prelabel_command(subparsers: Any, runtime: Runtime) -> None:
     cvat.add_argument("--allow-unmatched", action="store_true", help="drop labels the task does not have")
     cvat.add_argument("--clear-existing", action="store_true", help="replace the task's annotations")
     cvat.add_argument("--conv-mask-to-poly", action="store_true", help="upload masks as polygons")
-    p.add_argument("--conf", type=float, help="minimum confidence (default 0.25)")
+    p.add_argument("--conf", type=float, help="minimum confidence (default 0.25; 0.1 for videos)")
     p.add_argument("--iou", type=float, help="NMS IoU threshold (default 0.7)")
     p.add_argument("--classes", help="comma-separated class ids to keep (default: all)")
     p.add_argument("--imgsz", type=int, help="inference size (default 640)")
@@ -120,6 +132,11 @@ def build_spec(args: argparse.Namespace) -> JobSpec:
     if not sources:
         assert cvat_task is not None
         source = {"cvat_task": cvat_task}
+    elif single is not None and is_video_path(single):
+        source = {"video": single if urls[0] else str(Path(single).resolve())}
+        frames = {"start": args.start_frame, "stop": args.stop_frame, "step": args.frame_step}
+        if any(v is not None for v in frames.values()):
+            source["frames"] = {k: v for k, v in frames.items() if v is not None}
     elif single is not None and single.endswith(".jsonl"):
         source = {"manifest": single if urls[0] else str(Path(single).resolve())}
     elif single is not None and is_s3_url(single) and not single.lower().endswith(IMAGE_EXTENSIONS):
@@ -154,6 +171,11 @@ def build_spec(args: argparse.Namespace) -> JobSpec:
         }
         # With the task as the source, the output names no task: it is the source's.
         output["cvat_task"] = options if "cvat_task" in source else cvat_task | options
+    tracker = {"type": args.tracker, "track_buffer": args.track_buffer}
+    tracking = {k: v for k, v in tracker.items() if v is not None}
+    framing = (args.start_frame, args.stop_frame, args.frame_step)
+    if (tracking or any(v is not None for v in framing)) and "video" not in source:
+        raise ValueError("--tracker, --track-buffer and the frame range need a video SOURCE")
     return JobSpec.model_validate(
         {
             "source": source,
@@ -163,6 +185,7 @@ def build_spec(args: argparse.Namespace) -> JobSpec:
             "output": output,
             "batch_size": args.batch_size,
         }
+        | ({"tracker": tracking} if tracking else {})
     )
 
 

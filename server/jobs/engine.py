@@ -7,6 +7,9 @@ the batches in flight, and resuming processes only what is still pending. When n
 output is written from the stored results in item order, which makes a resumed job's output byte-identical
 to an uninterrupted run's. A CVAT task output is uploaded after that, in chunks the store keeps track of
 (server.jobs.cvat_upload), so a resumed upload neither repeats nor misses annotations.
+
+A video source runs differently (server.jobs.video_job): its frames are decoded in order and tracked, and the
+tracker's state is checkpointed with the results, so that a resumed job's tracks are an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Protocol, TypeVar
 from urllib.parse import unquote, urlsplit
 
@@ -34,13 +37,18 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from models.detector import Detector, DetectorInfo, DetectParams
+from models.yolo import configure_offline
 from server.errors import ApiError
 from server.images import decode_image
 from server.jobs import cvat_task as cvat
 from server.jobs.cvat_spec import CvatTaskOutput
 from server.jobs.serde import shape_from_dict, shape_to_dict
-from server.jobs.spec import JobSpec
+from server.jobs.spec import VIDEO_FORMATS, JobSpec
 from server.jobs.store import ACTIVE_STATES, JobRow, JobState, JobStore, Outcome
+from server.jobs.tracking import TRACKED_TASKS
+from server.jobs.video_job import VideoJobFailed, run_video_job
+from server.jobs.video_source import copy_path, fetch, local_path, probe
+from server.jobs.video_writers import FrameTracks, VideoMeta, write_video_output
 from server.jobs.writers import ImageResult, check_names, output_paths, write_output
 from server.objectstore.locations import is_s3_url, parse_s3_url
 from server.objectstore.store import store_for
@@ -207,6 +215,13 @@ class LocalEngine:
                 422,
                 "unknown_class",
                 f"Detector {spec.detector!r} has no class ids {unknown}; it has {sorted(info.class_names)}.",
+            )
+        if spec.source.video is not None and info.task not in TRACKED_TASKS:
+            raise ApiError(
+                422,
+                "unsupported_detector",
+                f"{spec.detector!r} is a {info.task} model; video jobs track the boxes or masks of "
+                f"{' and '.join(TRACKED_TASKS)} models.",
             )
         if info.task == "classify" and spec.output.format not in (None, "cvat_images"):
             raise ApiError(
@@ -449,7 +464,9 @@ class LocalEngine:
             if connections is not None and spec.source.cvat_task is not None:
                 read = _cvat_step("reading the CVAT task", connections.frame_reader, spec.source.cvat_task)
             detector = self._ready_detector(spec.detector, control)
-            if detector is not None:
+            if detector is not None and spec.source.video is not None:
+                self._process_video(job_id, spec, detector, control)
+            elif detector is not None:
                 self._process(job_id, spec, detector, control, read)
             if control.stop.is_set():
                 self._stopped(job_id, control)
@@ -469,6 +486,8 @@ class LocalEngine:
                 outputs.append(self._task_page(spec.output.cvat_task))
         if self.store.transition(job_id, "completed", only_from=("running",), now=time.time()):
             self.store.set_secrets(job_id, None)  # nothing left to do with them
+            if spec.source.video is not None:
+                self._video_done(job_id, spec.source.video)
             log.info("job %s completed: %s", job_id, ", ".join(outputs))
 
     def _stopped(self, job_id: str, control: _Control) -> None:
@@ -516,13 +535,17 @@ class LocalEngine:
         try:
             if remote:
                 shutil.rmtree(directory, ignore_errors=True)  # no files left from an earlier attempt
-            write_output(
-                output_format,
-                directory,
-                info,
-                lambda: self._results(job_id),
-                self._settings.polygon_tolerance,
-            )
+            if output_format in VIDEO_FORMATS:
+                meta = self._video_meta(job_id, spec)
+                write_video_output(output_format, directory, info, lambda: self._tracks(job_id), meta)
+            else:
+                write_output(
+                    output_format,
+                    directory,
+                    info,
+                    lambda: self._results(job_id),
+                    self._settings.polygon_tolerance,
+                )
             if remote:
                 store_for(self._settings).upload_tree(directory, target)
         except OSError as exc:
@@ -543,6 +566,46 @@ class LocalEngine:
                     raise _JobFailed(exc.message) from None
             control.stop.wait(2.0)
         return None
+
+    def _process_video(self, job_id: str, spec: JobSpec, detector: Detector, control: _Control) -> None:
+        assert spec.source.video is not None
+        if detector.info.task not in TRACKED_TASKS:  # the model was replaced since submit
+            raise _JobFailed(f"{spec.detector!r} is now a {detector.info.task} model, which is not tracked")
+        configure_offline(self._settings.data_dir / "ultralytics")  # before ultralytics' trackers load
+        try:
+            video = fetch(spec.source.video, self._settings)
+        except ApiError as exc:
+            raise _JobFailed(f"the video cannot be fetched: {exc.message}") from None
+        if not video.is_file():
+            raise _JobFailed(f"the video {spec.source.video} no longer exists")
+        control.started = time.monotonic()
+        read_ahead = self._prefetch if self._readers > 0 else 0
+        try:
+            run_video_job(self.store, job_id, spec, detector, video, control, read_ahead)
+        except VideoJobFailed as exc:
+            raise _JobFailed(str(exc)) from None
+
+    def _video_meta(self, job_id: str, spec: JobSpec) -> VideoMeta:
+        assert spec.source.video is not None
+        frames = spec.source.frames
+        start, step = (frames.start, frames.step) if frames is not None else (0, 1)
+        total = self._row(job_id).total
+        try:
+            fps = probe(fetch(spec.source.video, self._settings), "", self._settings.max_image_pixels).fps
+        except ApiError:
+            fps = None
+        name = PurePosixPath(urlsplit(spec.source.video).path).name or "video"
+        return VideoMeta(name, total, start, start + (total - 1) * step, step, fps)
+
+    def _video_done(self, job_id: str, video: str) -> None:
+        """A completed job is never resumed: drop its tracker state, and its copy of a remote video unless
+        another unfinished job reads it."""
+        self.store.drop_checkpoint(job_id)
+        if local_path(video) is not None:
+            return
+        active = self.store.jobs(ACTIVE_STATES)
+        if video not in (JobSpec.model_validate_json(row.spec).source.video for row in active):
+            copy_path(video, self._settings).unlink(missing_ok=True)
 
     def _process(self, job_id: str, spec: JobSpec, detector: Detector, control: _Control, read: Read) -> None:
         params = spec.params.detect_params()
@@ -652,6 +715,12 @@ class LocalEngine:
             raise ApiError(400, "unsupported_url", f"URL scheme {scheme!r} is not supported.")
         return asyncio.run(reader(ref, self._settings, purpose="job"))
 
+    def _tracks(self, job_id: str) -> Iterator[FrameTracks]:
+        for item in self.store.items(job_id, status="done"):
+            assert item.width is not None and item.height is not None and item.result is not None
+            objects = [(d.pop("track"), shape_from_dict(d)) for d in json.loads(item.result)]
+            yield FrameTracks(item.index, int(item.ref), item.width, item.height, objects)
+
     def _results(self, job_id: str) -> Iterator[ImageResult]:
         for item in self.store.items(job_id, status="done"):
             assert item.width is not None and item.height is not None and item.result is not None
@@ -666,7 +735,8 @@ def output_locations(spec: JobSpec) -> list[str]:
         return []
     if is_s3_url(target):
         folder = parse_s3_url(target, folder=True)
-        return [f"s3://{folder.bucket}/{folder.key}{p.name}" for p in output_paths(output_format, Path())]
+        names = [p.as_posix() for p in output_paths(output_format, Path())]  # "gt/gt.txt" keeps its folder
+        return [f"s3://{folder.bucket}/{folder.key}{name}" for name in names]
     return [str(p) for p in output_paths(output_format, Path(target))]
 
 

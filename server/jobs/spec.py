@@ -7,6 +7,9 @@ one) can run the same job. Sources plug in at two points:
 - `ENUMERATORS` maps a Source field to its expansion, so a new kind of source (like `manifest`, a CVAT
   `manifest.jsonl`, or `cvat_task`, a CVAT task's frames read through cvat-sdk) is one new optional field
   plus one entry.
+
+A `video` source expands into its frames (probed with PyAV at submit) and is labelled with a multi-object
+`tracker`; its outputs are CVAT for video (tracks) or MOT, or any image format frame by frame.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from models.detector import DetectParams
 from server.errors import ApiError
 from server.jobs.cvat_spec import CvatTaskOutput, CvatTaskSource
 from server.jobs.manifest import manifest_names
+from server.jobs.video_source import fetch, probe
 from server.objectstore.locations import is_s3_url
 from server.objectstore.store import list_s3, store_for
 from server.settings import Settings
@@ -31,7 +35,9 @@ from server.sources import READERS
 IMAGE_EXTENSIONS: tuple[str, ...] = (
     ".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".heic", ".heif",
 )  # fmt: skip
-OutputFormat = Literal["cvat_images", "coco", "yolo"]
+OutputFormat = Literal["cvat_images", "coco", "yolo", "cvat_video", "mot"]
+VIDEO_FORMATS: tuple[str, ...] = ("cvat_video", "mot")  # tracks: video sources only
+TRACK_CONF = 0.1  # detector confidence of video jobs unless given: ByteTrack matches low scores too
 
 # (reference the engine reads bytes from, name the image gets in the outputs)
 ImageEntry = tuple[str, str]
@@ -77,6 +83,12 @@ class Source(BaseModel):
     cvat_task: CvatTaskSource | None = Field(
         default=None, description="A CVAT task's frames; output names are its frame names."
     )
+    video: str | None = Field(
+        default=None,
+        description="A video file (a local path, or an s3:// or http(s) URL, downloaded under the data "
+        "directory), decoded with PyAV; its frames are numbered from 0 and named frame_000000, ...; "
+        "`frames` picks some of them.",
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Source:
@@ -94,6 +106,8 @@ class Source(BaseModel):
         entries = list(ENUMERATORS[self.kind](getattr(self, self.kind), settings))
         if self.frames is not None:
             entries = self.frames.select(entries)
+        if not entries and self.video is not None:
+            raise ApiError(400, "source_empty", f"The video {self.video} has no frames in the range given.")
         if not entries:
             raise ApiError(400, "source_empty", f"The source has no images ({', '.join(IMAGE_EXTENSIONS)}).")
         return entries
@@ -117,6 +131,38 @@ class Params(BaseModel):
         )
 
 
+class TrackerSpec(BaseModel):
+    """Multi-object tracking of a video job's detections with ultralytics' ByteTrack or BoT-SORT (without
+    ReID); the defaults are ultralytics' (ultralytics/cfg/trackers/*.yaml)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["bytetrack", "botsort"] = Field(default="bytetrack")
+    track_high_thresh: float = Field(
+        default=0.25, ge=0.0, le=1.0, description="Detections scoring this or more are matched first."
+    )
+    track_low_thresh: float = Field(
+        default=0.1,
+        ge=0.0,
+        le=1.0,
+        description="Detections scoring between this and track_high_thresh are matched second, to tracks "
+        "still unmatched (ByteTrack); lower ones are ignored.",
+    )
+    new_track_thresh: float = Field(
+        default=0.25, ge=0.0, le=1.0, description="An unmatched detection scoring this much starts a track."
+    )
+    track_buffer: int = Field(
+        default=30, ge=0, le=100_000, description="Frames a lost track is kept, to be found again."
+    )
+    match_thresh: float = Field(
+        default=0.8, ge=0.0, le=1.0, description="Largest matching cost (1 - IoU, fused with the score)."
+    )
+    fuse_score: bool = Field(default=True, description="Fuse detection scores into the matching cost.")
+    gmc_method: Literal["sparseOptFlow", "orb", "sift", "ecc", "none"] = Field(
+        default="sparseOptFlow", description="BoT-SORT's camera-motion compensation; ignored by ByteTrack."
+    )
+
+
 class Output(BaseModel):
     """Where results go: files (`format` in `directory`), a CVAT task (`cvat_task`), or both."""
 
@@ -125,7 +171,9 @@ class Output(BaseModel):
     format: OutputFormat | None = Field(
         default=None,
         description="cvat_images: annotations.xml (CVAT for images 1.1); coco: annotations.json; "
-        "yolo: labels/<name>.txt and data.yaml (ultralytics layout).",
+        "yolo: labels/<name>.txt and data.yaml (ultralytics layout); video sources also: cvat_video: "
+        "annotations.xml (CVAT for video 1.1, tracks); mot: gt/gt.txt, gt/labels.txt and seqinfo.ini "
+        "(MOTChallenge, as CVAT's MOT 1.1 imports it).",
     )
     directory: str | None = Field(
         default=None,
@@ -167,6 +215,32 @@ class JobSpec(BaseModel):
     )
     output: Output
     batch_size: int = Field(default=8, ge=1, le=256, description="Images per detector call.")
+    tracker: TrackerSpec | None = Field(
+        default=None,
+        description="Video sources: the multi-object tracker (ByteTrack with ultralytics' defaults when "
+        "absent). Their params.conf defaults to 0.1, as in ultralytics' model.track.",
+    )
+
+    @model_validator(mode="after")
+    def _video_settings(self) -> JobSpec:
+        if self.source.video is None:
+            if self.tracker is not None:
+                raise ValueError("tracker needs a video source (source.video)")
+            if self.output.format in VIDEO_FORMATS:
+                raise ValueError(f"the {self.output.format} format needs a video source (source.video)")
+            return self
+        if self.sam_refine is not None:
+            raise ValueError("sam_refine is not supported for video sources")
+        if self.output.cvat_task is not None:
+            raise ValueError(
+                "video jobs write files (import cvat_video into a CVAT video task); uploading tracks into a "
+                "CVAT task is not supported"
+            )
+        if self.tracker is None:
+            self.tracker = TrackerSpec()
+        if "conf" not in self.params.model_fields_set:
+            self.params.conf = TRACK_CONF
+        return self
 
     @model_validator(mode="after")
     def _output_task_defaults_to_the_source(self) -> JobSpec:
@@ -306,10 +380,18 @@ def _from_cvat_task(task: CvatTaskSource, settings: Settings) -> Iterator[ImageE
         yield from connections.source_frames(task)
 
 
+def _from_video(video: str, settings: Settings) -> Iterator[ImageEntry]:
+    """One entry per frame: (frame number, frame_NNNNNN). A remote video is downloaded afresh."""
+    info = probe(fetch(video, settings, refresh=True), video, settings.max_image_pixels)
+    for number in range(info.frames):
+        yield str(number), f"frame_{number:06d}"
+
+
 ENUMERATORS: dict[str, Callable[..., Iterator[ImageEntry]]] = {
     "directory": _from_directory,
     "paths": _from_paths,
     "urls": _from_urls,
     "manifest": _from_manifest,
     "cvat_task": _from_cvat_task,
+    "video": _from_video,
 }

@@ -62,6 +62,14 @@ CREATE TABLE IF NOT EXISTS uploads (
     tags INTEGER NOT NULL DEFAULT 0,
     skipped INTEGER NOT NULL DEFAULT 0
 );
+-- Video jobs: the tracker's state after item next_index - 1, committed with that item's result, and where the
+-- decoder stood (JSON); resuming restores the tracker and decodes on from there.
+CREATE TABLE IF NOT EXISTS checkpoints (
+    job_id TEXT PRIMARY KEY,
+    next_index INTEGER NOT NULL,
+    position TEXT NOT NULL,
+    state BLOB NOT NULL
+);
 """
 
 
@@ -98,6 +106,13 @@ class UploadRow:
     shapes: int  # annotations acknowledged so far
     tags: int
     skipped: int  # shapes left out (no CVAT label, or a kind the label cannot hold)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    next_index: int  # the first item not covered
+    position: str  # JSON, the engine's own
+    state: bytes
 
 
 @dataclass(frozen=True)
@@ -235,10 +250,11 @@ class JobStore:
                 (job_id, after, limit),
             ).fetchall()
 
-    def record(self, job_id: str, outcomes: list[Outcome]) -> None:
-        """Store a batch of outcomes and bump the job's counters, in one transaction. Only pending items
-        change, and the counters count what changed, so recording an outcome twice is harmless."""
-        if not outcomes:
+    def record(self, job_id: str, outcomes: list[Outcome], checkpoint: Checkpoint | None = None) -> None:
+        """Store a batch of outcomes and bump the job's counters, in one transaction, with the checkpoint they
+        lead to if any. Only pending items change, and the counters count what changed, so recording an
+        outcome twice is harmless."""
+        if not outcomes and checkpoint is None:
             return
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -257,10 +273,44 @@ class JobStore:
                     "UPDATE jobs SET done = done + ?, failed = failed + ? WHERE id = ?",
                     (max(done, 0), max(failed, 0), job_id),
                 )
+                if checkpoint is not None:
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO checkpoints (job_id, next_index, position, state) "
+                        "VALUES (?, ?, ?, ?)",
+                        (job_id, checkpoint.next_index, checkpoint.position, checkpoint.state),
+                    )
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+
+    def fail_pending(self, job_id: str, error: str) -> int:
+        """Fail every item still pending with `error` (a video that cannot be decoded past some frame)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                failed = self._db.execute(
+                    "UPDATE items SET status = 'failed', error = ? WHERE job_id = ? AND status = 'pending'",
+                    (error, job_id),
+                ).rowcount
+                self._db.execute("UPDATE jobs SET failed = failed + ? WHERE id = ?", (failed, job_id))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return failed
+
+    def checkpoint(self, job_id: str) -> Checkpoint | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT next_index, position, state FROM checkpoints WHERE job_id = ?", (job_id,)
+            ).fetchone()
+        return Checkpoint(row[0], row[1], bytes(row[2])) if row else None
+
+    def drop_checkpoint(self, job_id: str) -> None:
+        """A completed job is never resumed: its tracker state is dead weight."""
+        with self._lock:
+            self._db.execute("DELETE FROM checkpoints WHERE job_id = ?", (job_id,))
 
     def items(self, job_id: str, status: ItemStatus | None = None, page: int = 1000) -> Iterator[ItemRow]:
         """Items in index order, fetched page by page so millions never sit in memory at once."""

@@ -33,6 +33,9 @@ COCO_FILE = "annotations.json"
 CVAT_FILE = "annotations.xml"
 YOLO_YAML = "data.yaml"
 YOLO_LABELS = "labels"
+MOT_GT = "gt/gt.txt"  # video jobs' formats are written by server.jobs.video_writers
+MOT_LABELS = "gt/labels.txt"
+MOT_SEQINFO = "seqinfo.ini"
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,8 @@ def output_paths(fmt: str, directory: Path) -> list[Path]:
         "cvat_images": [directory / CVAT_FILE],
         "coco": [directory / COCO_FILE],
         "yolo": [directory / YOLO_YAML, directory / YOLO_LABELS],
+        "cvat_video": [directory / CVAT_FILE],
+        "mot": [directory / MOT_GT, directory / MOT_LABELS, directory / MOT_SEQINFO],
     }[fmt]
 
 

@@ -82,6 +82,7 @@ async def embed(model: str, request: Request) -> Response:
         "width": width,
         "height": height,
         "cached": embedded.cached,
+        "cache_tier": embedded.tier,
     }
     return reply(body, timings, svc.registry.record(model).weights)
 

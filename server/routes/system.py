@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from server.errors import ApiError
+from server.l2 import TierUnavailable
 from server.state import services
 
 router = APIRouter(tags=["system"])
@@ -18,13 +22,20 @@ async def list_models(request: Request) -> dict:
 
 
 @router.get("/v1/cache/stats")
-async def cache_stats(request: Request) -> dict:
+def cache_stats(request: Request) -> dict:
+    """Each tier: `embeddings` (L1, in process), `l2` (Redis or disk; null when not configured), the
+    per-model `encoders` queues, and `refinement` (low-res logits of earlier clicks)."""
     return services(request).sam.stats()
 
 
 @router.delete("/v1/cache")
-async def clear_cache(request: Request) -> dict:
-    return {"cleared": services(request).sam.clear()}
+def clear_cache(request: Request, scope: Literal["local", "all"] = "local") -> dict:
+    """`local` (default): this process's L1 embeddings and refinement logits. `all`: also the L2 entries of
+    this server's namespace, which every replica sharing that L2 loses too."""
+    try:
+        return {"cleared": services(request).sam.clear(l2_too=scope == "all")}
+    except TierUnavailable as exc:
+        raise ApiError(503, "cache_unavailable", f"{exc}; L1 was cleared.") from None
 
 
 @router.get("/healthz")

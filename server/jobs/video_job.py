@@ -1,0 +1,277 @@
+"""Running a video job: decode → detection in batches → tracker frame by frame, with checkpoints.
+
+Frames are decoded in order (by a reader thread when the engine has readers, else inline), detected
+`batch_size` at a time, and fed to the tracker one by one. Results and the tracker's state are committed in
+one transaction about every CHECKPOINT_SECONDS, always after a whole batch: a crash loses at most that much
+work, and resuming restores the tracker as it stood after the last committed frame and decodes on from just
+after that frame. Batches are counted from the job's first frame, so a resumed job forms the same batches,
+gets the same detections and the same tracks as an uninterrupted run: the same output, byte for byte.
+
+A frame that cannot be decoded stops decoding: it and the frames after it fail with the decoder's reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from models.detector import Detector
+from server.jobs.serde import shape_to_dict
+from server.jobs.spec import JobSpec
+from server.jobs.store import Checkpoint, JobStore, Outcome
+from server.jobs.tracking import MultiTracker
+from server.jobs.video_source import Position, VideoDecodeError, decode
+
+CHECKPOINT_SECONDS = 2.0
+
+log = logging.getLogger("labelserve.jobs")
+
+
+class Control(Protocol):
+    """The engine's handle on the running job."""
+
+    stop: threading.Event
+    processed: int
+
+    def halt(self, reason: str) -> None: ...
+
+
+class VideoJobFailed(Exception):
+    """The job cannot go on (a detector error, a checkpoint that cannot be restored); pending frames stay
+    pending, to be retried on resume."""
+
+
+@dataclass(frozen=True)
+class _Frame:
+    index: int  # the item
+    number: int  # the video's frame number
+    pts: int | None
+    image: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Stopped:
+    """Decoding ended before item `index`: the video is shorter than counted, or cannot be decoded."""
+
+    index: int
+    reason: str
+
+
+def run_video_job(
+    store: JobStore,
+    job_id: str,
+    spec: JobSpec,
+    detector: Detector,
+    video: Path,
+    control: Control,
+    read_ahead: int,
+) -> None:
+    """Process the job's pending frames; returns when none is left, or when stopped (after a checkpoint).
+    `read_ahead` > 0 decodes in a thread, that many frames ahead of detection."""
+    assert spec.tracker is not None
+    first = store.pending(job_id, -1, 1)
+    if not first:
+        return
+    checkpoint = store.checkpoint(job_id)
+    after: Position | None = None
+    state: bytes | None = None
+    if checkpoint is not None:
+        if checkpoint.next_index != first[0][0]:
+            raise VideoJobFailed(
+                f"the tracker checkpoint is at frame item {checkpoint.next_index}, but item {first[0][0]} is "
+                "the first pending one; submit the job again"
+            )
+        after, state = Position(**json.loads(checkpoint.position)), checkpoint.state
+        log.info(
+            "job %s: resuming at item %d, after frame %d, with the tracker as it was there",
+            job_id,
+            checkpoint.next_index,
+            after.frame,
+        )
+    elif first[0][0] != 0:
+        raise VideoJobFailed("frames were labelled but no tracker checkpoint was kept; submit the job again")
+    try:
+        tracker = MultiTracker(spec.tracker, detector.info, state)
+    except Exception as exc:  # an ultralytics upgrade can make an old pickle unreadable
+        raise VideoJobFailed(
+            f"the tracker checkpoint cannot be restored ({exc}); submit the job again"
+        ) from None
+
+    frames = _paired(_pending(store, job_id), video, after)
+    ahead = _ReadAhead(frames, read_ahead, control.stop) if read_ahead > 0 else contextlib.nullcontext(frames)
+    with ahead as source:
+        _Run(store, job_id, spec, detector, tracker, control).consume(source)
+
+
+class _Run:
+    def __init__(
+        self,
+        store: JobStore,
+        job_id: str,
+        spec: JobSpec,
+        detector: Detector,
+        tracker: MultiTracker,
+        control: Control,
+    ) -> None:
+        self.store, self.job_id, self.spec = store, job_id, spec
+        self.detector, self.tracker, self.control = detector, tracker, control
+        self.params = spec.params.detect_params()
+        self.held: list[Outcome] = []  # results since the last checkpoint
+        self.position: Position | None = None
+        self.next_index = 0
+        self.committed_at = time.monotonic()
+
+    def consume(self, source: Iterator[_Frame | _Stopped]) -> None:
+        batch: list[_Frame] = []
+        for item in source:
+            if isinstance(item, _Stopped):
+                self._label(batch)
+                self._commit()
+                self.store.fail_pending(self.job_id, item.reason)
+                return
+            batch.append(item)
+            if len(batch) < self.spec.batch_size:
+                continue
+            self._label(batch)
+            batch = []
+            if self.control.stop.is_set() or time.monotonic() - self.committed_at >= CHECKPOINT_SECONDS:
+                self._commit()
+            if self.control.stop.is_set():
+                return
+        if self.control.stop.is_set():  # the reader gave up midway: leave a partial batch pending, so that
+            self._commit()  # the resumed job forms the same batches as an uninterrupted run
+            return
+        self._label(batch)
+        self._commit()
+
+    def _label(self, batch: list[_Frame]) -> None:
+        if not batch:
+            return
+        try:
+            found = self.detector.detect([frame.image for frame in batch], self.params)
+            if len(found) != len(batch):
+                raise RuntimeError(f"it returned {len(found)} results for {len(batch)} frames")
+        except Exception as exc:
+            raise VideoJobFailed(
+                f"the detector failed on frames {batch[0].number}-{batch[-1].number}: {exc}"
+            ) from None
+        for frame, shapes in zip(batch, found, strict=True):
+            tracked = self.tracker.update(frame.image, shapes)
+            result = [{"track": t.track_id, **shape_to_dict(t.shape)} for t in tracked]
+            height, width = frame.image.shape[:2]
+            self.held.append(Outcome(frame.index, width, height, json.dumps(result, separators=(",", ":"))))
+            self.position, self.next_index = Position(frame.number, frame.pts), frame.index + 1
+
+    def _commit(self) -> None:
+        if not self.held or self.position is None:
+            return
+        position = json.dumps({"frame": self.position.frame, "pts": self.position.pts})
+        checkpoint = Checkpoint(self.next_index, position, self.tracker.snapshot())
+        self.store.record(self.job_id, self.held, checkpoint)
+        self.control.processed += len(self.held)
+        self.held, self.committed_at = [], time.monotonic()
+        job = self.store.job(self.job_id)
+        if job is None or job.state != "running":  # cancelled, maybe by another process
+            self.control.halt("cancel")
+
+
+def _pending(store: JobStore, job_id: str, page: int = 1024) -> Iterator[tuple[int, int]]:
+    """(item index, frame number) of the pending frames, in order."""
+    after = -1
+    while rows := store.pending(job_id, after, page):
+        yield from ((index, int(ref)) for index, ref in rows)
+        after = rows[-1][0]
+
+
+def _paired(
+    items: Iterator[tuple[int, int]], video: Path, after: Position | None
+) -> Iterator[_Frame | _Stopped]:
+    """Each pending item with its decoded frame; a _Stopped, last, when decoding ends before an item."""
+    pending = next(items, None)
+    if pending is None:
+        return
+    # The decoder asks, frame by frame, whether to convert: only the next pending item's frame is.
+    wanted = [pending[1]]
+    last = after.frame if after is not None else -1
+    try:
+        for frame in decode(video, lambda number: number == wanted[0], after):
+            last = frame.number
+            if frame.number < wanted[0]:
+                continue
+            if frame.number > wanted[0] or frame.image is None:
+                yield _Stopped(pending[0], f"the video has no frame {wanted[0]}")
+                return
+            yield _Frame(pending[0], frame.number, frame.pts, frame.image)
+            pending = next(items, None)
+            if pending is None:
+                return
+            wanted[0] = pending[1]
+    except VideoDecodeError as exc:
+        yield _Stopped(pending[0], f"the video cannot be decoded from frame {exc.frame} on: {exc.reason}")
+        return
+    yield _Stopped(pending[0], f"the video ends at frame {last}, before frame {wanted[0]}")
+
+
+_DONE = object()
+
+
+class _ReadAhead:
+    """Runs an iterator in a thread, up to `depth` items ahead, at a lower CPU priority than inference."""
+
+    def __init__(self, items: Iterator[_Frame | _Stopped], depth: int, stop: threading.Event) -> None:
+        self._items, self._stop = items, stop
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=depth)
+        self._halt = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._read, name="video-reader", daemon=True)
+
+    def __enter__(self) -> Iterator[_Frame | _Stopped]:
+        self._thread.start()
+        return self._drain()
+
+    def __exit__(self, *_: object) -> None:
+        self._halt.set()
+        self._thread.join(timeout=5.0)
+
+    def _read(self) -> None:
+        with contextlib.suppress(AttributeError, OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # this thread only, on Linux
+        try:
+            for item in self._items:
+                if not self._put(item):
+                    return
+        except BaseException as exc:  # re-raised in the consumer
+            self._error = exc
+        self._put(_DONE)
+
+    def _put(self, item: object) -> bool:
+        while not (self._halt.is_set() or self._stop.is_set()):
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def _drain(self) -> Iterator[_Frame | _Stopped]:
+        while not self._stop.is_set():
+            try:
+                item = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if item is _DONE:
+                if self._error is not None:
+                    raise self._error
+                return
+            yield item  # type: ignore[misc]
