@@ -70,6 +70,9 @@ OPERATIONS = (
     "GET /v1/jobs/{job_id}",
     "DELETE /v1/jobs/{job_id}",
     "POST /v1/jobs/{job_id}/resume",
+    "POST /v1/prefetch",
+    "GET /v1/prefetch/{run_id}",
+    "DELETE /v1/prefetch/{run_id}",
 )
 EXAMPLES_PER_MODE = 15  # per operation, once with schema-valid and once with schema-violating inputs
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]

@@ -34,9 +34,6 @@ from .server_process import free_port
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS_VARIABLES = {f"LABELSERVE_{name.upper()}" for name in Settings.model_fields}
 ENTRYPOINT_VARIABLES = {"LABELSERVE_FETCH_MISSING"}
-# Set in docker-compose.yml ahead of the Redis cache tier being merged (another branch adds the setting);
-# until then the server ignores it.
-PENDING_SETTINGS = {"LABELSERVE_CACHE_REDIS_URL"}
 SECRET_WORDS = ("KEY", "SECRET", "PASSWORD", "TOKEN")
 
 
@@ -218,7 +215,7 @@ def test_compose_labelserve_services(
     assert spec["build"]["args"]["DEVICE"] == device and f"base-{device}" in stages
     env = spec["environment"]
     unknown = {name for name in env if name.startswith("LABELSERVE_")} - SETTINGS_VARIABLES
-    assert unknown <= ENTRYPOINT_VARIABLES | PENDING_SETTINGS, f"not settings: {sorted(unknown)}"
+    assert unknown <= ENTRYPOINT_VARIABLES, f"not settings: {sorted(unknown)}"
     assert not any(word in name and not name.endswith("_FILE") for name in env for word in SECRET_WORDS), (
         "credentials go in secret files"
     )
@@ -242,6 +239,9 @@ def test_compose_gpu_reservation_and_redis(compose: dict) -> None:
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
     assert "deploy" not in compose["services"]["labelserve-cpu"]
     redis = compose["services"]["redis"]
+    version = re.match(r"redis:(\d+)\.(\d+)", redis["image"])
+    assert version and tuple(map(int, version.groups())) >= (6, 2)  # the L2 tier needs Redis 6.2
+    assert "allkeys-lru" in redis["command"]
     assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
     assert "profiles" not in redis and redis["networks"] == ["labelserve"]
     assert compose["networks"]["labelserve"]["name"] == "labelserve"
