@@ -94,7 +94,7 @@ class JobStatus(BaseModel):
     started_at: str | None = Field(description="When it first started running.")
     finished_at: str | None
     error: str | None = Field(description="Why the job failed (not why single images failed).")
-    total: int = Field(description="Images in the source.")
+    total: int = Field(description="Images in the source (for a video: frames in its range).")
     done: int = Field(description="Images labelled.")
     failed: int = Field(description="Images that could not be read, decoded or detected; see failures.")
     pending: int
