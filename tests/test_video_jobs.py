@@ -463,6 +463,26 @@ def test_shutdown_midway_then_resume_with_read_ahead_equals_a_straight_run(
     assert resumed == (tmp_path / "straight" / "annotations.xml").read_bytes()
 
 
+def test_image_formats_write_one_image_per_frame(
+    small_pan: bytes, fall: object, make_engine: Callable[..., LocalEngine], tmp_path: Path
+) -> None:
+    (tmp_path / "pan.mp4").write_bytes(small_pan)
+    engine = make_engine({"fall": fall})
+    body = video_job(tmp_path / "pan.mp4", tmp_path / "out", "yolo", params={"imgsz": 256})
+    body["source"]["frames"] = {"start": 4, "stop": 9}
+    status = run_job(engine, body)
+    assert (status.state, status.done) == ("completed", 6), status
+    labels = sorted(p.name for p in (tmp_path / "out" / "labels").iterdir())
+    assert labels == [f"frame_{n:06d}.txt" for n in range(4, 10)]
+    rows = [
+        line.split()
+        for name in labels
+        for line in (tmp_path / "out" / "labels" / name).read_text().splitlines()
+    ]
+    stored = [shape for frame in stored_tracks(engine, status.id) for _, shape in frame.objects]
+    assert len(rows) == len(stored) > 6 and all(len(row) == 5 for row in rows)  # class cx cy w h
+
+
 # -- writers, on tracks made by hand -------------------------------------------------------------------------
 
 

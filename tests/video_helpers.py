@@ -7,7 +7,6 @@ import os
 import tempfile
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,8 +178,3 @@ def boxes_by_frame(tracks: list[Track]) -> dict[int, dict[int, Box]]:
         for frame, box in track.boxes().items():
             found.setdefault(frame, {})[track.id] = box
     return found
-
-
-def frames_of(body: dict) -> Iterator[int]:
-    frames = body["source"].get("frames") or {}
-    return iter(range(frames.get("start", 0), frames.get("stop", 10**9) + 1, frames.get("step", 1)))
