@@ -118,6 +118,11 @@ def moto_s3() -> Iterator[MotoS3]:
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
     try:
+        # moto's backends are process-wide: users and buckets of an earlier moto_s3() in this process are
+        # still there, so start from a clean state.
+        urllib.request.urlopen(
+            urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST"), timeout=10
+        ).read()
         iam = boto3.session.Session().client(
             "iam",
             endpoint_url=endpoint,
