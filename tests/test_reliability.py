@@ -1,7 +1,7 @@
 """Load and overload against a real `labelserve serve` process on loopback, bounded in time.
 
-- Load: 16 simulated annotators (embed their own image, then click on it with ~1 s think time) for 60 s:
-  no errors, and the server's RSS after warm-up stays flat.
+- Load: 16 simulated annotators open their own image (embed, the warm-up), then click on it with ~1 s think
+  time for 60 s: no errors, and the server's RSS stays flat during that minute.
 - Overload: more clients than the server admits: the excess gets 503 with Retry-After (never a 5xx of any
   other kind, never a hang), and the server answers normally once the load drops.
 """
@@ -38,13 +38,15 @@ def test_sixteen_annotators_for_a_minute(server: ServerProcess, tmp_path: Path) 
     report = asyncio.run(run_annotators(server.url, server.process.pid, clients=16, seconds=60))
     summary = report.summary()
     (tmp_path / "load.json").write_text(json.dumps(summary))
-    print("\nload:", {k: v for k, v in summary.items() if k != "rss_mib"}, "rss:", summary["rss_mib"][-3:])
+    print("\nload:", {k: v for k, v in summary.items() if k != "rss_mib"}, "rss:", summary["rss_mib"])
+    assert report.opened == 16, f"only {report.opened} of 16 images embedded in the warm-up"
     assert report.errors == {} and report.busy == 0
-    assert len(report.embed_ms) >= 16 and len(report.click_ms) >= 50
-    # After warm-up (every annotator embedded, caches filled), memory does not grow: it moves with requests
-    # in flight (±80 MiB measured), so the medians of the two halves of the steady part are compared.
-    steady = [rss for t, rss in report.rss_mib if t >= 30]
-    early, late = steady[: len(steady) // 2], steady[len(steady) // 2 :]
+    assert len(report.click_ms) >= 50
+    # Every embedding is cached before the minute starts, so memory must not grow during it (after its first
+    # 10 s, which fill the refinement history and the allocator's pools). RSS moves with the requests in
+    # flight, so the medians of the two halves are compared, not single samples.
+    rss = [mib for t, mib in report.rss_mib if t >= 10]
+    early, late = rss[: len(rss) // 2], rss[len(rss) // 2 :]
     assert early and late and statistics.median(late) - statistics.median(early) <= 64
 
 
