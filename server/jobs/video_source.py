@@ -3,6 +3,8 @@ streaming decode in frame order (one decoded frame at a time), resuming after a 
 of remote videos.
 
 Frames are numbered 0, 1, 2... in presentation order, as CVAT numbers the frames of a video task.
+PyAV is imported where a video is opened: it loads FFmpeg's libraries, which a server that never reads a
+video does not need.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-import av
 import numpy as np
 
 from server.errors import ApiError
@@ -79,6 +80,8 @@ def probe(path: Path, shown: str, max_pixels: int) -> VideoInfo:
     """Frame count, size and codec of the first video stream, after decoding its first frame. `shown` is the
     name given in errors (the URL of a downloaded copy). ApiError: 400 missing, unreadable or corrupt; 413
     frames over max_pixels; 415 not a video, or no video stream."""
+    import av
+
     container = _open_for_probe(path, shown)
     try:
         if not container.streams.video:
@@ -110,6 +113,8 @@ def probe(path: Path, shown: str, max_pixels: int) -> VideoInfo:
 
 
 def _open_for_probe(path: Path, shown: str) -> Any:
+    import av
+
     if not path.exists():
         raise ApiError(400, "source_not_found", f"The video {shown} does not exist.")
     if not path.is_file():
@@ -129,6 +134,8 @@ def _open_for_probe(path: Path, shown: str) -> Any:
 
 def _count_packets(path: Path, shown: str) -> int:
     """Frames of a container that does not record their number (mkv, webm): one per packet, no decoding."""
+    import av
+
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         try:
@@ -147,6 +154,8 @@ def decode(
     RGB. Resuming seeks to the key frame before `after` and decodes forward to it, or, when the container
     gives no timestamps or the seek lands past it, decodes from the start. Raises VideoDecodeError, and
     stops, at the first frame that cannot be decoded."""
+    import av
+
     if after is not None and after.pts is not None:
         container = av.open(str(path))
         decoded = _seek_past(container, after.pts)
@@ -171,6 +180,8 @@ def _stream(container: Any) -> Any:
 def _seek_past(container: Any, pts: int) -> Iterator[Any] | None:
     """The container's frames from just after the one with timestamp `pts`; None when that frame is not
     found that way (then the caller decodes from the start)."""
+    import av
+
     stream = _stream(container)
     try:
         container.seek(pts, stream=stream, backward=True, any_frame=False)
@@ -189,6 +200,8 @@ def _frames(
     container: Any, decoded: Iterator[Any], wanted: Callable[[int], bool], first: int
 ) -> Iterator[DecodedFrame]:
     """The rest of `decoded`, numbered from `first`; closes the container."""
+    import av
+
     number = first
     try:
         while True:
