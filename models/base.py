@@ -31,6 +31,18 @@ class ModelLoading(ModelError):
     pass
 
 
+UNLOADED = "unloaded through the API"
+
+
+def unloaded(model: str) -> ModelUnavailable:
+    """What work arriving for a model after an admin unloaded it is told."""
+    return ModelUnavailable(f"model {model!r} was {UNLOADED}", load_command(model))
+
+
+def load_command(model: str) -> str:
+    return f"POST /v1/models/{model}/load (admin scope)"
+
+
 @dataclass(frozen=True)
 class ImageEmbedding:
     """What the image encoder produced for one image; immutable so the cache can share it across threads."""

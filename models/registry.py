@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-from models.base import ModelLoading, ModelUnavailable, Segmenter, UnknownModel
+from models.base import UNLOADED, ModelLoading, ModelUnavailable, Segmenter, UnknownModel, load_command
 from models.detector import Detector
 from models.sam import SAM_ARCHITECTURES, SamSegmenter, build_sam, encoder_autocast
 from models.tracker import Tracker
@@ -75,6 +75,7 @@ class ModelRegistry:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.device = pick_device(settings.device)
+        self._lock = threading.Lock()  # state changes through the API (load, unload)
         self._records: dict[str, ModelRecord] = {}
         for entry in store.load_manifest().values():
             if entry.architecture in SAM_ARCHITECTURES:
@@ -93,7 +94,8 @@ class ModelRegistry:
                 record.state, record.message = "loading", "queued for loading"
             else:
                 record.message = (
-                    f"not enabled; add it to LABELSERVE_MODELS to load it (now {settings.models})"
+                    f"not enabled; add it to LABELSERVE_MODELS to load it at start (now {settings.models}),"
+                    f" or {load_command(record.name)} to load it now"
                 )
                 record.fix = f"LABELSERVE_MODELS={','.join([*settings.models, record.name])}"
 
@@ -114,6 +116,31 @@ class ModelRegistry:
         thread = threading.Thread(target=self.load_enabled, name="model-loader", daemon=True)
         thread.start()
         return thread
+
+    def request_load(self, name: str) -> ModelRecord:
+        """Starts loading `name` in the background, unless it is loaded or loading already (the record's
+        state says which). A model not in LABELSERVE_MODELS can be loaded this way too."""
+        record = self.record(name)
+        with self._lock:
+            if record.state in ("loaded", "loading"):
+                return record
+            record.state, record.message, record.fix = "loading", "loading (requested through the API)", None
+            record.weights = record.load_seconds = None
+        threading.Thread(target=self._load, args=(record,), name=f"load-{name}", daemon=True).start()
+        return record
+
+    def unload(self, name: str) -> tuple[State, Segmenter | Detector | Tracker | None]:
+        """Forgets a loaded model; new work for it gets a 503 naming the load endpoint. Returns the state it
+        had and the model object, whose memory is freed once the services drop their references to it
+        (Services.forget_model) and work already running with it ends. Only a loaded model is unloaded."""
+        record = self.record(name)
+        with self._lock:
+            before, model = record.state, record.model
+            if before == "loaded":
+                record.model = None
+                record.state, record.weights, record.load_seconds = "disabled", None, None
+                record.message, record.fix = UNLOADED, load_command(name)
+        return before, model
 
     def _load(self, record: ModelRecord) -> None:
         started = time.perf_counter()

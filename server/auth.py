@@ -42,6 +42,7 @@ ROUTE_SCOPES: tuple[tuple[str, str, frozenset[Scope]], ...] = (
     ("GET", "/v1/trackers", frozenset({"interactive"})),
     ("*", "/v1/prefetch", frozenset({"interactive"})),
     ("GET", "/v1/models", frozenset({"interactive", "jobs"})),
+    ("POST", "/v1/models", frozenset({"admin"})),  # load and unload
     ("GET", "/v1/cache/stats", frozenset({"interactive", "admin"})),
     ("DELETE", "/v1/cache", frozenset({"admin"})),
     ("*", "/v1/jobs", frozenset({"jobs"})),

@@ -48,6 +48,7 @@ class MicroBatcher(Generic[T, R]):
         self._queue: deque[tuple[Hashable, T, Future[R]]] = deque()
         self._ready = threading.Condition()
         self.stats = BatchStats()
+        self._retired: Exception | None = None  # set by retire(): what new submissions are told
         self._worker = threading.Thread(target=self._loop, name=f"batcher-{name}", daemon=True)
         self._worker.start()
 
@@ -56,6 +57,8 @@ class MicroBatcher(Generic[T, R]):
         a 504 after `timeout_s` in the queue (the item is then dropped, never run)."""
         future: Future[R] = Future()
         with self._ready:
+            if self._retired is not None:
+                raise self._retired
             if len(self._queue) >= self.max_queue:
                 self.refused += 1
                 raise busy(f"{self.max_queue} requests queued for this model", self.retry_after_s)
@@ -73,10 +76,20 @@ class MicroBatcher(Generic[T, R]):
                     ) from None
             return future.result()  # its batch is running: it finishes soon
 
+    def retire(self, reason: Exception) -> None:
+        """The model is going away: queued requests still run, new ones are refused with `reason`, and the
+        worker (with its reference to the model) ends once the queue is empty."""
+        with self._ready:
+            self._retired = reason
+            self._ready.notify()
+
     def _loop(self) -> None:
         while True:
             with self._ready:
                 while not self._queue:
+                    if self._retired is not None:
+                        self._run = None  # type: ignore[assignment]
+                        return
                     self._ready.wait()
                 key = self._queue[0][0]
                 deadline = time.monotonic() + self.max_wait

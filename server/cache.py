@@ -67,6 +67,14 @@ class ByteLRU(Generic[V]):
         with self.lock:
             self._discard(key)
 
+    def discard_where(self, doomed: Callable[[Hashable], bool]) -> int:
+        """Drops every entry whose key `doomed` accepts; returns how many."""
+        with self.lock:
+            keys = [key for key in self._items if doomed(key)]
+            for key in keys:
+                self._discard(key)
+            return len(keys)
+
     def clear(self) -> int:
         with self.lock:
             count = len(self._items)

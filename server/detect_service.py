@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from models.base import unloaded
 from models.detector import Detector, DetectParams
 from models.registry import ModelRegistry
 from server.batching import MicroBatcher
@@ -49,6 +50,13 @@ class DetectService:
                     retry_after_s=self.settings.busy_retry_after_s,
                 )
             return self._batchers[model]
+
+    def forget(self, model: str) -> None:
+        """After `model` was unloaded: its batcher runs what it holds, then stops; a reload gets a new one."""
+        with self._lock:
+            batcher = self._batchers.pop(model, None)
+        if batcher is not None:
+            batcher.retire(unloaded(model))
 
     def batchers(self) -> dict[str, MicroBatcher[np.ndarray, list[Shape]]]:
         """The micro-batchers started so far, by detector."""

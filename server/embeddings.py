@@ -9,6 +9,7 @@ encoded.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections import Counter
 from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
@@ -17,7 +18,7 @@ from typing import Literal
 
 import numpy as np
 
-from models.base import ImageEmbedding, Segmenter
+from models.base import ImageEmbedding, Segmenter, unloaded
 from server.cache import EmbeddingCache
 from server.encode_scheduler import EncodeScheduler, EncodeTicket, Priority
 from server.images import decode_image
@@ -44,6 +45,9 @@ class TieredEmbeddings:
         self.encode_max_wait_ms = settings.encode_max_wait_ms
         self._schedulers: dict[str, EncodeScheduler] = {}
         self._lock = threading.Lock()
+        # Segmenters unloaded by forget(): a request that looked one up just before must not start a new
+        # encoder around it (which would keep the model alive).
+        self._forgotten: weakref.WeakSet[Segmenter] = weakref.WeakSet()
         # Background encodes queued or running, and the images interactive requests wait for: a click that
         # joins a background encode of its image (single-flight) promotes that encode (_encode, _awaiting).
         self._background: dict[Hashable, tuple[EncodeScheduler, EncodeTicket]] = {}
@@ -51,6 +55,8 @@ class TieredEmbeddings:
 
     def scheduler(self, segmenter: Segmenter) -> EncodeScheduler:
         with self._lock:
+            if segmenter in self._forgotten:
+                raise unloaded(segmenter.name)
             scheduler = self._schedulers.get(segmenter.name)
             if scheduler is None:
                 device = getattr(segmenter, "device", None)
@@ -168,6 +174,17 @@ class TieredEmbeddings:
         if l2_too and self.l2 is not None:
             cleared["l2"] = self.l2.clear()
         return cleared
+
+    def forget(self, segmenter: Segmenter) -> int:
+        """After `segmenter` was unloaded: its encoder finishes what is queued and stops, and its L1 entries
+        go (they may live in GPU memory). L2 keeps its entries: a reload of the same weights uses them.
+        Returns the number of L1 entries dropped."""
+        with self._lock:
+            self._forgotten.add(segmenter)
+            scheduler = self._schedulers.pop(segmenter.name, None)
+        if scheduler is not None:
+            scheduler.retire(unloaded(segmenter.name))
+        return self.l1.discard_where(lambda key: key[0] == segmenter.name)
 
     def stats(self) -> dict:
         with self._lock:

@@ -82,6 +82,7 @@ class EncodeScheduler:
         self._running: EncodeTicket | None = None
         self._finished = 0
         self._closed = False
+        self._retired: Exception | None = None  # set by retire(): what new submissions are told
         self.stats = SchedulerStats()
         self._worker = threading.Thread(target=self._loop, name=f"encoder-{name}", daemon=True)
         self._worker.start()
@@ -89,6 +90,8 @@ class EncodeScheduler:
     def submit(self, image: np.ndarray, priority: Priority) -> EncodeTicket:
         ticket = EncodeTicket(priority, image)
         with self._ready:
+            if self._retired is not None:
+                raise self._retired
             if self._closed:
                 raise RuntimeError("the encoder is shut down")
             ticket.finished_at_submit = self._finished
@@ -113,6 +116,13 @@ class EncodeScheduler:
             ticket.priority = Priority.INTERACTIVE
             self._queues[Priority.INTERACTIVE].append(ticket)
             self.stats.promoted += 1
+
+    def retire(self, reason: Exception) -> None:
+        """The model is going away: encodes already queued still run, new ones are refused with `reason`, and
+        the worker (with its reference to the model) ends once the queue is empty."""
+        with self._ready:
+            self._retired = reason
+            self._ready.notify()
 
     def close(self) -> None:
         """Fail whatever is still queued and stop the worker after the running encode."""
@@ -143,6 +153,9 @@ class EncodeScheduler:
         with self._ready:
             while True:
                 if self._closed:
+                    return None
+                if self._retired is not None and not any(self._queues.values()):
+                    self._encode = self._encode_batch = None  # type: ignore[assignment]
                     return None
                 for priority in Priority:
                     queue = self._queues[priority]

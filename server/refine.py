@@ -68,5 +68,8 @@ class RefinementHistory:
     def clear(self) -> int:
         return self._lru.clear()
 
+    def forget(self, model: str) -> int:
+        return self._lru.discard_where(lambda key: key[0] == model)
+
     def snapshot(self) -> dict:
         return {**self._lru.snapshot(), "reused": self.reused}

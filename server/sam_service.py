@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.base import ImageEmbedding, Prompt
+from models.base import ImageEmbedding, Prompt, Segmenter
 from models.registry import ModelRegistry
 from server.embeddings import Tier, TieredEmbeddings
 from server.encode_scheduler import Priority
@@ -155,6 +155,13 @@ class SamService:
     def clear(self, l2_too: bool = False) -> dict:
         """This process's embeddings and refinement logits; the shared L2 only when asked."""
         return {**self.embeddings.clear(l2_too), "refinement": self.history.clear()}
+
+    def forget(self, segmenter: Segmenter) -> dict:
+        """What this service holds for an unloaded segmenter: its encoder, L1 entries and click logits."""
+        return {
+            "embeddings": self.embeddings.forget(segmenter),
+            "refinement": self.history.forget(segmenter.name),
+        }
 
     def stats(self) -> dict:
         return {**self.embeddings.stats(), "refinement": self.history.snapshot()}

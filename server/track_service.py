@@ -91,6 +91,13 @@ class TrackStateStore:
                 self._bytes -= entry.nbytes
             return entry is not None
 
+    def remove_where(self, doomed: Callable[[TrackEntry], bool]) -> int:
+        with self._lock:
+            ids = [state_id for state_id, entry in self._entries.items() if doomed(entry)]
+            for state_id in ids:
+                self._bytes -= self._entries.pop(state_id).nbytes
+            return len(ids)
+
     def _drop_expired(self) -> None:
         now = self._clock()
         for state_id in [k for k, e in self._entries.items() if e.expires <= now]:
@@ -139,6 +146,14 @@ class TrackService:
         raise ApiError(
             404, "unknown_tracker", f"No tracker {name!r}; GET /v1/trackers lists the available ones."
         )
+
+    def forget_model(self, model: str) -> int:
+        """After `model` was unloaded: its propagation tracker and every object state built on it go (a
+        later step of one is a 404 telling the client to start again). Returns the states dropped."""
+        names = {model, model + PROPAGATE_SUFFIX}
+        with self._lock:
+            self._sam.pop(model + PROPAGATE_SUFFIX, None)
+        return self.store.remove_where(lambda entry: entry.tracker in names)
 
     def _is_known_tracker_model(self, name: str) -> bool:
         return any(r["name"] == name and r["kind"] == "tracker" for r in self.registry.describe())

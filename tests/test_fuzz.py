@@ -57,6 +57,8 @@ OPERATIONS = (
     "DELETE /v1/track/{tracker}/states/{state}",
     "POST /v1/track/{tracker}/propagate",
     "GET /v1/models",
+    "POST /v1/models/{model}/load",
+    "POST /v1/models/{model}/unload",
     "GET /v1/cache/stats",
     "DELETE /v1/cache",
     "GET /healthz",
@@ -127,8 +129,10 @@ class FuzzTarget:
 @pytest.fixture(scope="module")
 def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzTarget]:
     tmp = tmp_path_factory.mktemp("fuzz")
-    # A random-init YOLO11n next to MobileSAM: detection and the CVAT detector paths run for real.
-    settings = make_settings(tmp, data_dir=tmp / "data", detector_paths={"det": "yolo11n.yaml"})
+    # A random-init YOLO11n next to MobileSAM: detection and the CVAT detector paths run for real. "spare"
+    # is what the load and unload operations get, so that they never unload what the others use.
+    detectors = {"det": "yolo11n.yaml", "spare": "yolo11n.yaml"}
+    settings = make_settings(tmp, data_dir=tmp / "data", detector_paths=detectors)
     with TestClient(create_app(settings, load_models_in_background=False)) as client:
         yield FuzzTarget(client)
 
@@ -160,7 +164,12 @@ trackable_shapes = st.fixed_dictionaries(
 def steer(case: schemathesis.Case, data: st.DataObject, target: FuzzTarget) -> None:
     """Swap in real names and a decodable image some of the time: random strings alone only ever reach the
     404 for an unknown model and the 4xx for undecodable bytes."""
-    for name, known in target.names.items():
+    names = (
+        {**target.names, "model": ["spare"]}
+        if case.operation.path.startswith("/v1/models/")
+        else target.names
+    )
+    for name, known in names.items():
         if name in (case.path_parameters or {}) and data.draw(st.integers(0, 3), label="real name") > 0:
             case.path_parameters[name] = data.draw(st.sampled_from(known), label=name)
     if "x-nuclio-function-name" in (case.headers or {}) and data.draw(st.booleans(), label="real function"):

@@ -21,6 +21,45 @@ async def list_models(request: Request) -> dict:
     return {"device": str(svc.registry.device), "models": svc.registry.describe()}
 
 
+UNKNOWN_MODEL = {404: {"description": "Unknown model (GET /v1/models lists them)"}}
+
+
+@router.post(
+    "/v1/models/{model}/load",
+    status_code=202,
+    responses={200: {"description": "Loaded already"}, **UNKNOWN_MODEL},
+)
+def load_model(model: str, request: Request) -> JSONResponse:
+    """Loads a model (admin scope), also one not in `LABELSERVE_MODELS`, in the background: 202 while it
+    loads (poll `GET /v1/models`; `/readyz` waits for it when it is one of `LABELSERVE_MODELS`), 200 when it
+    was loaded already. The same checks as at start apply: sha256 against the manifest, and no random
+    weights unless the server runs with `--random-init`. A failure shows in the model's `state`,
+    `message` and `fix`."""
+    record = services(request).registry.request_load(model)
+    return JSONResponse(record.describe(), status_code=200 if record.state == "loaded" else 202)
+
+
+@router.post(
+    "/v1/models/{model}/unload",
+    responses={409: {"description": "The model is loading; unload it once loaded"}, **UNKNOWN_MODEL},
+)
+def unload_model(model: str, request: Request) -> dict:
+    """Unloads a model (admin scope) and frees its memory: its encoder and detection queues finish the
+    requests they hold, later requests get 503 `model_unavailable` naming the load endpoint, and its L1
+    embeddings, click history and tracking states are dropped (L2 keeps its embeddings). Answers the
+    model's record and what was dropped; unloading a model that is not loaded changes nothing. 409 while
+    it loads."""
+    svc = services(request)
+    before, instance = svc.registry.unload(model)
+    if before == "loading":
+        raise ApiError(
+            409, "model_loading", f"Model {model!r} is loading; wait until GET /v1/models shows it loaded."
+        )
+    dropped = svc.forget_model(model, instance) if before == "loaded" else None
+    del instance
+    return {**svc.registry.record(model).describe(), "was": before, "dropped": dropped}
+
+
 @router.get("/v1/cache/stats")
 def cache_stats(request: Request) -> dict:
     """Each tier: `embeddings` (L1, in process), `l2` (Redis or disk; null when not configured), the
