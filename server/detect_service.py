@@ -11,6 +11,7 @@ from models.base import unloaded
 from models.detector import Detector, DetectParams
 from models.registry import ModelRegistry
 from server.batching import MicroBatcher
+from server.encode_scheduler import Priority
 from server.errors import ApiError
 from server.images import decode_image
 from server.sam_service import SamService
@@ -80,12 +81,20 @@ class DetectService:
         height, width = image.shape[:2]
         return Detections(detector, width, height, shapes)
 
-    def refine(self, model: str, data: bytes, shapes: list[Shape], timings: Timings) -> list[Shape]:
+    def refine(
+        self,
+        model: str,
+        data: bytes,
+        shapes: list[Shape],
+        timings: Timings,
+        priority: Priority = Priority.INTERACTIVE,
+        decoded: np.ndarray | None = None,
+    ) -> list[Shape]:
         """Box → mask with SAM (the "detector + SAM" recipe): the image is hashed and embedded once, through
         the cache, and every box is decoded against that embedding."""
         if not any(shape.kind == "box" for shape in shapes):
             return shapes
-        embedded = self.sam.embed(model, data, timings)
+        embedded = self.sam.embed(model, data, timings, priority, decoded)
         refined = []
         for shape in shapes:
             if shape.kind != "box" or shape.box is None:
@@ -99,8 +108,9 @@ class DetectService:
         return refined
 
     def refine_for_job(self, model: str, data: bytes, image: np.ndarray, shapes: list[Shape]) -> list[Shape]:
-        """`refine` with the job engine's signature (the embedding cache is keyed by bytes, not the image)."""
-        return self.refine(model, data, shapes, Timings())
+        """`refine` for the job engine: its encodes queue behind annotators' clicks (background priority),
+        and the image it decoded already is used as is."""
+        return self.refine(model, data, shapes, Timings(), Priority.BACKGROUND, image)
 
     @staticmethod
     def _check_classes(detector: Detector, params: DetectParams) -> None:

@@ -49,12 +49,18 @@ class SamService:
         self.history = RefinementHistory(settings.prompt_history_bytes)
 
     def embed(
-        self, model: str, data: bytes, timings: Timings, priority: Priority = Priority.INTERACTIVE
+        self,
+        model: str,
+        data: bytes,
+        timings: Timings,
+        priority: Priority = Priority.INTERACTIVE,
+        decoded: np.ndarray | None = None,
     ) -> Embedded:
+        """`decoded`: `data` already decoded by the caller (jobs), so a miss does not decode it again."""
         segmenter = self.registry.segmenter(model)
         with timings.stage("hash"):
             content_id = image_id(data)
-        found = self.embeddings.get_or_encode(segmenter, content_id, data, timings, priority)
+        found = self.embeddings.get_or_encode(segmenter, content_id, data, timings, priority, decoded)
         return Embedded(content_id, found.embedding, found.tier)
 
     def embed_decoded(self, model: str, content_id: str, image: np.ndarray) -> ImageEmbedding:

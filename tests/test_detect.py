@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -167,6 +168,37 @@ def test_sam_refinement_turns_boxes_into_masks(detect_client: TestClient) -> Non
         json={"image": {"base64": base64.b64encode(data).decode()}, "sam_refine": "mobile_sam"},
     )
     assert "encode" not in again.json()["timings_ms"]  # the SAM embedding came from the cache
+
+
+def test_a_jobs_sam_refinement_encodes_behind_clicks(detect_client: TestClient, tmp_path) -> None:  # noqa: ANN001
+    """Batch jobs must not compete with annotators: their SAM encodes go at background priority."""
+    images = tmp_path / "images"
+    images.mkdir()
+    bus = decode_image(ultralytics_asset("bus.jpg").read_bytes(), 10**8)
+    for i in range(2):  # distinct bytes, so neither embedding is in the cache yet
+        (images / f"bus{i}.png").write_bytes(encode_image(np.ascontiguousarray(bus[:, i:])))
+
+    def done() -> dict[str, int]:
+        encoders = detect_client.get("/v1/cache/stats").json()["encoders"]
+        return encoders.get("mobile_sam", {}).get("done", {"interactive": 0, "background": 0})
+
+    before = done()
+    spec = {
+        "source": {"directory": str(images)},
+        "detector": "fall",
+        "sam_refine": "mobile_sam",
+        "output": {"format": "cvat_images", "directory": str(tmp_path / "out")},
+    }
+    created = detect_client.post("/v1/jobs", json=spec)
+    assert created.status_code == 201, created.text
+    deadline = time.monotonic() + 120
+    while (status := detect_client.get(f"/v1/jobs/{created.json()['id']}").json())["state"] != "completed":
+        assert time.monotonic() < deadline and status["state"] in ("queued", "running"), status
+        time.sleep(0.1)
+    after = done()
+    assert after["background"] - before["background"] == 2
+    assert after["interactive"] == before["interactive"]
+    assert b"<mask" in (tmp_path / "out" / "annotations.xml").read_bytes()  # the boxes became masks
 
 
 @pytest.mark.parametrize(
