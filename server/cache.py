@@ -32,14 +32,16 @@ class ByteLRU(Generic[V]):
         self.lock = threading.RLock()
         self.stats = CacheStats()
 
-    def get(self, key: Hashable) -> V | None:
+    def get(self, key: Hashable, count: bool = True) -> V | None:
+        """`count=False`: a lookup left out of the hit and miss counts (background work, whose misses are
+        expected and would hide the hit rate that requests see)."""
         with self.lock:
             item = self._items.get(key)
             if item is None:
-                self.stats.misses += 1
+                self.stats.misses += count
                 return None
             self._items.move_to_end(key)
-            self.stats.hits += 1
+            self.stats.hits += count
             return item[0]
 
     def put(self, key: Hashable, value: V) -> bool:
@@ -110,10 +112,10 @@ class EmbeddingCache(ByteLRU[V]):
         super().__init__(max_bytes, size_of)
         self._inflight: dict[Hashable, Future[V]] = {}
 
-    def get_or_compute(self, key: Hashable, compute: Callable[[], V]) -> tuple[V, bool]:
+    def get_or_compute(self, key: Hashable, compute: Callable[[], V], count: bool = True) -> tuple[V, bool]:
         """Returns (value, was_cached). Exceptions from `compute` reach every waiter and nothing is cached."""
         with self.lock:
-            value = self.get(key)
+            value = self.get(key, count)
             if value is not None:
                 return value, True
             future = self._inflight.get(key)

@@ -100,7 +100,8 @@ class TieredEmbeddings:
             return ticket.result()
 
         with timings.stage("embedding"), self._awaiting(key, priority):
-            embedding, _ = self.l1.get_or_compute(key, compute)
+            # Only requests count as hits and misses: prefetch and job lookups miss by design.
+            embedding, _ = self.l1.get_or_compute(key, compute, count=priority == Priority.INTERACTIVE)
         tier = tiers[0] if tiers else "l1"
         if tier == "encode" and self.l2 is not None:
             # After the L1 fill: requests waiting for this encode do not wait for the L2 write as well.

@@ -55,6 +55,7 @@ def test_prefetch_of_a_directory_range_then_the_first_click_is_a_cache_hit(clien
     (tmp_path / "f2.png").write_bytes(b"not a png")
     (tmp_path / "f3.png").write_bytes(frames["f1"])  # the same frame twice: encoded once
     body = {"model": MODEL, "source": {"directory": str(tmp_path)}, "range": {"start": 1, "stop": 4}}
+    lookups = client.get("/v1/cache/stats").json()["embeddings"]
     submitted = client.post("/v1/prefetch", json=body)
     assert submitted.status_code == 202 and submitted.json()["total"] == 3
     run_id = submitted.json()["id"]
@@ -70,6 +71,9 @@ def test_prefetch_of_a_directory_range_then_the_first_click_is_a_cache_hit(clien
         f"/v1/sam/{MODEL}/embed", content=frames["f1"], headers={"content-type": "image/png"}
     )
     assert first_click.json()["cache_tier"] == "l1" and "encode" not in first_click.json()["timings_ms"]
+    # The hit rate is the requests': the prefetch's own lookups (misses by design) are not counted.
+    after = client.get("/v1/cache/stats").json()["embeddings"]
+    assert (after["hits"], after["misses"]) == (lookups["hits"] + 1, lookups["misses"])
     outside = {"image_id": hashlib.sha256(frames["f0"]).hexdigest(), "points": [[1, 1]]}
     assert client.post(f"/v1/sam/{MODEL}/segment", json=outside).status_code == 404  # not in the range
     finished = client.delete(f"/v1/prefetch/{run_id}")
