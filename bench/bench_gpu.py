@@ -137,40 +137,52 @@ def click_rows(name: str, images: dict[str, np.ndarray], repeat: int) -> list[di
 
 
 def scheduler_rows(name: str, image: np.ndarray, clients: int, batches: list[int]) -> list[dict]:
-    """labelserve's encode scheduler: `clients` first clicks arriving together, batched or one by one."""
+    """The server's embedding path (TieredEmbeddings: the resize on each request's thread, then the model's
+    encode scheduler): `clients` first clicks on distinct images arriving together, batched or one by one."""
+    import itertools
     import threading
 
-    from server.encode_scheduler import EncodeScheduler, Priority
+    from server.embeddings import TieredEmbeddings
+    from server.encode_scheduler import Priority
+    from server.settings import Settings
+    from server.timing import Timings
 
     torch.manual_seed(0)
     segmenter = SamSegmenter(name, build_sam(name, None).to(DEVICE), torch.device(DEVICE),
                              encoder_autocast=torch.float16)  # fmt: skip
+    ids = itertools.count()  # a new image id for every request: no cache hit, no shared encode
     rows = []
     for batch in batches:
-        scheduler = EncodeScheduler(segmenter.encode, name, segmenter.encode_batch, batch, 2.0)
-        for _ in range(2):  # warm-up of this batch shape
-            [t.result() for t in [scheduler.submit(image, Priority.INTERACTIVE) for _ in range(clients)]]
-        waits: list[float] = []
-        start = time.perf_counter()
-        threads = []
-        for _ in range(clients):
+        embeddings = TieredEmbeddings(Settings(encode_max_batch=batch, encode_max_wait_ms=2.0), l2=None)
 
-            def one(scheduler: EncodeScheduler = scheduler, waits: list[float] = waits) -> None:
+        def embed(embeddings: TieredEmbeddings = embeddings) -> None:
+            embeddings.get_or_encode(
+                segmenter, f"{name}-{next(ids)}", b"", Timings(), Priority.INTERACTIVE, decoded=image
+            )
+
+        def together(waits: list[float]) -> None:
+            def one() -> None:
                 began = time.perf_counter()
-                scheduler.submit(image, Priority.INTERACTIVE).result()
+                embed()
                 waits.append((time.perf_counter() - began) * 1000)
 
-            threads.append(threading.Thread(target=one))
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+            threads = [threading.Thread(target=one) for _ in range(clients)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+
+        for _ in range(2):  # warm-up of this batch shape
+            together([])
+        waits: list[float] = []
+        start = time.perf_counter()
+        together(waits)
         total = (time.perf_counter() - start) * 1000
-        alone = median_ms(lambda s=scheduler: s.submit(image, Priority.INTERACTIVE).result(), 10)
+        alone = median_ms(embed, 10)
         rows.append({"model": name, "max_batch": batch, "clients": clients, "total_ms": total,
                      "images_per_s": clients / total * 1000, "p50_wait_ms": statistics.median(waits),
                      "max_wait_ms": max(waits), "single_ms": alone})  # fmt: skip
-        scheduler.close()
+        embeddings.close()
     return rows
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -89,6 +90,15 @@ class Segmenter(ABC):
     def encode_batch(self, images: list[np.ndarray]) -> list[ImageEmbedding]:
         """Encode several images; backends that can run them in one pass override this."""
         return [self.encode(image) for image in images]
+
+    def prepare(self, image: np.ndarray) -> Any:
+        """The CPU-side preprocessing of encode() (resizing), run on the requesting thread so that the one
+        encoder thread per model only feeds the accelerator. The default prepares nothing."""
+        return image
+
+    def encode_prepared(self, prepared: list[Any]) -> list[ImageEmbedding]:
+        """encode_batch() of what prepare() returned."""
+        return self.encode_batch(prepared)
 
     @abstractmethod
     def decode(self, embedding: ImageEmbedding, prompt: Prompt, multimask: bool) -> Decoded:

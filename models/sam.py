@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -57,6 +58,12 @@ def _quiet_timm():
         yield
 
 
+@dataclass(frozen=True)
+class Resized:
+    image: np.ndarray  # uint8 [h, w, 3], longest side = the encoder's input size
+    original_size: tuple[int, int]
+
+
 class SamSegmenter(Segmenter):
     preprocessing_version = "sam-rls1024-v1"
 
@@ -81,38 +88,34 @@ class SamSegmenter(Segmenter):
 
     # ---- encode -------------------------------------------------------------------------------------------
     def encode(self, image: np.ndarray) -> ImageEmbedding:
-        resized = self.transform.apply_image(image)
-        tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
-        with self.encoder_lock, torch.inference_mode(), self._autocast():
-            features = self.sam.image_encoder(self.sam.preprocess(tensor))
-        return ImageEmbedding(
-            features=features.to(self.cache_device, self.cache_dtype),
-            original_size=(int(image.shape[0]), int(image.shape[1])),
-            input_size=(int(tensor.shape[-2]), int(tensor.shape[-1])),
-        )
+        return self.encode_prepared([self.prepare(image)])[0]
 
     def encode_batch(self, images: list[np.ndarray]) -> list[ImageEmbedding]:
         """Several images in one encoder pass (each is resized and padded to the encoder's square input, so
         sizes may differ): on a GPU this amortises the ViT over the batch (bench/bench_gpu.py)."""
-        if len(images) == 1:
-            return [self.encode(images[0])]
-        inputs, sizes = [], []
-        for image in images:
-            resized = self.transform.apply_image(image)
-            tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
-            inputs.append(self.sam.preprocess(tensor))
-            sizes.append(
-                ((int(image.shape[0]), int(image.shape[1])), (int(tensor.shape[-2]), int(tensor.shape[-1])))
+        return self.encode_prepared([self.prepare(image) for image in images])
+
+    def prepare(self, image: np.ndarray) -> Resized:
+        """segment-anything's resize of the longest side to 1024 (PIL, as SamPredictor does): the costly
+        CPU step of an encode, 30-40 ms for a 1080p frame."""
+        return Resized(self.transform.apply_image(image), (int(image.shape[0]), int(image.shape[1])))
+
+    def encode_prepared(self, prepared: list[Resized]) -> list[ImageEmbedding]:
+        inputs = [
+            self.sam.preprocess(
+                torch.as_tensor(p.image, device=self.device).permute(2, 0, 1).contiguous()[None]
             )
+            for p in prepared
+        ]
         with self.encoder_lock, torch.inference_mode(), self._autocast():
-            features = self.sam.image_encoder(torch.cat(inputs))
+            features = self.sam.image_encoder(inputs[0] if len(inputs) == 1 else torch.cat(inputs))
         return [
             ImageEmbedding(
                 features=features[i : i + 1].to(self.cache_device, self.cache_dtype),
-                original_size=original,
-                input_size=input_size,
+                original_size=p.original_size,
+                input_size=(int(p.image.shape[0]), int(p.image.shape[1])),
             )
-            for i, (original, input_size) in enumerate(sizes)
+            for i, p in enumerate(prepared)
         ]
 
     def _autocast(self) -> contextlib.AbstractContextManager:

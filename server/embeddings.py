@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -62,9 +62,9 @@ class TieredEmbeddings:
                 device = getattr(segmenter, "device", None)
                 batch = self.encode_max_batch or (8 if getattr(device, "type", "cpu") == "cuda" else 1)
                 scheduler = self._schedulers[segmenter.name] = EncodeScheduler(
-                    segmenter.encode,
+                    lambda prepared: segmenter.encode_prepared([prepared])[0],
                     segmenter.name,
-                    encode_batch=segmenter.encode_batch,
+                    encode_batch=segmenter.encode_prepared,
                     max_batch=batch,
                     max_wait_ms=self.encode_max_wait_ms,
                 )
@@ -93,7 +93,10 @@ class TieredEmbeddings:
             else:
                 with timings.stage("decode_image"):
                     image = decode_image(data, self.max_image_pixels)
-            ticket = self._encode(segmenter, key, image, priority)
+            with timings.stage("resize"):  # here, not on the model's one encoder thread
+                prepared = segmenter.prepare(image)
+            del image
+            ticket = self._encode(segmenter, key, prepared, priority)
             timings.add("encode_queue", ticket.queued_ms)
             timings.add("encode", ticket.run_ms)
             tiers.append("encode")
@@ -109,13 +112,11 @@ class TieredEmbeddings:
                 self.l2.put(_l2_key(segmenter, content_id), embedding)
         return Found(embedding, tier)
 
-    def _encode(
-        self, segmenter: Segmenter, key: Hashable, image: np.ndarray, priority: Priority
-    ) -> EncodeTicket:
+    def _encode(self, segmenter: Segmenter, key: Hashable, prepared: Any, priority: Priority) -> EncodeTicket:
         scheduler = self.scheduler(segmenter)
         if priority == Priority.INTERACTIVE:
-            return scheduler.encode(image, priority)
-        ticket = scheduler.submit(image, priority)
+            return scheduler.encode(prepared, priority)
+        ticket = scheduler.submit(prepared, priority)
         with self._lock:
             self._background[key] = (scheduler, ticket)
             if self._awaited[key]:  # a click came for this image between the L1 lookup and now

@@ -14,8 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import IntEnum
-
-import numpy as np
+from typing import Any
 
 from models.base import ImageEmbedding
 
@@ -28,7 +27,7 @@ class Priority(IntEnum):
 @dataclass(eq=False)
 class EncodeTicket:
     priority: Priority
-    image: np.ndarray | None
+    image: Any  # what Segmenter.prepare() made of the image; None once encoded
     submitted: float = field(default_factory=time.perf_counter)
     started: float | None = None
     finished: float | None = None
@@ -66,9 +65,9 @@ class EncodeScheduler:
 
     def __init__(
         self,
-        encode: Callable[[np.ndarray], ImageEmbedding],
+        encode: Callable[[Any], ImageEmbedding],
         name: str,
-        encode_batch: Callable[[list[np.ndarray]], list[ImageEmbedding]] | None = None,
+        encode_batch: Callable[[list[Any]], list[ImageEmbedding]] | None = None,
         max_batch: int = 1,
         max_wait_ms: float = 0.0,
     ) -> None:
@@ -87,7 +86,7 @@ class EncodeScheduler:
         self._worker = threading.Thread(target=self._loop, name=f"encoder-{name}", daemon=True)
         self._worker.start()
 
-    def submit(self, image: np.ndarray, priority: Priority) -> EncodeTicket:
+    def submit(self, image: Any, priority: Priority) -> EncodeTicket:
         ticket = EncodeTicket(priority, image)
         with self._ready:
             if self._retired is not None:
@@ -99,7 +98,7 @@ class EncodeScheduler:
             self._ready.notify()
         return ticket
 
-    def encode(self, image: np.ndarray, priority: Priority) -> EncodeTicket:
+    def encode(self, image: Any, priority: Priority) -> EncodeTicket:
         """Submit and wait; the ticket carries the embedding and how long it queued and ran."""
         ticket = self.submit(image, priority)
         ticket.result()

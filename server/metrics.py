@@ -64,8 +64,8 @@ class Metrics:
         self.stages = Histogram(
             "labelserve_stage_duration_seconds",
             "Time spent in each stage of a request, as in its Server-Timing header (read, hash, "
-            "decode_image, encode, decode_mask, upsample, serialize, detect, ...); stages may nest "
-            "(embedding holds decode_image and encode).",
+            "decode_image, resize, encode, decode_mask, upsample, serialize, detect, ...); stages may nest "
+            "(embedding holds decode_image, resize and encode).",
             ["route", "stage"],
             buckets=STAGE_BUCKETS,
             registry=self.registry,
