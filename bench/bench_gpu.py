@@ -150,6 +150,7 @@ def scheduler_rows(name: str, image: np.ndarray, clients: int, batches: list[int
     torch.manual_seed(0)
     segmenter = SamSegmenter(name, build_sam(name, None).to(DEVICE), torch.device(DEVICE),
                              encoder_autocast=torch.float16)  # fmt: skip
+    segmenter.warm_up(max(batches))  # as the registry does when it loads a model on CUDA
     ids = itertools.count()  # a new image id for every request: no cache hit, no shared encode
     rows = []
     for batch in batches:

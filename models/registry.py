@@ -216,7 +216,7 @@ class ModelRegistry:
                 record.name, record.architecture, checkpoint, self.settings, self.device
             )
         if record.kind == "segmenter":
-            return SamSegmenter(
+            segmenter = SamSegmenter(
                 record.name,
                 build_sam(record.architecture, checkpoint),
                 self.device,
@@ -224,6 +224,9 @@ class ModelRegistry:
                 cache_on_model_device=self.settings.cache_device == "model",
                 encoder_autocast=encoder_autocast(self.settings.encoder_dtype),
             )
+            if self.device.type == "cuda":  # part of loading: /readyz waits for it, clicks do not
+                segmenter.warm_up(self.settings.encode_batch_limit(cuda=True))
+            return segmenter
         from models.yolo import UltralyticsDetector, configure_offline, load_yolo
 
         configure_offline(self.settings.data_dir / "ultralytics")

@@ -100,6 +100,15 @@ class SamSegmenter(Segmenter):
         CPU step of an encode, 30-40 ms for a 1080p frame."""
         return Resized(self.transform.apply_image(image), (int(image.shape[0]), int(image.shape[1])))
 
+    def warm_up(self, max_batch: int) -> None:
+        """One encoder pass at every batch size the encode scheduler may form. On CUDA the first pass at a
+        new size costs about a second (kernel loading and selection: 1.2 s per size for MobileSAM on an
+        H100), which would otherwise stall the first clicks that happen to form such a batch."""
+        side = self.sam.image_encoder.img_size
+        blank = Resized(np.zeros((side, side, 3), np.uint8), (side, side))
+        for size in range(1, max_batch + 1):
+            self.encode_prepared([blank] * size)
+
     def encode_prepared(self, prepared: list[Resized]) -> list[ImageEmbedding]:
         inputs = [
             self.sam.preprocess(

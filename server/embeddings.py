@@ -41,7 +41,7 @@ class TieredEmbeddings:
         self.l1: EmbeddingCache[ImageEmbedding] = EmbeddingCache(settings.cache_bytes, lambda e: e.nbytes)
         self.l2 = l2
         self.max_image_pixels = settings.max_image_pixels
-        self.encode_max_batch = settings.encode_max_batch
+        self.settings = settings
         self.encode_max_wait_ms = settings.encode_max_wait_ms
         self._schedulers: dict[str, EncodeScheduler] = {}
         self._lock = threading.Lock()
@@ -60,7 +60,7 @@ class TieredEmbeddings:
             scheduler = self._schedulers.get(segmenter.name)
             if scheduler is None:
                 device = getattr(segmenter, "device", None)
-                batch = self.encode_max_batch or (8 if getattr(device, "type", "cpu") == "cuda" else 1)
+                batch = self.settings.encode_batch_limit(getattr(device, "type", "cpu") == "cuda")
                 scheduler = self._schedulers[segmenter.name] = EncodeScheduler(
                     lambda prepared: segmenter.encode_prepared([prepared])[0],
                     segmenter.name,

@@ -380,6 +380,9 @@ class Settings(BaseSettings):
             )
         return self
 
+    def encode_batch_limit(self, cuda: bool) -> int:
+        return self.encode_max_batch or (8 if cuda else 1)
+
     def job_reader_threads(self, cuda: bool) -> int:
         if self.job_readers is not None:
             return self.job_readers
