@@ -7,10 +7,11 @@ import asyncio
 import binascii
 import ipaddress
 import socket
-from collections.abc import Awaitable
-from typing import Protocol
+from collections.abc import Awaitable, Iterable
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+import httpcore
 import httpx
 import pybase64
 from pydantic import BaseModel, Field, model_validator
@@ -91,9 +92,11 @@ def _allowed_networks(settings: Settings) -> list[ipaddress.IPv4Network | ipaddr
     return networks
 
 
-async def _check_host(host: str, port: int, settings: Settings) -> None:
+async def _checked_address(host: str, port: int, settings: Settings) -> str:
+    """The address to connect to for `host`: resolved once, every answer public or allow-listed. An
+    allow-listed host name is returned as is (the operator trusts its resolution)."""
     if host.lower() in (entry.lower() for entry in settings.url_allow_hosts):
-        return
+        return host
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror:
@@ -101,9 +104,10 @@ async def _check_host(host: str, port: int, settings: Settings) -> None:
             400, "url_unreachable", f"The host {host!r} of the image URL does not resolve."
         ) from None
     allowed = _allowed_networks(settings)
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
     blocked = sorted(
         address
-        for address in {info[4][0] for info in infos}
+        for address in addresses
         if not _is_public(address) and not any(ipaddress.ip_address(address) in net for net in allowed)
     )
     if blocked:
@@ -114,20 +118,58 @@ async def _check_host(host: str, port: int, settings: Settings) -> None:
             "refused unless the operator lists the host or its network in LABELSERVE_URL_ALLOW_HOSTS (or "
             "sets LABELSERVE_URL_ALLOW_PRIVATE=true).",
         )
+    return addresses[0]
+
+
+class _CheckedBackend(httpcore.AsyncNetworkBackend):
+    """Connects to the very address that was checked. Checking a name and then letting the HTTP client
+    resolve it again would let a DNS server answer differently the second time (DNS rebinding) and send the
+    request to a private address. TLS still verifies the certificate against the URL's host name."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._inner = httpcore.AnyIOBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        address = await _checked_address(host, port, self._settings)
+        return await self._inner.connect_tcp(address, port, timeout, local_address, socket_options)
+
+    async def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.AsyncNetworkStream:
+        raise httpcore.ConnectError("image URLs do not reach unix sockets")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+def _http_client(settings: Settings) -> httpx.AsyncClient:
+    # No proxies from the environment: a proxy would resolve the host itself, past the check.
+    transport = httpx.AsyncHTTPTransport(trust_env=False)
+    if not settings.url_allow_private:
+        # httpx takes no network backend, so its connection pool is replaced by one with the checked backend.
+        transport._pool = httpcore.AsyncConnectionPool(
+            ssl_context=httpx.create_ssl_context(), network_backend=_CheckedBackend(settings)
+        )
+    return httpx.AsyncClient(
+        transport=transport, timeout=settings.url_timeout_s, follow_redirects=False, trust_env=False
+    )
 
 
 async def read_http(url: str, settings: Settings, purpose: Purpose = "interactive") -> bytes:
     parts = urlsplit(url)
     if not parts.hostname:
         raise ApiError(400, "bad_url", f"The image URL {url!r} has no host.")
-    if not settings.url_allow_private:
-        await _check_host(parts.hostname, parts.port or (443 if parts.scheme == "https" else 80), settings)
     limit = settings.max_request_bytes
     try:
-        async with (
-            httpx.AsyncClient(timeout=settings.url_timeout_s, follow_redirects=False) as client,
-            client.stream("GET", url) as response,
-        ):
+        async with _http_client(settings) as client, client.stream("GET", url) as response:
             if response.status_code != 200:
                 raise ApiError(
                     400, "url_status", f"The image URL answered HTTP {response.status_code}; check the URL."

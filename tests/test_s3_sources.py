@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import io
 import json
+import socket
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -21,6 +22,7 @@ from botocore.config import Config
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
+from server import sources
 from server.app import create_app
 from server.errors import ApiError
 from server.jobs import cli
@@ -343,6 +345,50 @@ def test_private_http_hosts_only_when_allow_listed(tmp_path: Path) -> None:
             with pytest.raises(ApiError) as caught:
                 fetch(f"http://127.0.0.1:{port}/a.png", url_allow_hosts=allowed)
             assert caught.value.code == "url_forbidden" and "URL_ALLOW_HOSTS" in caught.value.message
+    finally:
+        server.shutdown()
+
+
+def test_a_host_that_resolves_differently_the_second_time_cannot_reach_a_private_address(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DNS rebinding: the first answer (checked) is public, later ones point at the loopback server. The
+    request must go to the checked address, never to that server. To stay on loopback, 127.0.0.2 plays the
+    public address: nothing listens there."""
+    hits: list[str] = []
+
+    class Image(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            hits.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", "5")
+            self.end_headers()
+            self.wfile.write(b"bytes")
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Image)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_port
+    real = asyncio.base_events.BaseEventLoop.getaddrinfo
+    answers = iter(["127.0.0.2"])
+    is_public = sources._is_public
+    monkeypatch.setattr(sources, "_is_public", lambda address: address == "127.0.0.2" or is_public(address))
+
+    async def rebinding(self, host, port, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if host not in ("rebind.test", b"rebind.test"):  # anyio asks with the IDNA bytes
+            return await real(self, host, port, *args, **kwargs)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (next(answers, "127.0.0.1"), port))]
+
+    monkeypatch.setattr(asyncio.base_events.BaseEventLoop, "getaddrinfo", rebinding)
+    try:
+        with pytest.raises(ApiError) as caught:
+            asyncio.run(
+                READERS["http"](f"http://rebind.test:{port}/a.png", make_settings(tmp_path, url_timeout_s=1))
+            )
+        assert caught.value.code in ("url_unreachable", "url_timeout")
+        assert hits == []  # the loopback server was never reached
     finally:
         server.shutdown()
 
