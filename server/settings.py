@@ -176,6 +176,12 @@ class Settings(BaseSettings):
         " Default: 4 with CUDA; 0 on a CPU-only host, where inference fills every core and readers slow it.",
     )
     job_concurrency: int = Field(default=1, ge=1, description="Jobs that run at the same time.")
+    job_retention_days: float = Field(
+        default=30,
+        ge=0,
+        description="Finished jobs (completed, failed, cancelled) older than this many days are deleted from "
+        "the job database, at start and at each submission; 0 keeps them forever. Output files stay.",
+    )
 
     # Tracking: per-object states live server-side; clients hold ids (CVAT round-trips them every frame).
     track_state_ttl_s: float = Field(

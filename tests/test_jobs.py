@@ -286,6 +286,48 @@ def test_sam_refine_gets_bytes_and_detections(
     assert [t.attrib["label"] for t in root.iter("tag")] == ["refined"] * COUNT
 
 
+def test_finished_jobs_past_retention_are_deleted_at_start_and_at_submit(
+    dataset: tuple[Path, dict[str, Scene]], make_engine: Callable[..., LocalEngine], tmp_path: Path
+) -> None:
+    directory, _ = dataset
+    db = tmp_path / "jobs.sqlite3"
+    settings = Settings(job_retention_days=1)
+    engine = make_engine(db=db, settings=settings)
+    old, recent = (
+        wait_for(engine, engine.submit(spec({"directory": str(directory)}, tmp_path / name)).id).id
+        for name in ("old", "recent")
+    )
+    with sqlite3.connect(db) as connection:  # `old` finished two days ago
+        connection.execute("UPDATE jobs SET finished = finished - 2 * 86400 WHERE id = ?", (old,))
+    engine.close()
+
+    restarted = make_engine(db=db, settings=settings)
+    assert [job.id for job in restarted.list()] == [recent]
+    with pytest.raises(ApiError) as gone:
+        restarted.status(old)
+    assert gone.value.code == "unknown_job"
+    with sqlite3.connect(db) as connection:
+        assert connection.execute("SELECT COUNT(*) FROM items WHERE job_id = ?", (old,)).fetchone() == (0,)
+        assert connection.execute("SELECT COUNT(*) FROM items WHERE job_id = ?", (recent,)).fetchone()[0] > 0
+        connection.execute("UPDATE jobs SET finished = finished - 2 * 86400 WHERE id = ?", (recent,))
+    restarted.submit(spec({"directory": str(directory)}, tmp_path / "new"))  # a submission purges too
+    assert recent not in [job.id for job in restarted.list()]
+    assert (tmp_path / "old" / "annotations.xml").exists()  # output files are the user's: never deleted
+
+
+def test_retention_zero_keeps_every_job(
+    dataset: tuple[Path, dict[str, Scene]], make_engine: Callable[..., LocalEngine], tmp_path: Path
+) -> None:
+    directory, _ = dataset
+    db = tmp_path / "jobs.sqlite3"
+    engine = make_engine(db=db, settings=Settings(job_retention_days=0))
+    job = wait_for(engine, engine.submit(spec({"directory": str(directory)}, tmp_path / "out")).id).id
+    with sqlite3.connect(db) as connection:
+        connection.execute("UPDATE jobs SET finished = finished - 3650 * 86400 WHERE id = ?", (job,))
+    engine.close()
+    assert [j.id for j in make_engine(db=db, settings=Settings(job_retention_days=0)).list()] == [job]
+
+
 # -- progress and cancel ---------------------------------------------------------------------------------
 
 

@@ -192,6 +192,7 @@ class LocalEngine:
         self._prefetch = max(prefetch, 1)
         self._readers = max(readers, 1)
         self.store = JobStore(state_db)
+        self._purge_old_jobs()
         self._lock = threading.Lock()
         self._active: dict[str, _Control] = {}
         self._last_rate: dict[str, float] = {}
@@ -203,10 +204,18 @@ class LocalEngine:
         for worker in self._workers:
             worker.start()
 
+    def _purge_old_jobs(self) -> None:
+        days = self._settings.job_retention_days
+        if days > 0:
+            purged = self.store.purge_finished(time.time() - days * 86400)
+            if purged:
+                log.info("deleted %d jobs finished more than %g days ago (job_retention_days)", purged, days)
+
     # -- the Engine interface ------------------------------------------------------------------------------
 
     def submit(self, spec: JobSpec) -> JobStatus:
         """Validate everything that can be checked now (ApiError otherwise), store the job, queue it."""
+        self._purge_old_jobs()
         detector = self.detector(spec.detector)
         info = detector.info
         unknown = sorted(set(spec.params.classes or ()) - set(info.class_names))

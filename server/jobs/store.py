@@ -199,6 +199,21 @@ class JobStore:
         with self._lock:
             return [JobRow(*r) for r in self._db.execute(query, args).fetchall()]
 
+    def purge_finished(self, before: float) -> int:
+        """Deletes the jobs that finished before `before` (epoch seconds), with their items, credentials,
+        upload and checkpoint rows. Returns how many jobs went."""
+        finished = "SELECT id FROM jobs WHERE state NOT IN ('queued', 'running') AND finished < ?"
+        with self._lock:
+            ids = [row[0] for row in self._db.execute(finished, (before,)).fetchall()]
+            if not ids:
+                return 0
+            self._db.execute("BEGIN")
+            for table in ("items", "job_secrets", "uploads", "checkpoints"):
+                self._db.executemany(f"DELETE FROM {table} WHERE job_id = ?", [(i,) for i in ids])
+            self._db.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in ids])
+            self._db.execute("COMMIT")
+            return len(ids)
+
     def state_counts(self) -> dict[str, int]:
         """How many jobs are in each state (for /metrics)."""
         with self._lock:
