@@ -26,7 +26,7 @@ class _Server(uvicorn.Server):
 def servers(app: FastAPI, settings: Settings) -> list[uvicorn.Server]:
     # log_config=None: the root handler (server.logs) formats uvicorn's lines too. No access log: the audit
     # log has a line per request, with more in it.
-    common = {"log_config": None, "access_log": False}
+    common = {"log_config": None, "access_log": False, "timeout_keep_alive": settings.keep_alive_s}
     found = [_Server(uvicorn.Config(app, host=settings.host, port=settings.port, **common))]
     if settings.cvat_port is not None:
         host = settings.cvat_host or settings.host

@@ -87,6 +87,13 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 8080
+    keep_alive_s: float = Field(
+        default=75,
+        gt=0,
+        description="How long an idle client connection stays open. Longer than the idle timeout of the load "
+        "balancer or proxy in front (60 s on AWS ALB, nginx's upstream default), so that the server never "
+        "closes a connection the proxy is about to reuse (which clients see as 502s or dropped requests).",
+    )
 
     # Models
     models: Annotated[list[str], NoDecode] = Field(

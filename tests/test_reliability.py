@@ -9,8 +9,10 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import statistics
+import time
 from pathlib import Path
 
 import httpx
@@ -72,3 +74,19 @@ def test_overload_is_refused_with_retry_after_and_recovers(server: ServerProcess
     assert server.http.post("/v1/sam/mobile_sam/embed", content=image, headers=headers).status_code == 200
     metrics = server.http.get("/metrics").text
     assert 'labelserve_refused_busy_total{where="interactive"}' in metrics
+
+
+def test_an_idle_connection_outlives_uvicorns_default_keep_alive(server: ServerProcess) -> None:
+    """A proxy reuses idle connections for up to its own idle timeout; uvicorn's default closes them after
+    5 s, and the proxy's next request on one fails. LABELSERVE_KEEP_ALIVE_S (75 s) keeps them open."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        connection.request("GET", "/healthz")
+        assert connection.getresponse().read() and connection.sock is not None
+        local = connection.sock.getsockname()
+        time.sleep(6.5)
+        connection.request("GET", "/healthz")  # on the same socket: http.client does not reconnect silently
+        response = connection.getresponse()
+        assert response.status == 200 and connection.sock.getsockname() == local
+    finally:
+        connection.close()
