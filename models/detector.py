@@ -21,6 +21,10 @@ class DetectParams:
     classes: tuple[int, ...] | None = None  # class ids to keep; None keeps all
     imgsz: int = 640
     max_det: int = 300
+    tile: int | None = (
+        None  # sliced detection: tile side in pixels (models/tiling.py); None: whole image only
+    )
+    tile_overlap: float = 0.2  # share of a tile's side its neighbours overlap
 
 
 @dataclass(frozen=True)
@@ -39,3 +43,29 @@ class Detector(ABC):
     def detect(self, images: Sequence[np.ndarray], params: DetectParams) -> list[list[Shape]]:
         """One list of shapes per RGB uint8 image [H, W, 3], in full-image pixel-edge coordinates.
         Thread-safe; a batch of images runs as one forward pass where the backend allows it."""
+
+
+TILE_DESCRIPTION = (
+    "Sliced detection for large images: the side, in pixels, of overlapping tiles that are detected at full "
+    "resolution besides the whole image (small objects that shrinking to imgsz would lose). Usually imgsz. "
+    "Absent: the whole image only."
+)
+TILE_OVERLAP_DESCRIPTION = "Share of a tile's side that its neighbours overlap (with 'tile')."
+
+
+def tiling_problem(info: DetectorInfo, params: DetectParams) -> str | None:
+    """Why `params.tile` cannot apply to this detector, if it cannot."""
+    if params.tile is not None and info.task == "classify":
+        return f"{info.name!r} classifies whole images, not tiles of them; leave out 'tile'."
+    return None
+
+
+def run_detection(
+    detector: Detector, images: Sequence[np.ndarray], params: DetectParams
+) -> list[list[Shape]]:
+    """How every caller runs a detector: `detect` as is, or sliced into tiles when `params.tile` is set."""
+    if params.tile is None:
+        return detector.detect(images, params)
+    from models.tiling import detect_tiled
+
+    return detect_tiled(detector.detect, images, params)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from models.base import unloaded
-from models.detector import Detector, DetectParams
+from models.detector import Detector, DetectParams, run_detection, tiling_problem
 from models.registry import ModelRegistry
 from server.batching import MicroBatcher
 from server.encode_scheduler import Priority
@@ -42,7 +42,7 @@ class DetectService:
             if model not in self._batchers:
                 detector = self.registry.detector(model)
                 self._batchers[model] = MicroBatcher(
-                    lambda params, images: detector.detect(images, params),  # type: ignore[arg-type]
+                    lambda params, images: run_detection(detector, images, params),  # type: ignore[arg-type]
                     self.settings.detect_max_batch,
                     self.settings.detect_max_wait_ms,
                     model,
@@ -71,6 +71,8 @@ class DetectService:
         if sam_refine is not None:
             self.registry.segmenter(sam_refine)  # fail before the work, not after it
         self._check_classes(detector, params)
+        if problem := tiling_problem(detector.info, params):
+            raise ApiError(422, "unsupported_tiling", problem)
         with timings.stage("decode_image"):
             image = decode_image(data, self.settings.max_image_pixels)
         with timings.stage("detect"):

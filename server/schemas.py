@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from models.detector import TILE_DESCRIPTION, TILE_OVERLAP_DESCRIPTION
 from server.shapes import MASK_FORMATS
 from server.sources import ImageRef
 
@@ -130,6 +131,8 @@ class DetectRequest(BaseModel):
     classes: list[int] | None = Field(default=None, description="Keep only these class ids.")
     imgsz: int = Field(default=640, ge=32, le=4096, description="Inference size (long side), in pixels.")
     max_det: int = Field(default=300, ge=1, le=3000)
+    tile: int | None = Field(default=None, ge=64, le=8192, description=TILE_DESCRIPTION)
+    tile_overlap: float = Field(default=0.2, ge=0.0, le=0.9, description=TILE_OVERLAP_DESCRIPTION)
     sam_refine: str | None = Field(default=None, description="A SAM model that turns each box into a mask.")
     format: str = Field(default="internal", description=f"One of {list(DETECT_FORMATS)}.")
     mask_formats: list[str] = Field(

@@ -36,7 +36,7 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 from pydantic import BaseModel, Field
 
-from models.detector import Detector, DetectorInfo, DetectParams
+from models.detector import Detector, DetectorInfo, DetectParams, run_detection, tiling_problem
 from models.yolo import configure_offline
 from server.errors import ApiError
 from server.images import decode_image
@@ -232,6 +232,8 @@ class LocalEngine:
                 f"{spec.detector!r} is a {info.task} model; video jobs track the boxes or masks of "
                 f"{' and '.join(TRACKED_TASKS)} models.",
             )
+        if problem := tiling_problem(info, spec.params.detect_params()):
+            raise ApiError(422, "unsupported_tiling", problem)
         if info.task == "classify" and spec.output.format not in (None, "cvat_images"):
             raise ApiError(
                 422,
@@ -800,7 +802,7 @@ def _lookup_error(name: str, exc: Exception) -> ApiError | None:
 
 
 def _detect(detector: Detector, images: list[np.ndarray | None], params: DetectParams) -> list[list[Shape]]:
-    found = detector.detect(images, params)  # type: ignore[arg-type]
+    found = run_detection(detector, images, params)  # type: ignore[arg-type]
     if len(found) != len(images):
         raise RuntimeError(f"the detector returned {len(found)} results for {len(images)} images")
     return found

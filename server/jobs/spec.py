@@ -22,7 +22,7 @@ from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from models.detector import DetectParams
+from models.detector import TILE_DESCRIPTION, TILE_OVERLAP_DESCRIPTION, DetectParams
 from server.errors import ApiError
 from server.jobs.cvat_spec import CvatTaskOutput, CvatTaskSource
 from server.jobs.manifest import manifest_names
@@ -123,11 +123,19 @@ class Params(BaseModel):
     classes: list[int] | None = Field(default=None, description="Class ids to keep; all when absent.")
     imgsz: int = Field(default=640, ge=32, le=8192, description="Inference size in pixels.")
     max_det: int = Field(default=300, ge=1, le=10000, description="Most detections per image.")
+    tile: int | None = Field(default=None, ge=64, le=8192, description=TILE_DESCRIPTION)
+    tile_overlap: float = Field(default=0.2, ge=0.0, le=0.9, description=TILE_OVERLAP_DESCRIPTION)
 
     def detect_params(self) -> DetectParams:
         classes = tuple(self.classes) if self.classes is not None else None
         return DetectParams(
-            conf=self.conf, iou=self.iou, classes=classes, imgsz=self.imgsz, max_det=self.max_det
+            conf=self.conf,
+            iou=self.iou,
+            classes=classes,
+            imgsz=self.imgsz,
+            max_det=self.max_det,
+            tile=self.tile,
+            tile_overlap=self.tile_overlap,
         )
 
 

@@ -26,7 +26,7 @@ from typing import Protocol
 
 import numpy as np
 
-from models.detector import Detector
+from models.detector import Detector, run_detection
 from server.jobs.serde import shape_to_dict
 from server.jobs.spec import JobSpec
 from server.jobs.store import Checkpoint, JobStore, Outcome
@@ -159,7 +159,7 @@ class _Run:
         if not batch:
             return
         try:
-            found = self.detector.detect([frame.image for frame in batch], self.params)
+            found = run_detection(self.detector, [frame.image for frame in batch], self.params)
             if len(found) != len(batch):
                 raise RuntimeError(f"it returned {len(found)} results for {len(batch)} frames")
         except Exception as exc:

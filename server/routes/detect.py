@@ -39,6 +39,8 @@ async def detect(model: str, request: Request) -> Response:
         classes=tuple(params.classes) if params.classes is not None else None,
         imgsz=params.imgsz,
         max_det=params.max_det,
+        tile=params.tile,
+        tile_overlap=params.tile_overlap,
     )
     found = await run_in_threadpool(svc.detect.detect, model, data, detect_params, params.sam_refine, timings)
     tolerance = (
