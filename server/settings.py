@@ -264,6 +264,12 @@ class Settings(BaseSettings):
     polygon_tolerance: float = 1.0
 
     # CVAT
+    cvat_detect_tile: int | None = Field(
+        default=None,
+        ge=64,
+        description="Sliced detection for CVAT's detector functions, whose requests carry no such parameter: "
+        "the tile side in pixels (as the API's 'tile'), for deployments that label large images.",
+    )
     cvat_interactor_reply: Literal["shapes", "legacy"] = Field(
         default="shapes",
         description='"legacy" answers interactors with {"mask": H×W} for CVAT older than 2.60.',

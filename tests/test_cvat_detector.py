@@ -9,6 +9,7 @@ import json
 import logging
 from pathlib import Path
 
+import httpx
 import PIL.Image
 import pytest
 from cvat_cli._internal.common import FunctionLoader
@@ -16,7 +17,9 @@ from cvat_sdk import models
 from cvat_sdk.auto_annotation.driver import _AnnotationMapper, _DetectionFunctionContextImpl
 from fastapi.testclient import TestClient
 
-from .conftest import encode_image, synthetic_scene, ultralytics_asset
+from server.app import create_app
+
+from .conftest import encode_image, fall_checkpoint, make_settings, synthetic_scene, ultralytics_asset
 from .test_cvat_nuclio import cvat_headers
 
 AGENT = Path(__file__).parents[1] / "server" / "cvat" / "agent_functions.py"
@@ -109,3 +112,45 @@ def test_agent_detection_function_passes_cvat_sdk_validation(
     assert all(shape.frame == 3 and shape.label_id >= 100 for shape in shapes)
     if model == "pose":
         assert all(shape.type.value == "skeleton" and len(shape.elements) == 17 for shape in shapes)
+
+
+# ---- sliced detection through CVAT (large images): the same tiles as the API's `tile` -------------------
+def api_boxes(post, tile: int | None) -> list[list[float]]:  # noqa: ANN001
+    body = {"image": {"base64": base64.b64encode(BUS).decode()}, "conf": 0.3}
+    shapes = post("/v1/detect/fall", json=body | ({"tile": tile} if tile else {})).json()["shapes"]
+    return sorted([round(v, 1) for v in s["box"]] for s in shapes)
+
+
+def test_the_agent_function_slices_images_with_tile(live_server: str) -> None:
+    function = FunctionLoader(
+        function_module=None,
+        function_file=AGENT,
+        function_parameters={"url": live_server, "model": "fall", "tile": 512},
+    ).load()
+    context = _DetectionFunctionContextImpl(frame_name="f.jpg", conf_threshold=0.3, conv_mask_to_poly=False)
+    found = sorted(
+        [round(v, 1) for v in a.points] for a in function.detect(context, PIL.Image.open(io.BytesIO(BUS)))
+    )
+    with httpx.Client(base_url=live_server, timeout=120) as http:
+        tiled, whole = api_boxes(http.post, 512), api_boxes(http.post, None)
+    assert tiled != whole  # tiling changes the answer on this image, so the comparison below means something
+    assert found == tiled
+
+
+def test_nuclio_detectors_slice_images_with_the_cvat_detect_tile_setting(tmp_path: Path) -> None:
+    settings = make_settings(
+        tmp_path,
+        data_dir=tmp_path / "data",
+        detector_paths={"fall": str(fall_checkpoint())},
+        cvat_detect_tile=512,
+    )
+    with TestClient(create_app(settings, load_models_in_background=False)) as client:
+        reply = client.post(
+            "/api/function_invocations",
+            json={"image": base64.b64encode(BUS).decode(), "threshold": 0.3},
+            headers=cvat_headers("labelserve-fall"),
+        )
+        found = sorted([round(v, 1) for v in item["points"]] for item in reply.json())
+        tiled, whole = api_boxes(client.post, 512), api_boxes(client.post, None)
+    assert tiled != whole
+    assert found == tiled

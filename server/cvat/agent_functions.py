@@ -103,8 +103,11 @@ class InteractionFunction:
 class DetectionFunction:
     """Any labelserve detector: each frame is sent once; the reply is mapped onto CVAT's label spec."""
 
-    def __init__(self, url: str, model: str, api_key: str = "", timeout: float = 120.0) -> None:
+    def __init__(
+        self, url: str, model: str, api_key: str = "", timeout: float = 120.0, tile: int = 0
+    ) -> None:
         self.model = model
+        self.tile = tile  # > 0: sliced detection with tiles of this side (large images)
         self._http = _client(url, api_key, timeout)
         description = _describe(self._http, model)
         self.task: str = description["task"]
@@ -119,6 +122,8 @@ class DetectionFunction:
         params: dict[str, Any] = {"format": "internal", "mask_formats": ["cvat", "polygons"]}
         if context.conf_threshold is not None:
             params["conf"] = context.conf_threshold
+        if self.tile > 0:
+            params["tile"] = self.tile
         buffer = io.BytesIO()
         image.convert("RGB").save(buffer, format="PNG", compress_level=1)
         response = self._http.post(
@@ -251,14 +256,20 @@ def _json(response: httpx.Response) -> Any:
 
 
 def create(
-    url: str, model: str = "mobile_sam", api_key: str = "", timeout: float = 120.0, tracker: str = ""
+    url: str,
+    model: str = "mobile_sam",
+    api_key: str = "",
+    timeout: float = 120.0,
+    tracker: str = "",
+    tile: int = 0,
 ) -> InteractionFunction | DetectionFunction | TrackingFunction:
     """Called by cvat-cli with the `-p NAME=TYPE:VALUE` parameters: `-p tracker=str:medianflow` (or
-    `mobile_sam-propagate`, ...) makes a tracking function; otherwise the model's kind picks the function."""
+    `mobile_sam-propagate`, ...) makes a tracking function; otherwise the model's kind picks the function.
+    `-p tile=int:640` makes a detector slice large images into tiles (the API's `tile`)."""
     if tracker:
         return TrackingFunction(url, tracker=tracker, api_key=api_key, timeout=timeout)
     with _client(url, api_key, timeout) as http:
         kind = _describe(http, model)["kind"]
     if kind == "detector":
-        return DetectionFunction(url, model=model, api_key=api_key, timeout=timeout)
+        return DetectionFunction(url, model=model, api_key=api_key, timeout=timeout, tile=tile)
     return InteractionFunction(url, model=model, api_key=api_key, timeout=timeout)

@@ -184,7 +184,8 @@ class DetectorPayload(BaseModel):
 
 def _detect(svc: Services, model: str, payload: dict[str, Any]) -> list[dict[str, Any]]:
     request = _parse(DetectorPayload, payload, "CVAT detector")
-    params = DetectParams(conf=request.threshold) if request.threshold else DetectParams()
+    tile = svc.settings.cvat_detect_tile
+    params = DetectParams(conf=request.threshold, tile=tile) if request.threshold else DetectParams(tile=tile)
     found = svc.detect.detect(model, decode_base64(request.image), params, None, Timings())
     return [render.detector_item(shape, svc.settings.polygon_tolerance) for shape in found.shapes]
 
