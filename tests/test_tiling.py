@@ -14,11 +14,11 @@ from fastapi.testclient import TestClient
 
 from models.detector import Detector, DetectorInfo, DetectParams, run_detection
 from models.tiling import windows
-from server.images import decode_image
 from server.shapes import Shape
 
-from .conftest import encode_image, ultralytics_asset
+from .conftest import encode_image
 from .jobs_helpers import RectDetector
+from .tiling_helpers import found_of, small_people_canvas
 
 COLORS = {"red": (255, 0, 0), "green": (0, 255, 0)}
 
@@ -72,15 +72,8 @@ def scene(width: int, height: int, seed: int) -> tuple[np.ndarray, list[tuple[st
     return image, truth
 
 
-def iou(a: Sequence[float], b: Sequence[float]) -> float:
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
-    return w * h / union
-
-
 def matches(found: list[Shape], truth: list[tuple[str, tuple[int, ...]]], at_least: float) -> int:
-    return sum(any(s.label == label and iou(s.box, box) >= at_least for s in found) for label, box in truth)
+    return found_of([(s.label, s.box) for s in found], truth, at_least)
 
 
 @pytest.mark.parametrize(
@@ -123,30 +116,15 @@ def test_masks_are_shifted_into_the_whole_image() -> None:
 
 
 def test_the_real_person_detector_finds_small_people_only_with_tiles(detect_client: TestClient) -> None:
-    """bus.jpg's people, at a third of their size, pasted 12 times into a 4000x3000 canvas. Ground truth: what
-    the same checkpoint finds on each pasted copy alone, at 1:1 in a 640x640 canvas."""
-    bus = decode_image(ultralytics_asset("bus.jpg").read_bytes(), 10**8)
-    small = cv2.resize(bus, (270, 360), interpolation=cv2.INTER_AREA)
-    alone = np.full((640, 640, 3), 114, np.uint8)
-    alone[0:360, 0:270] = small
-    reference = detect_client.post("/v1/detect/fall", json={"image": {"base64": b64(alone)}}).json()["shapes"]
-    people = [(s["label"], s["box"]) for s in reference]  # "Normal": standing people
-    assert people, "the checkpoint finds people in the pasted copy"
-    canvas = np.full((3000, 4000, 3), 114, np.uint8)
-    truth = []
-    for row in range(3):
-        for col in range(4):
-            x, y = 150 + col * 980, 200 + row * 950  # some copies straddle tile edges
-            canvas[y : y + 360, x : x + 270] = small
-            truth += [(label, (b[0] + x, b[1] + y, b[2] + x, b[3] + y)) for label, b in people]
-
-    def found(**tiling: object) -> list[Shape]:
-        body = {"image": {"base64": b64(canvas)}, **tiling}
+    def detect(image: np.ndarray, **tiling: object) -> list[tuple[str, tuple[float, ...]]]:
+        body = {"image": {"base64": b64(image)}, **tiling}
         shapes = detect_client.post("/v1/detect/fall", json=body).json()["shapes"]
-        return [Shape("box", label=s["label"], score=s["score"], box=tuple(s["box"])) for s in shapes]
+        return [(s["label"], tuple(s["box"])) for s in shapes]
 
-    untiled, tiled = found(), found(tile=640, tile_overlap=0.3)
-    hits = {"tiled": matches(tiled, truth, 0.7), "untiled": matches(untiled, truth, 0.7)}
+    canvas, truth = small_people_canvas(detect)
+    assert truth, "the checkpoint finds people in one copy"
+    untiled, tiled = detect(canvas), detect(canvas, tile=640, tile_overlap=0.3)
+    hits = {"tiled": found_of(tiled, truth, 0.7), "untiled": found_of(untiled, truth, 0.7)}
     print(f"\npeople found (IoU >= 0.7) of {len(truth)}: {hits}; detections: {len(tiled)} / {len(untiled)}")
     assert hits["tiled"] >= 0.9 * len(truth) > hits["untiled"]
 
