@@ -82,7 +82,8 @@ class UltralyticsDetector(Detector):
         return out
 
     def _predict(self, images: list[np.ndarray], params: DetectParams) -> list[list[Shape]]:
-        bgr = [np.ascontiguousarray(image[:, :, ::-1]) for image in images]  # ultralytics reads arrays as BGR
+        # Ultralytics reads arrays as BGR. cvtColor, not a ::-1 copy: 22 against 106 ms for a 12 MP image.
+        bgr = [cv2.cvtColor(image, cv2.COLOR_RGB2BGR) for image in images]
         with self._lock:
             results = self.model.predict(
                 bgr,

@@ -15,6 +15,7 @@ import pickle
 from dataclasses import dataclass, replace
 from typing import Any
 
+import cv2
 import numpy as np
 
 from models.detector import DetectorInfo
@@ -53,7 +54,7 @@ class MultiTracker:
         height, width = image.shape[:2]
         detections = Boxes(np.asarray(rows, dtype=np.float32).reshape(-1, 6), (height, width))
         # Only BoT-SORT looks at the frame (camera-motion compensation), in ultralytics' BGR.
-        frame = np.ascontiguousarray(image[:, :, ::-1]) if self.spec.type == "botsort" else None
+        frame = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if self.spec.type == "botsort" else None
         tracked = self._tracker.update(detections, frame)
         found = []
         for x1, y1, x2, y2, track_id, score, class_id, index in tracked.reshape(-1, 8).tolist():
