@@ -46,6 +46,16 @@ def bits(features: torch.Tensor) -> torch.Tensor:
     return features.contiguous().view(torch.int16 if features.element_size() == 2 else torch.int32)
 
 
+class ManualClock:
+    """The breaker's clock, moved by the test: what it skips must not depend on how busy the machine is."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def redis_tier(server: RedisServer, **overrides: object) -> RedisTier:
     options: dict = {"namespace": "test", "ttl_s": 600, "timeout_s": 0.25, "breaker": Breaker(0.2, 1.0)}
     options.update(overrides)
@@ -156,7 +166,8 @@ def test_redis_clear_deletes_only_its_namespace(redis_server: RedisServer) -> No
 def test_redis_down_costs_one_failure_then_calls_are_skipped_until_it_is_back(
     redis_server: RedisServer,
 ) -> None:
-    tier = redis_tier(redis_server)
+    clock = ManualClock()
+    tier = redis_tier(redis_server, breaker=Breaker(1.0, 30.0, clock=clock))
     tier.put("k", embedding(6))
     redis_server.stop()
     assert tier.get("k") is None  # refused connection: an error, not an exception
@@ -164,13 +175,13 @@ def test_redis_down_costs_one_failure_then_calls_are_skipped_until_it_is_back(
     stats = tier.stats()
     assert stats["errors"] == 1 and stats["skipped"] == 1 and stats["state"] == "open"
     redis_server.start()  # empty again: a cache may lose everything
-    time.sleep(0.25)  # past the breaker's retry delay
+    clock.now += 1.0  # the breaker's retry delay has passed
     assert tier.put("k3", embedding(8)) is True
     assert tier.get("k3") is not None and tier.stats()["state"] == "closed"
 
 
 def test_redis_that_does_not_answer_times_out_instead_of_hanging(redis_server: RedisServer) -> None:
-    tier = redis_tier(redis_server, timeout_s=0.1)
+    tier = redis_tier(redis_server, timeout_s=0.1, breaker=Breaker(1.0, 30.0, clock=ManualClock()))
     tier.put("k", embedding(10))
     redis_server.process.send_signal(19)  # SIGSTOP: the port accepts, nothing answers
     try:
