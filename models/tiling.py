@@ -26,6 +26,8 @@ EDGE_PX = 2.0  # a detection this close to a tile's inner edge is taken as cut b
 SAME_OBJECT = 0.7  # share of the smaller box covered by a box of the same label from another view
 
 Detect = Callable[[list[np.ndarray], "DetectParams"], list[list[Shape]]]
+Box = tuple[float, float, float, float]
+_Found = tuple[int, Shape, Box | None]  # (view, shape in image coordinates, its bounds; None for tags)
 
 
 def windows(width: int, height: int, size: int, overlap: float) -> list[tuple[int, int, int, int]]:
@@ -60,18 +62,21 @@ def detect_tiled(detect: Detect, images: Sequence[np.ndarray], params: DetectPar
             views.append((index, window))
             crops.append(np.ascontiguousarray(image[y0:y1, x0:x1]))
     found = detect(crops, whole)
-    merged: list[list[tuple[int, Shape]]] = [[] for _ in images]  # (view, shape) per image
+    merged: list[list[_Found]] = [[] for _ in images]
     for view, ((index, window), shapes) in enumerate(zip(views, found, strict=True)):
         height, width = images[index].shape[:2]
-        if window is None:
-            merged[index] += [(view, shape) for shape in shapes]
-            continue
-        inner = _inner_edges(window, width, height)
-        merged[index] += [
-            (view, _shifted(shape, window[0], window[1], width, height))
-            for shape in shapes
-            if not _touches(_extent(shape), window, inner)
-        ]
+        dx, dy = (0, 0) if window is None else window[:2]
+        inner = (False,) * 4 if window is None else _inner_edges(window, width, height)
+        for shape in shapes:
+            bounds = shape.bounds()  # in the view's coordinates
+            if bounds is not None and _touches(bounds, window, inner):
+                continue
+            if window is not None:
+                shape = _shifted(shape, dx, dy, width, height)
+            moved = (
+                None if bounds is None else (bounds[0] + dx, bounds[1] + dy, bounds[2] + dx, bounds[3] + dy)
+            )
+            merged[index].append((view, shape, moved))
     return [_merge(shapes, params.iou)[: params.max_det] for shapes in merged]
 
 
@@ -81,37 +86,13 @@ def _inner_edges(window: tuple[int, int, int, int], width: int, height: int) -> 
     return (x0 > 0, y0 > 0, x1 < width, y1 < height)
 
 
-def _touches(extent: tuple[float, float, float, float] | None, window: tuple[int, ...], inner: tuple) -> bool:
-    if extent is None:
+def _touches(bounds: Box, window: tuple[int, ...] | None, inner: tuple[bool, ...]) -> bool:
+    if window is None:
         return False
-    x0, y0, x1, y1 = extent  # in tile coordinates
+    x0, y0, x1, y1 = bounds  # in tile coordinates
     w, h = window[2] - window[0], window[3] - window[1]
     near = (x0 <= EDGE_PX, y0 <= EDGE_PX, x1 >= w - EDGE_PX, y1 >= h - EDGE_PX)
     return any(n and i for n, i in zip(near, inner, strict=True))
-
-
-def _extent(shape: Shape) -> tuple[float, float, float, float] | None:
-    """The axis-aligned box a shape occupies (rotated boxes: their unrotated box); None for tags."""
-    if shape.box is not None:
-        return shape.box
-    if shape.mask is not None:
-        ys, xs = np.nonzero(shape.mask.bitmap)
-        if xs.size == 0:
-            return None
-        m = shape.mask
-        return (
-            m.x0 + float(xs.min()),
-            m.y0 + float(ys.min()),
-            m.x0 + float(xs.max()) + 1,
-            m.y0 + float(ys.max()) + 1,
-        )
-    points = [(k.x, k.y) for k in shape.keypoints or () if k.visible]
-    if shape.polygon is not None:
-        points = list(zip(shape.polygon[0::2], shape.polygon[1::2], strict=True))
-    if not points:
-        return None
-    xs, ys = zip(*points, strict=True)
-    return (min(xs), min(ys), max(xs), max(ys))
 
 
 def _shifted(shape: Shape, dx: int, dy: int, width: int, height: int) -> Shape:
@@ -133,15 +114,14 @@ def _shifted(shape: Shape, dx: int, dy: int, width: int, height: int) -> Shape:
     return shape
 
 
-def _merge(found: list[tuple[int, Shape]], iou: float) -> list[Shape]:
+def _merge(found: list[_Found], iou: float) -> list[Shape]:
     """Greedy, highest score first. A shape is dropped when a kept shape of the same label from another view
     overlaps it by `iou` or more, or covers SAME_OBJECT of the smaller one: two views rarely box one object
     identically (different context), and their boxes can overlap less than the IoU threshold. Shapes of one
     view never drop each other (the detector's own NMS has ruled on them); tags are kept."""
-    kept: list[tuple[int, Shape, tuple[float, float, float, float]]] = []
-    tags = [shape for _, shape in found if _extent(shape) is None]
+    kept: list[tuple[int, Shape, Box]] = []
     ranked = sorted(
-        ((view, shape, extent) for view, shape in found if (extent := _extent(shape)) is not None),
+        ((view, shape, box) for view, shape, box in found if box is not None),
         key=lambda item: -(item[1].score if item[1].score is not None else 1.0),
     )
     for view, shape, box in ranked:
@@ -150,10 +130,10 @@ def _merge(found: list[tuple[int, Shape]], iou: float) -> list[Shape]:
             for other_view, other, other_box in kept
         ):
             kept.append((view, shape, box))
-    return [shape for _, shape, _ in kept] + tags
+    return [shape for _, shape, _ in kept] + [shape for _, shape, box in found if box is None]
 
 
-def _same_object(a: tuple[float, ...], b: tuple[float, ...], iou: float) -> bool:
+def _same_object(a: Box, b: Box, iou: float) -> bool:
     w = min(a[2], b[2]) - max(a[0], b[0])
     h = min(a[3], b[3]) - max(a[1], b[1])
     if w <= 0 or h <= 0:
