@@ -10,8 +10,8 @@ import numpy as np
 from server.images import decode_image
 
 from .conftest import ultralytics_asset
+from .synthetic_video import Box, box_iou
 
-Box = tuple[float, float, float, float]
 Detect = Callable[[np.ndarray], list[tuple[str, Box]]]  # an image → (label, box) per detection
 
 
@@ -33,13 +33,6 @@ def small_people_canvas(detect: Detect) -> tuple[np.ndarray, list[tuple[str, Box
     return canvas, truth
 
 
-def iou(a: Box, b: Box) -> float:
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
-    return w * h / union
-
-
 def found_of(found: list[tuple[str, Box]], truth: list[tuple[str, Box]], at_least: float) -> int:
     """How many truth boxes a detection of the same label overlaps by `at_least` IoU."""
-    return sum(any(lb == label and iou(b, box) >= at_least for lb, b in found) for label, box in truth)
+    return sum(any(lb == label and box_iou(b, box) >= at_least for lb, b in found) for label, box in truth)
