@@ -5,7 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -21,10 +21,24 @@ class DetectParams:
     classes: tuple[int, ...] | None = None  # class ids to keep; None keeps all
     imgsz: int = 640
     max_det: int = 300
-    tile: int | None = (
-        None  # sliced detection: tile side in pixels (models/tiling.py); None: whole image only
-    )
-    tile_overlap: float = 0.2  # share of a tile's side its neighbours overlap
+    # Sliced detection (models/tiling.py): the tile side in pixels, None for the whole image only; and the
+    # share of a tile's side its neighbours overlap.
+    tile: int | None = None
+    tile_overlap: float = 0.2
+
+    @classmethod
+    def of(cls, fields: Any) -> DetectParams:
+        """From anything with these fields, `classes` as a list: the API's DetectRequest, a job's params."""
+        classes = tuple(fields.classes) if fields.classes is not None else None
+        return cls(
+            conf=fields.conf,
+            iou=fields.iou,
+            classes=classes,
+            imgsz=fields.imgsz,
+            max_det=fields.max_det,
+            tile=fields.tile,
+            tile_overlap=fields.tile_overlap,
+        )
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -184,8 +184,9 @@ class DetectorPayload(BaseModel):
 
 def _detect(svc: Services, model: str, payload: dict[str, Any]) -> list[dict[str, Any]]:
     request = _parse(DetectorPayload, payload, "CVAT detector")
-    tile = svc.settings.cvat_detect_tile
-    params = DetectParams(conf=request.threshold, tile=tile) if request.threshold else DetectParams(tile=tile)
+    params = DetectParams(tile=svc.settings.cvat_detect_tile)
+    if request.threshold:  # CVAT sends 0 for "no threshold"
+        params = replace(params, conf=request.threshold)
     found = svc.detect.detect(model, decode_base64(request.image), params, None, Timings())
     return [render.detector_item(shape, svc.settings.polygon_tolerance) for shape in found.shapes]
 

@@ -127,16 +127,7 @@ class Params(BaseModel):
     tile_overlap: float = Field(default=0.2, ge=0.0, le=0.9, description=TILE_OVERLAP_DESCRIPTION)
 
     def detect_params(self) -> DetectParams:
-        classes = tuple(self.classes) if self.classes is not None else None
-        return DetectParams(
-            conf=self.conf,
-            iou=self.iou,
-            classes=classes,
-            imgsz=self.imgsz,
-            max_det=self.max_det,
-            tile=self.tile,
-            tile_overlap=self.tile_overlap,
-        )
+        return DetectParams.of(self)
 
 
 class TrackerSpec(BaseModel):

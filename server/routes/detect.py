@@ -33,15 +33,7 @@ async def detect(model: str, request: Request) -> Response:
     with timings.stage("read"):
         data, params = await parse_image_with_params(request, svc.settings, DetectRequest, "params")
     assert data is not None
-    detect_params = DetectParams(
-        conf=params.conf,
-        iou=params.iou,
-        classes=tuple(params.classes) if params.classes is not None else None,
-        imgsz=params.imgsz,
-        max_det=params.max_det,
-        tile=params.tile,
-        tile_overlap=params.tile_overlap,
-    )
+    detect_params = DetectParams.of(params)
     found = await run_in_threadpool(svc.detect.detect, model, data, detect_params, params.sam_refine, timings)
     tolerance = (
         svc.settings.polygon_tolerance if params.polygon_tolerance is None else params.polygon_tolerance
