@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import json
 import socket
@@ -320,41 +321,9 @@ def test_an_unanswered_request_times_out_within_its_budget(faulty: FaultyS3, tmp
 # -- http(s) URLs: private hosts by allow-list -----------------------------------------------------------
 
 
-def test_private_http_hosts_only_when_allow_listed(tmp_path: Path) -> None:
-    class Image(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            self.send_response(200)
-            self.send_header("Content-Length", "5")
-            self.end_headers()
-            self.wfile.write(b"bytes")
-
-        def log_message(self, *_: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Image)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    port = server.server_port
-
-    def fetch(url: str, **overrides: object) -> bytes:
-        return asyncio.run(READERS["http"](url, make_settings(tmp_path, **overrides)))
-
-    try:
-        assert fetch(f"http://127.0.0.1:{port}/a.png", url_allow_hosts=["127.0.0.0/8"]) == b"bytes"
-        assert fetch(f"http://localhost:{port}/a.png", url_allow_hosts=["LocalHost"]) == b"bytes"
-        for allowed in ([], ["10.0.0.0/8"], ["example.com"]):
-            with pytest.raises(ApiError) as caught:
-                fetch(f"http://127.0.0.1:{port}/a.png", url_allow_hosts=allowed)
-            assert caught.value.code == "url_forbidden" and "URL_ALLOW_HOSTS" in caught.value.message
-    finally:
-        server.shutdown()
-
-
-def test_a_host_that_resolves_differently_the_second_time_cannot_reach_a_private_address(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """DNS rebinding: the first answer (checked) is public, later ones point at the loopback server. The
-    request must go to the checked address, never to that server. To stay on loopback, 127.0.0.2 plays the
-    public address: nothing listens there."""
+@contextlib.contextmanager
+def image_server() -> Iterator[tuple[int, list[str]]]:
+    """A loopback HTTP server answering b"bytes" to every GET: its port, and the paths it was asked for."""
     hits: list[str] = []
 
     class Image(BaseHTTPRequestHandler):
@@ -370,7 +339,31 @@ def test_a_host_that_resolves_differently_the_second_time_cannot_reach_a_private
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Image)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    port = server.server_port
+    try:
+        yield server.server_port, hits
+    finally:
+        server.shutdown()
+
+
+def test_private_http_hosts_only_when_allow_listed(tmp_path: Path) -> None:
+    def fetch(url: str, **overrides: object) -> bytes:
+        return asyncio.run(READERS["http"](url, make_settings(tmp_path, **overrides)))
+
+    with image_server() as (port, _):
+        assert fetch(f"http://127.0.0.1:{port}/a.png", url_allow_hosts=["127.0.0.0/8"]) == b"bytes"
+        assert fetch(f"http://localhost:{port}/a.png", url_allow_hosts=["LocalHost"]) == b"bytes"
+        for allowed in ([], ["10.0.0.0/8"], ["example.com"]):
+            with pytest.raises(ApiError) as caught:
+                fetch(f"http://127.0.0.1:{port}/a.png", url_allow_hosts=allowed)
+            assert caught.value.code == "url_forbidden" and "URL_ALLOW_HOSTS" in caught.value.message
+
+
+def test_a_host_that_resolves_differently_the_second_time_cannot_reach_a_private_address(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DNS rebinding: the first answer (checked) is public, later ones point at the loopback server. The
+    request must go to the checked address, never to that server. To stay on loopback, 127.0.0.2 plays the
+    public address: nothing listens there."""
     real = asyncio.base_events.BaseEventLoop.getaddrinfo
     answers = iter(["127.0.0.2"])
     is_public = sources._is_public
@@ -382,15 +375,13 @@ def test_a_host_that_resolves_differently_the_second_time_cannot_reach_a_private
         return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (next(answers, "127.0.0.1"), port))]
 
     monkeypatch.setattr(asyncio.base_events.BaseEventLoop, "getaddrinfo", rebinding)
-    try:
+    with image_server() as (port, hits):
         with pytest.raises(ApiError) as caught:
             asyncio.run(
                 READERS["http"](f"http://rebind.test:{port}/a.png", make_settings(tmp_path, url_timeout_s=1))
             )
         assert caught.value.code in ("url_unreachable", "url_timeout")
         assert hits == []  # the loopback server was never reached
-    finally:
-        server.shutdown()
 
 
 # -- CVAT manifests --------------------------------------------------------------------------------------
