@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import queue
 import shutil
 import sys
@@ -42,6 +41,7 @@ from server.errors import ApiError
 from server.images import decode_image
 from server.jobs import cvat_task as cvat
 from server.jobs.cvat_spec import CvatTaskOutput
+from server.jobs.handoff import Handoff, lower_priority
 from server.jobs.serde import shape_from_dict, shape_to_dict
 from server.jobs.spec import VIDEO_FORMATS, JobSpec
 from server.jobs.store import ACTIVE_STATES, JobRow, JobState, JobStore, Outcome
@@ -814,9 +814,6 @@ def _iso(timestamp: float | None) -> str | None:
     return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-_DONE = object()
-
-
 class _Inline:
     """Reading and decoding in the inference thread: on a CPU whose cores inference already fills, reader
     threads only slow it down (readers = 0)."""
@@ -845,13 +842,6 @@ class _Inline:
             yield batch
 
 
-def _lower_priority() -> None:
-    """Readers yield the CPU to inference: torch's threads stall at every barrier when a reader holds one of
-    their cores (measured on 2 cores: 177 → 206-267 ms per image), while decoding needs only ~5 % of it."""
-    with contextlib.suppress(AttributeError, OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # this thread only, on Linux
-
-
 class _Prefetch:
     """Reader threads pulling (index, ref) from a shared iterator, loading each into a bounded queue."""
 
@@ -871,9 +861,8 @@ class _Prefetch:
         # The window bounds how far readers run ahead of the first item not yet handed out.
         self._window = threading.Semaphore(depth)
         self._next_seq = 0
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=depth + readers)
+        self._handoff: Handoff[tuple[int, _Loaded]] = Handoff(depth + readers, self._stopped, stop)
         self._alive = readers
-        self._error: BaseException | None = None
         self._threads = [
             threading.Thread(target=self._read, name=f"job-reader-{i}", daemon=True) for i in range(readers)
         ]
@@ -892,7 +881,7 @@ class _Prefetch:
         return self._halt.is_set() or self._stop.is_set()
 
     def _read(self) -> None:
-        _lower_priority()
+        lower_priority()
         try:
             while not self._stopped():
                 if not self._window.acquire(timeout=0.1):
@@ -904,43 +893,22 @@ class _Prefetch:
                 if nxt is None:
                     self._window.release()
                     break
-                if not self._put((seq, self._load(*nxt))):
+                if not self._handoff.put((seq, self._load(*nxt))):
                     return
         except BaseException as exc:  # the store failed under us: the consumer re-raises it
-            self._error = exc
+            self._handoff.error = exc
         finally:
             with self._lock:
                 self._alive -= 1
                 last = self._alive == 0
             if last:
-                self._put(_DONE)
-
-    def _put(self, item: object) -> bool:
-        while not self._stopped():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
+                self._handoff.finish()
 
     def batches(self, size: int) -> Iterator[list[_Loaded]]:
         batch: list[_Loaded] = []
         arrived: dict[int, _Loaded] = {}
         expected = 0
-        while not self._stop.is_set():
-            try:
-                entry = self._queue.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if entry is _DONE:
-                if self._error is not None:
-                    raise self._error
-                batch += [arrived[seq] for seq in sorted(arrived)]
-                for start in range(0, len(batch), size):
-                    yield batch[start : start + size]
-                return
-            seq, item = entry  # type: ignore[misc]
+        for seq, item in self._handoff:
             arrived[seq] = item
             while expected in arrived:
                 batch.append(arrived.pop(expected))
@@ -949,3 +917,7 @@ class _Prefetch:
                 if len(batch) == size:
                     yield batch
                     batch = []
+        if self._handoff.finished:  # every reader is done (the job was not stopped): the rest, in item order
+            batch += [arrived[seq] for seq in sorted(arrived)]
+            for start in range(0, len(batch), size):
+                yield batch[start : start + size]

@@ -15,8 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import queue
 import threading
 import time
 from collections.abc import Iterator
@@ -27,6 +25,7 @@ from typing import Protocol
 import numpy as np
 
 from models.detector import Detector, run_detection
+from server.jobs.handoff import Handoff, lower_priority
 from server.jobs.serde import shape_to_dict
 from server.jobs.spec import JobSpec
 from server.jobs.store import Checkpoint, JobStore, Outcome
@@ -223,55 +222,31 @@ def _paired(
     yield _Stopped(pending[0], f"the video ends at frame {last}, before frame {wanted[0]}")
 
 
-_DONE = object()
-
-
 class _ReadAhead:
     """Runs an iterator in a thread, up to `depth` items ahead, at a lower CPU priority than inference."""
 
     def __init__(self, items: Iterator[_Frame | _Stopped], depth: int, stop: threading.Event) -> None:
-        self._items, self._stop = items, stop
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=depth)
+        self._items = items
         self._halt = threading.Event()
-        self._error: BaseException | None = None
+        self._handoff: Handoff[_Frame | _Stopped] = Handoff(
+            depth, lambda: self._halt.is_set() or stop.is_set(), stop
+        )
         self._thread = threading.Thread(target=self._read, name="video-reader", daemon=True)
 
     def __enter__(self) -> Iterator[_Frame | _Stopped]:
         self._thread.start()
-        return self._drain()
+        return iter(self._handoff)
 
     def __exit__(self, *_: object) -> None:
         self._halt.set()
         self._thread.join(timeout=5.0)
 
     def _read(self) -> None:
-        with contextlib.suppress(AttributeError, OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)  # this thread only, on Linux
+        lower_priority()
         try:
             for item in self._items:
-                if not self._put(item):
+                if not self._handoff.put(item):
                     return
         except BaseException as exc:  # re-raised in the consumer
-            self._error = exc
-        self._put(_DONE)
-
-    def _put(self, item: object) -> bool:
-        while not (self._halt.is_set() or self._stop.is_set()):
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def _drain(self) -> Iterator[_Frame | _Stopped]:
-        while not self._stop.is_set():
-            try:
-                item = self._queue.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if item is _DONE:
-                if self._error is not None:
-                    raise self._error
-                return
-            yield item  # type: ignore[misc]
+            self._handoff.error = exc
+        self._handoff.finish()
