@@ -25,7 +25,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -36,6 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import timed_ms  # noqa: E402
 from models.base import ImageEmbedding  # noqa: E402
 from server.l2.breaker import Breaker  # noqa: E402
 from server.l2.disk_tier import DiskTier  # noqa: E402
@@ -45,15 +45,6 @@ from tests.redis_server import RedisServer  # noqa: E402
 from tests.server_process import ServerProcess  # noqa: E402
 
 MODEL = "mobile_sam"
-
-
-def timed(fn: Callable[[], object], repeat: int) -> list[float]:
-    out = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - start) * 1000)
-    return out
 
 
 def summary(values: list[float]) -> dict:
@@ -71,7 +62,7 @@ def clicks(server: ServerProcess, image: bytes, count: int) -> dict:
         return reply
 
     click("l1")  # warm-up
-    warm = timed(lambda: click("l1"), count)
+    warm = timed_ms(lambda: click("l1"), count)
     after_l2, l2_get = [], []
     for _ in range(count):
         server.http.delete("/v1/cache")  # this process's L1 only: the next click reads Redis
@@ -93,17 +84,17 @@ def fetches(redis_url: str, count: int) -> dict:
     tier.get("fetch")
     results = {
         "blob_bytes": len(raw),
-        "redis_raw_get": summary(timed(lambda: client.get("bench:emb1:fetch"), count)),
-        "redis_tier_get": summary(timed(lambda: tier.get("fetch"), count)),
+        "redis_raw_get": summary(timed_ms(lambda: client.get("bench:emb1:fetch"), count)),
+        "redis_tier_get": summary(timed_ms(lambda: tier.get("fetch"), count)),
     }
     with tempfile.TemporaryDirectory() as directory:
         disk = DiskTier(Path(directory), namespace="bench", max_bytes=2**30, breaker=Breaker(1, 30))
         disk.put("fetch", embedding)
         disk.get("fetch")
-        results["disk_tier_get"] = summary(timed(lambda: disk.get("fetch"), count))
-        results["disk_tier_put"] = summary(timed(lambda: disk.put("fetch", embedding), min(count, 50)))
+        results["disk_tier_get"] = summary(timed_ms(lambda: disk.get("fetch"), count))
+        results["disk_tier_put"] = summary(timed_ms(lambda: disk.put("fetch", embedding), min(count, 50)))
         disk.close()
-    results["redis_tier_put"] = summary(timed(lambda: tier.put("fetch", embedding), min(count, 50)))
+    results["redis_tier_put"] = summary(timed_ms(lambda: tier.put("fetch", embedding), min(count, 50)))
     tier.close()
     return results
 

@@ -22,12 +22,12 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import timed_ms  # noqa: E402
 from server.objectstore.store import ObjectStore  # noqa: E402
 from server.settings import Settings  # noqa: E402
 from tests.conftest import ultralytics_asset  # noqa: E402
@@ -37,15 +37,6 @@ from tests.server_process import ServerProcess  # noqa: E402
 BUCKET = "bench-frames"
 MODEL = "mobile_sam"
 POINT = [400.0, 600.0]
-
-
-def timed_ms(fn: Callable[[], object], repeat: int) -> list[float]:
-    out = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - start) * 1000)
-    return out
 
 
 def median(values: list[float]) -> float:

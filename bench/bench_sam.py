@@ -30,6 +30,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import timed_ms  # noqa: E402
 from models.sam import build_sam  # noqa: E402
 from server.images import decode_image  # noqa: E402
 from server.masks import cvat_rle_decode  # noqa: E402
@@ -41,15 +42,6 @@ MODEL = "mobile_sam"
 
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
-
-
-def timed(fn, repeat: int) -> list[float]:
-    out = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - start) * 1000)
-    return out
 
 
 class Server(ServerProcess):
@@ -80,7 +72,7 @@ def reference_side(sam: torch.nn.Module, data: bytes, point: list[float], clicks
     predictor = SamPredictor(sam)
     image = decode_image(data, 10**9)
     with torch.inference_mode():
-        set_image = timed(lambda: predictor.set_image(image), cold)
+        set_image = timed_ms(lambda: predictor.set_image(image), cold)
         coords = predictor.transform.apply_coords(np.array([point], np.float32), predictor.original_size)
         points = (torch.as_tensor(coords)[None], torch.ones(1, 1, dtype=torch.int))
 
@@ -95,8 +87,8 @@ def reference_side(sam: torch.nn.Module, data: bytes, point: list[float], clicks
             )
 
         floor()
-        floor_ms = timed(floor, clicks)
-        predict_ms = timed(
+        floor_ms = timed_ms(floor, clicks)
+        predict_ms = timed_ms(
             lambda: predictor.predict(np.array([point]), np.array([1]), multimask_output=True), clicks
         )
     return {"set_image": set_image, "floor": floor_ms, "predict": predict_ms}
