@@ -30,6 +30,32 @@ Box = tuple[float, float, float, float]
 _Found = tuple[int, Shape, Box | None]  # (view, shape in image coordinates, its bounds; None for tags)
 
 
+MAX_TILES = 1024  # per image: the crops are held in memory together, and each is a forward pass
+
+
+class TooManyTiles(ValueError):
+    pass
+
+
+def _step(size: int, overlap: float) -> int:
+    return max(1, round(size * (1 - overlap)))
+
+
+def check_tile_count(width: int, height: int, size: int, overlap: float) -> None:
+    """Raises TooManyTiles when `windows` would cut the image into more than MAX_TILES tiles (counted
+    without making them: a fine grid on a large image would be millions)."""
+
+    def count(length: int) -> int:
+        return 1 if length <= size else -(-(length - size) // _step(size, overlap)) + 1
+
+    tiles = count(width) * count(height)
+    if tiles > MAX_TILES:
+        raise TooManyTiles(
+            f"'tile' {size} with 'tile_overlap' {overlap:g} cuts this {width}x{height} image into {tiles} "
+            f"tiles, more than {MAX_TILES}; use larger tiles or less overlap."
+        )
+
+
 def windows(width: int, height: int, size: int, overlap: float) -> list[tuple[int, int, int, int]]:
     """(x0, y0, x1, y1) of `size`-pixel tiles covering the image, neighbours sharing `overlap` of a side; the
     last row and column end at the image's border."""
@@ -37,8 +63,7 @@ def windows(width: int, height: int, size: int, overlap: float) -> list[tuple[in
     def starts(length: int) -> list[int]:
         if length <= size:
             return [0]
-        step = max(1, round(size * (1 - overlap)))
-        return sorted({*range(0, length - size, step), length - size})
+        return sorted({*range(0, length - size, _step(size, overlap)), length - size})
 
     return [
         (x, y, min(x + size, width), min(y + size, height)) for y in starts(height) for x in starts(width)
@@ -57,6 +82,7 @@ def detect_tiled(detect: Detect, images: Sequence[np.ndarray], params: DetectPar
         crops.append(image)
         if max(width, height) <= params.tile:
             continue  # the detector sees it at full resolution already
+        check_tile_count(width, height, params.tile, params.tile_overlap)
         for window in windows(width, height, params.tile, params.tile_overlap):
             x0, y0, x1, y1 = window
             views.append((index, window))

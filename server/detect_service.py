@@ -10,6 +10,7 @@ import numpy as np
 from models.base import unloaded
 from models.detector import Detector, DetectParams, run_detection, tiling_problem
 from models.registry import ModelRegistry
+from models.tiling import TooManyTiles, check_tile_count
 from server.batching import MicroBatcher
 from server.encode_scheduler import Priority
 from server.errors import ApiError
@@ -75,6 +76,11 @@ class DetectService:
             raise ApiError(422, "unsupported_tiling", problem)
         with timings.stage("decode_image"):
             image = decode_image(data, self.settings.max_image_pixels)
+        if params.tile is not None:
+            try:
+                check_tile_count(image.shape[1], image.shape[0], params.tile, params.tile_overlap)
+            except TooManyTiles as exc:
+                raise ApiError(422, "too_many_tiles", str(exc)) from None
         with timings.stage("detect"):
             shapes = self.batcher(model).submit(params, image)
         if sam_refine is not None:

@@ -13,7 +13,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from models.detector import Detector, DetectorInfo, DetectParams, run_detection
-from models.tiling import windows
+from models.tiling import TooManyTiles, check_tile_count, windows
 from server.shapes import Shape
 
 from .conftest import encode_image
@@ -137,3 +137,16 @@ def test_tiling_a_classifier_is_refused(detect_client: TestClient) -> None:
 
 def b64(image: np.ndarray) -> str:
     return base64.b64encode(encode_image(image)).decode()
+
+
+def test_a_tile_grid_too_fine_for_the_image_is_a_422_not_millions_of_crops(detect_client: TestClient) -> None:
+    """64-pixel tiles at 0.9 overlap would cut a 2000x2000 image into 104,976 crops held in memory at once."""
+    image = np.zeros((2000, 2000, 3), np.uint8)
+    body = {"image": {"base64": b64(image)}, "tile": 64, "tile_overlap": 0.9}
+    response = detect_client.post("/v1/detect/fall", json=body)
+    assert response.status_code == 422 and response.json()["error"]["code"] == "too_many_tiles"
+    assert "104976 tiles" in response.json()["error"]["message"]
+    assert len(windows(2000, 2000, 64, 0.9)) == 104976  # counted as it would be cut
+    with pytest.raises(TooManyTiles):  # jobs call the detector directly: the image fails, with this message
+        run_detection(ShrinkingRects(), [image], DetectParams(tile=64, tile_overlap=0.9))
+    check_tile_count(2000, 2000, 256, 0.5)  # 225 tiles: allowed
