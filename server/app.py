@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 
 from models.base import ModelLoading, ModelUnavailable, UnknownModel
 from models.registry import ModelRegistry
+from server import allocator
 from server.backpressure import InflightLimiter, InflightMiddleware, LatestWins
 from server.cvat import nuclio
 from server.detect_service import DetectService
@@ -20,7 +21,6 @@ from server.errors import error_body, install_error_handlers
 from server.jobs import routes as job_routes
 from server.jobs.engine import LocalEngine
 from server.jobs.store import JOBS_DB_NAME
-from server.memory import pin_mmap_threshold
 from server.middleware import install_request_pipeline
 from server.prefetch import PrefetchManager, PrefetchRequest
 from server.routes import detect, prefetch, sam, system, track
@@ -42,7 +42,7 @@ log = logging.getLogger("labelserve")
 
 def create_app(settings: Settings | None = None, *, load_models_in_background: bool = True) -> FastAPI:
     settings = settings or get_settings()
-    pin_mmap_threshold()
+    log.info("allocator: %s", allocator.apply(settings.allocator))
     registry = ModelRegistry(settings)
     sam_service = SamService(registry, settings)
     detect_service = DetectService(registry, settings, sam_service)

@@ -6,10 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from server.jobs.cli import add_prelabel_command
-from server.keys_cli import add_keys_commands
-from weights.cli import add_weights_commands
-
 
 def _serve(args: argparse.Namespace) -> int:
     from server.app import create_app
@@ -53,7 +49,26 @@ def _prelabel_runtime(model: str, sam_refine: str | None):  # -> (get_detector, 
     return registry.detector, refine
 
 
+def _preload_allocator(argv: list[str]) -> None:
+    """Before anything imports torch: the allocator cannot change once the process allocates."""
+    from pydantic import ValidationError
+
+    from server import allocator
+    from server.settings import Settings
+
+    try:
+        choice = Settings().allocator
+    except ValidationError:
+        return  # the serve command itself reports the bad settings
+    allocator.preload(choice, argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    # Imported here, not at the top: `serve` may re-execute itself before anything imports torch.
+    from server.jobs.cli import add_prelabel_command
+    from server.keys_cli import add_keys_commands
+    from weights.cli import add_weights_commands
+
     parser = argparse.ArgumentParser(prog="labelserve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the HTTP server (settings: LABELSERVE_* variables)")
@@ -73,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        _preload_allocator(argv)
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -120,6 +120,12 @@ class Settings(BaseSettings):
         default="float16", description="Autocast dtype of the image encoder on CUDA (ignored on CPU)."
     )
     torch_threads: int = Field(default=0, description="CPU threads for torch; 0 = all cores.")
+    allocator: Literal["auto", "tcmalloc", "jemalloc", "glibc", "untuned"] = Field(
+        default="auto",
+        description="The C allocator `labelserve serve` runs under (it re-executes itself with LD_PRELOAD): "
+        "auto takes tcmalloc (Debian: libtcmalloc-minimal4), else jemalloc (libjemalloc2), else tunes glibc "
+        "to keep freed buffers; untuned leaves glibc as it comes (benchmarks). See docs: memory.",
+    )
 
     # Embedding cache
     cache_bytes: int = Field(default=2 * 1024**3, description="Byte cap of the in-process embedding cache.")

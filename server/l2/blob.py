@@ -75,6 +75,6 @@ def decode_blob(blob: bytes) -> ImageEmbedding:
     if len(blob) != expected or 0 in shape:
         raise CorruptBlob(f"{len(blob)} bytes where shape {shape} of {np_dtype} needs {expected}")
     # No copy: the tensor keeps the immutable bytes alive and reads them in place (nothing writes cached
-    # features). A 2 MiB copy costs ~2 ms of page faults once the mmap threshold is pinned (server/memory.py).
+    # features). A 2 MiB copy costs ~2 ms of page faults when glibc unmaps large blocks (server/allocator.py).
     features = torch.frombuffer(blob, dtype=torch_dtype, count=math.prod(shape), offset=offset).view(shape)
     return ImageEmbedding(features=features, original_size=(height, width), input_size=(in_h, in_w))

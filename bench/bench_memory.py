@@ -1,0 +1,185 @@
+"""Memory policy candidates: what each costs per click and per embed, and whether it keeps RSS bounded.
+
+    python bench/bench_memory.py [--candidates NAME ...] [--images 120 500] [--caps 64 256] [--clicks 30]
+
+For every candidate allocator (LABELSERVE_ALLOCATOR, plus the environment a candidate adds) it starts
+`labelserve serve --random-init` with MobileSAM and measures, over HTTP on loopback:
+- latency: cold embed of bus.jpg (the L1 cache cleared before each) and a warm click on it, p50;
+- memory: RSS after the first image, then after each checkpoint of distinct 810x1080 JPEGs (bus.jpg with a
+  unique stamp), once per L1 cache cap.
+The reference is segment-anything's SamPredictor in a bare process (bench/bare_sam.py), run at the start and
+at the end of the same run. Prints one markdown table and writes bench/out/memory.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import ROOT, SamServer, bare_reference  # noqa: E402
+from tests.conftest import ultralytics_asset  # noqa: E402
+
+MODEL = "mobile_sam"
+CANDIDATES: dict[str, dict[str, str]] = {
+    "glibc-defaults": {"LABELSERVE_ALLOCATOR": "untuned"},
+    "glibc-pin-1mib": {"LABELSERVE_ALLOCATOR": "untuned", "MALLOC_MMAP_THRESHOLD_": str(1 << 20)},
+    "glibc-tuned": {"LABELSERVE_ALLOCATOR": "glibc"},
+    "glibc-tuned-arena2": {"LABELSERVE_ALLOCATOR": "glibc", "MALLOC_ARENA_MAX": "2"},
+    "jemalloc": {"LABELSERVE_ALLOCATOR": "jemalloc"},
+    "jemalloc-nodecay": {
+        "LABELSERVE_ALLOCATOR": "jemalloc",
+        "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1",
+    },
+    "tcmalloc": {"LABELSERVE_ALLOCATOR": "tcmalloc"},
+}
+DESCRIPTIONS = {
+    "glibc-defaults": "glibc as it comes",
+    "glibc-pin-1mib": "glibc, mmap threshold pinned at 1 MiB (the policy before #11)",
+    "glibc-tuned": "glibc, mmap threshold 32 MiB + trim threshold 512 MiB (`LABELSERVE_ALLOCATOR=glibc`)",
+    "glibc-tuned-arena2": "the same + `MALLOC_ARENA_MAX=2`",
+    "jemalloc": "jemalloc 5.3 (libjemalloc2), defaults",
+    "jemalloc-nodecay": "jemalloc, `MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1`",
+    "tcmalloc": "tcmalloc (libtcmalloc-minimal4), defaults",
+}
+
+
+def stamped_jpeg(base: np.ndarray, index: int) -> bytes:
+    """bus.jpg with a unique 8x8-cell stamp: distinct bytes and pixels, the same size and decode cost."""
+    image = base.copy()
+    for bit in range(20):
+        image[8 * bit : 8 * bit + 8, :8] = 255 if index >> bit & 1 else 0
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def latency(server: SamServer, bus: bytes, point: list[float], cold: int, clicks: int) -> dict:
+    embeds = []
+    for _ in range(cold):
+        server.http.delete("/v1/cache")
+        start = time.perf_counter()
+        reply = server.http.post(
+            f"/v1/sam/{MODEL}/embed", content=bus, headers={"content-type": "image/jpeg"}
+        )
+        embeds.append((time.perf_counter() - start) * 1000)
+        reply.raise_for_status()
+    body = {"image_id": reply.json()["image_id"], "points": [point], "refine": False}
+    server.http.post(f"/v1/sam/{MODEL}/segment", json=body).raise_for_status()  # warm-up
+    times = []
+    for _ in range(clicks):
+        start = time.perf_counter()
+        server.http.post(f"/v1/sam/{MODEL}/segment", json=body).raise_for_status()
+        times.append((time.perf_counter() - start) * 1000)
+    return {"embed_ms": embeds, "click_ms": times}
+
+
+def rss_series(server: SamServer, base: np.ndarray, checkpoints: list[int]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for index in range(max(checkpoints)):
+        data = stamped_jpeg(base, index)
+        server.http.post(
+            f"/v1/sam/{MODEL}/embed", content=data, headers={"content-type": "image/jpeg"}
+        ).raise_for_status()
+        if index + 1 == 1 or index + 1 in checkpoints:
+            out[str(index + 1)] = round(server.rss_mib(), 1)
+    return out
+
+
+def run_candidate(
+    name: str, args: argparse.Namespace, bus: bytes, base: np.ndarray, point: list[float]
+) -> dict:
+    env = CANDIDATES[name]
+    result: dict = {"env": env}
+    if args.clicks:
+        with SamServer(MODEL, **env) as server:
+            result["allocator"] = server.allocator()
+            result.update(latency(server, bus, point, args.cold, args.clicks))
+    for cap in args.caps:
+        with SamServer(MODEL, LABELSERVE_CACHE_BYTES=str(cap * 2**20), **env) as server:
+            result.setdefault("allocator", server.allocator())
+            result[f"rss_cap{cap}"] = rss_series(server, base, args.images)
+        print(f"  {name}, cap {cap} MiB: {result[f'rss_cap{cap}']}", flush=True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
+    parser.add_argument("--images", type=int, nargs="+", default=[120, 500])
+    parser.add_argument("--caps", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--cold", type=int, default=3)
+    parser.add_argument("--clicks", type=int, default=30, help="0 skips the latency phase")
+    args = parser.parse_args()
+
+    bus = ultralytics_asset("bus.jpg").read_bytes()
+    base = np.asarray(Image.open(ultralytics_asset("bus.jpg")).convert("RGB"))
+    point = [base.shape[1] * 0.45, base.shape[0] * 0.6]
+    results: dict = {"machine": f"{os.cpu_count()} cores", "images": args.images, "caps": args.caps,
+                     "reference": {}, "candidates": {}}  # fmt: skip
+    if args.clicks:
+        results["reference"]["start"] = bare_reference(
+            ultralytics_asset("bus.jpg"), point, cold=args.cold, clicks=args.clicks
+        )
+    for name in args.candidates:
+        print(f"{name} ...", flush=True)
+        results["candidates"][name] = run_candidate(name, args, bus, base, point)
+    if args.clicks:
+        results["reference"]["end"] = bare_reference(
+            ultralytics_asset("bus.jpg"), point, cold=args.cold, clicks=args.clicks
+        )
+    out = ROOT / "bench" / "out"
+    out.mkdir(exist_ok=True)
+    (out / "memory.json").write_text(json.dumps(results, indent=1))
+    print_table(results)
+
+
+def print_table(results: dict) -> None:
+    med = statistics.median
+    ref = results["reference"]
+    if ref:
+        predict = med([med(r["predict"]) for r in ref.values()])
+        set_image = med([med(r["set_image"]) for r in ref.values()])
+        print(
+            f"\nBare process (SamPredictor, glibc defaults), median of the runs at start and end: set_image "
+            f"{set_image:.0f} ms, predict {predict:.1f} ms.\n"
+        )
+    caps, images = results["caps"], results["images"]
+    rss_heads = " | ".join(f"RSS {cap} MiB cap: first → {' → '.join(map(str, images))}" for cap in caps)
+    print(
+        f"| allocator | warm click p50 (× bare predict) | cold embed p50 (× bare set_image) | {rss_heads} |"
+    )
+    print("|---|---|---|" + "---|" * len(caps))
+    for name, r in results["candidates"].items():
+        cells = [DESCRIPTIONS[name]]
+        if ref and "click_ms" in r:
+            click, embed = med(r["click_ms"]), med(r["embed_ms"])
+            cells += [
+                f"{click:.0f} ms ({click / predict:.2f}×)",
+                f"{embed:.0f} ms ({embed / set_image:.2f}×)",
+            ]
+        else:
+            cells += ["—", "—"]
+        for cap in caps:
+            series = r.get(f"rss_cap{cap}", {})
+            first = series.get("1")
+            points = [series.get(str(n)) for n in images]
+            growth = f" (+{points[-1] - first:.0f})" if first and points[-1] else ""
+            cells.append(" → ".join(f"{v:.0f}" if v else "?" for v in [first, *points]) + growth)
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""The process's C allocator: chosen before torch allocates anything, because it sets what each click costs.
+
+torch's CPU tensors come from malloc. glibc hands blocks above its mmap threshold straight to mmap and
+unmaps them on free, so every activation buffer of a SAM encode or decode is page-faulted in again on each
+call: measured with MobileSAM on 2 cores, `set_image` 1.9 s and `predict` 75-86 ms with glibc's defaults,
+against 0.9-1.1 s and 66-86 ms when freed pages are kept for reuse (tcmalloc, or glibc with mmap held back).
+An allocator that keeps freed pages must still not let RSS grow with the number of images served: the
+benchmark behind the choice (docs: bench/bench_memory.py) measures both, per allocator.
+
+`labelserve serve` calls `preload()` first thing: when the chosen library is not in this process yet, it
+re-executes itself with LD_PRELOAD set (a malloc cannot be swapped once the process runs). The Docker image
+sets nothing itself; its entrypoint becomes `labelserve serve`, which does the same.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+log = logging.getLogger("labelserve")
+
+Allocator = Literal["auto", "tcmalloc", "jemalloc", "glibc", "untuned"]
+
+# Debian/Ubuntu packages: libtcmalloc-minimal4, libjemalloc2. ldconfig's cache finds them on any architecture.
+LIBRARIES = {"tcmalloc": "tcmalloc_minimal", "jemalloc": "jemalloc"}
+AUTO_ORDER = ("tcmalloc", "jemalloc")
+REEXEC_MARK = "LABELSERVE_ALLOCATOR_REEXEC"  # set on the re-executed process: never loop
+
+# glibc, when neither library is installed: keep blocks up to 32 MiB (glibc's ceiling on 64-bit) in the heap
+# and the heap's top mapped, so buffers are reused instead of faulted in again.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+GLIBC_MMAP_THRESHOLD = 32 << 20
+GLIBC_TRIM_THRESHOLD = 512 << 20
+
+
+def loaded() -> str | None:
+    """The allocator library mapped into this process, if any of ours."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    for name, library in LIBRARIES.items():
+        if f"lib{library}" in maps:
+            return name
+    return None
+
+
+def library_path(name: str) -> str | None:
+    """The shared library's soname as the dynamic loader finds it, or None when it is not installed."""
+    return ctypes.util.find_library(LIBRARIES[name])
+
+
+def wanted(choice: Allocator) -> str | None:
+    """The library to preload for a choice; None means glibc (chosen, or nothing else installed)."""
+    if choice in ("glibc", "untuned"):
+        return None
+    for name in AUTO_ORDER if choice == "auto" else (choice,):
+        if library_path(name):
+            return name
+    if choice != "auto":
+        log.warning("LABELSERVE_ALLOCATOR=%s, but lib%s is not installed: glibc instead", choice,
+                    LIBRARIES[choice])  # fmt: skip
+    return None
+
+
+def preload(choice: Allocator, argv: Sequence[str]) -> None:
+    """Re-execute this command with the wanted allocator preloaded, unless it is loaded already. Returns
+    when nothing needs doing (or it cannot be done: then glibc is tuned instead, in `apply`)."""
+    name = wanted(choice)
+    if name is None or loaded() == name or os.environ.get(REEXEC_MARK):
+        return
+    env = dict(os.environ)
+    env[REEXEC_MARK] = name
+    env["LD_PRELOAD"] = " ".join(filter(None, [library_path(name), env.get("LD_PRELOAD", "")]))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "server.cli", *argv], env)
+
+
+def apply(choice: Allocator) -> str:
+    """Called once the server starts: tunes glibc when it is the allocator. Returns the allocator in use."""
+    name = loaded()
+    if name is not None:
+        return name
+    if os.environ.get(REEXEC_MARK):
+        log.warning("the %s preload did not take effect: glibc instead", os.environ[REEXEC_MARK])
+    if choice == "untuned":
+        return "glibc (untuned)"
+    return "glibc (tuned)" if tune_glibc() else "glibc (untuned: mallopt unavailable)"
+
+
+def tune_glibc() -> bool:
+    """True when applied (glibc only; other C libraries keep their own policy)."""
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        return bool(
+            libc.mallopt(M_MMAP_THRESHOLD, GLIBC_MMAP_THRESHOLD)
+            and libc.mallopt(M_TRIM_THRESHOLD, GLIBC_TRIM_THRESHOLD)
+        )
+    except (OSError, AttributeError):
+        log.debug("mallopt unavailable; allocator left as is")
+        return False

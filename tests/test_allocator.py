@@ -1,0 +1,64 @@
+"""`labelserve serve` runs under the allocator LABELSERVE_ALLOCATOR picks (server/allocator.py): tcmalloc by
+default when installed, re-executing itself with LD_PRELOAD before torch loads; glibc, tuned, otherwise."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from server import allocator
+
+from .server_process import ServerProcess
+
+INSTALLED = {name: allocator.library_path(name) is not None for name in allocator.LIBRARIES}
+
+
+def mapped(pid: int) -> str:
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+@pytest.mark.parametrize(
+    ("choice", "library"),
+    [("auto", "tcmalloc"), ("tcmalloc", "tcmalloc"), ("jemalloc", "jemalloc"), ("glibc", None)],
+)
+def test_serve_runs_under_the_chosen_allocator(tmp_path: Path, choice: str, library: str | None) -> None:
+    if library is not None and not INSTALLED[library]:
+        pytest.skip(f"lib{allocator.LIBRARIES[library]} is not installed (.ci/run installs it)")
+    env = {"LABELSERVE_ALLOCATOR": choice, "LABELSERVE_MODELS": "[]", "LABELSERVE_DATA_DIR": str(tmp_path)}
+    with ServerProcess(env, tmp_path / "server.log") as server:
+        maps, log = mapped(server.process.pid), server.log.read_text()
+        assert server.http.get("/healthz").status_code == 200  # the re-executed process serves
+    for name, path in allocator.LIBRARIES.items():
+        assert (f"lib{path}" in maps) == (name == library), name
+    assert f"allocator: {library or 'glibc (tuned)'}" in log
+
+
+def test_auto_prefers_tcmalloc_then_jemalloc_then_glibc(monkeypatch: pytest.MonkeyPatch) -> None:
+    present = {"tcmalloc": "libtcmalloc_minimal.so.4", "jemalloc": "libjemalloc.so.2"}
+    monkeypatch.setattr(allocator, "library_path", lambda name: present.get(name))
+    assert allocator.wanted("auto") == "tcmalloc"
+    del present["tcmalloc"]
+    assert allocator.wanted("auto") == "jemalloc"
+    del present["jemalloc"]
+    assert allocator.wanted("auto") is None
+    assert allocator.wanted("glibc") is None and allocator.wanted("untuned") is None
+
+
+def test_a_missing_library_falls_back_to_glibc_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(allocator, "library_path", lambda name: None)
+    with caplog.at_level(logging.WARNING, logger="labelserve"):
+        assert allocator.wanted("jemalloc") is None
+    assert "libjemalloc is not installed" in caplog.text
+
+
+def test_preload_never_loops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process that was re-executed once is not re-executed again, even if the preload did not load."""
+    monkeypatch.setattr(allocator, "library_path", lambda name: "libtcmalloc_minimal.so.4")
+    monkeypatch.setattr(allocator, "loaded", lambda: None)
+    monkeypatch.setenv(allocator.REEXEC_MARK, "tcmalloc")
+    monkeypatch.setattr(allocator.os, "execve", lambda *a: pytest.fail("re-executed twice"))
+    allocator.preload("auto", ["serve"])
