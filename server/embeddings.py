@@ -4,6 +4,10 @@ A miss in L1 is single-flight (server/cache.py): one request looks in L2 and, fa
 encodes, while concurrent requests for the same image wait for it. An L2 hit fills L1; an encode fills both.
 L2 never fails a request: when it is down or slow it answers "miss" (and is counted), and the image is
 encoded.
+
+Before encoding, the decoded pixels' id is looked up among the aliases: the same picture in other bytes (a
+frame prefetched from its original JPEG, then sent as PNG by CVAT's AI agent) reuses the embedding already
+cached. Every encode records its pixel id. The aliases live in this process, bounded by count.
 """
 
 from __future__ import annotations
@@ -19,15 +23,16 @@ from typing import Any, Literal
 import numpy as np
 
 from models.base import ImageEmbedding, Segmenter, unloaded
-from server.cache import EmbeddingCache
+from server.cache import ByteLRU, EmbeddingCache
 from server.encode_scheduler import EncodeScheduler, EncodeTicket, Priority
-from server.images import decode_image
+from server.images import decode_image, pixel_id
 from server.l2 import L2Tier
 from server.l2.blob import dtype_name
 from server.settings import Settings
 from server.timing import Timings
 
 Tier = Literal["l1", "l2", "encode"]
+ALIASES_KEPT = 50_000  # pixel id → image id entries (about 250 bytes each)
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,7 @@ class TieredEmbeddings:
         # joins a background encode of its image (single-flight) promotes that encode (_encode, _awaiting).
         self._background: dict[Hashable, tuple[EncodeScheduler, EncodeTicket]] = {}
         self._awaited: Counter[Hashable] = Counter()
+        self.aliases: ByteLRU[str] = ByteLRU(ALIASES_KEPT, lambda _: 1)  # pixel id → image id
 
     def scheduler(self, segmenter: Segmenter) -> EncodeScheduler:
         with self._lock:
@@ -93,6 +99,14 @@ class TieredEmbeddings:
             else:
                 with timings.stage("decode_image"):
                     image = decode_image(data, self.max_image_pixels)
+            with timings.stage("pixel_id"):
+                pixels = pixel_id(image)
+            alias = self.aliases.get(pixels, count=False)
+            if alias is not None and alias != content_id:
+                found = self.find(segmenter, alias, timings, count=False)
+                if found is not None:
+                    tiers.append(found.tier)
+                    return found.embedding
             with timings.stage("resize"):  # here, not on the model's one encoder thread
                 prepared = segmenter.prepare(image)
             del image
@@ -100,7 +114,9 @@ class TieredEmbeddings:
             timings.add("encode_queue", ticket.queued_ms)
             timings.add("encode", ticket.run_ms)
             tiers.append("encode")
-            return ticket.result()
+            embedding = ticket.result()
+            self.aliases.put(pixels, content_id)
+            return embedding
 
         with timings.stage("embedding"), self._awaiting(key, priority):
             # Only requests count as hits and misses: prefetch and job lookups miss by design.
@@ -148,9 +164,12 @@ class TieredEmbeddings:
                 if not self._awaited[key]:
                     del self._awaited[key]
 
-    def find(self, segmenter: Segmenter, content_id: str, timings: Timings) -> Found | None:
-        """A cached embedding (L1, else L2, which then fills L1) without the image bytes; None if neither."""
-        embedding = self.l1.get(_l1_key(segmenter, content_id))
+    def find(
+        self, segmenter: Segmenter, content_id: str, timings: Timings, count: bool = True
+    ) -> Found | None:
+        """A cached embedding (L1, else L2, which then fills L1) without the image bytes; None if neither.
+        `count=False`: not a request's own lookup (an alias of one), left out of the hit and miss counts."""
+        embedding = self.l1.get(_l1_key(segmenter, content_id), count=count)
         if embedding is not None:
             return Found(embedding, "l1")
         embedding = self._from_l2(segmenter, content_id, timings)

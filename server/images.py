@@ -2,6 +2,8 @@
 
 Conventions (documented in the README):
 - The image id is the sha256 of the raw bytes, computed before decoding, so a cache hit never decodes.
+  The pixel id is the sha256 of the decoded pixels: one picture sent as its original JPEG (CVAT's Nuclio
+  calls, prefetch) and re-encoded as PNG (CVAT's AI agents) has two image ids and one pixel id.
 - EXIF orientation is applied: coordinates refer to the image as browsers and CVAT display it.
 - Alpha is dropped, palette/CMYK/grayscale become RGB, 16-bit samples are scaled to 8 bits,
   32-bit integer and float images are min-max stretched. Multi-frame files use their first frame.
@@ -32,6 +34,13 @@ def image_id(data: bytes) -> str:
     digest = hashlib.sha256(data).hexdigest()
     note_content_hash(data, digest)
     return digest
+
+
+def pixel_id(image: np.ndarray) -> str:
+    """The sha256 of decoded pixels and their shape (server/embeddings.py's aliases)."""
+    digest = hashlib.sha256("x".join(map(str, image.shape)).encode())
+    digest.update(memoryview(np.ascontiguousarray(image)).cast("B"))
+    return digest.hexdigest()
 
 
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
