@@ -83,6 +83,11 @@ class SamService:
             )
         return Embedded(content_id, found.embedding, found.tier)
 
+    def is_cached(self, model: str, content_id: str) -> bool:
+        """Whether L1 or L2 holds the image's embedding (an L2 hit fills L1); not counted as a request."""
+        segmenter = self.registry.segmenter(model)
+        return self.embeddings.find(segmenter, content_id, Timings(), count=False) is not None
+
     def predict(
         self, model: str, data: bytes | None, request: SegmentRequest, timings: Timings
     ) -> Prediction:

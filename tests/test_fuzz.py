@@ -73,6 +73,7 @@ OPERATIONS = (
     "DELETE /v1/jobs/{job_id}",
     "POST /v1/jobs/{job_id}/resume",
     "POST /v1/prefetch",
+    "GET /v1/prefetch",
     "GET /v1/prefetch/{run_id}",
     "DELETE /v1/prefetch/{run_id}",
 )

@@ -60,6 +60,12 @@ async def submit_prefetch(request: Request) -> PrefetchStatus:
     return await run_in_threadpool(manager(request).submit, spec)
 
 
+@router.get("")
+def list_prefetch(request: Request) -> list[PrefetchStatus]:
+    """Active runs and the last finished ones, newest first: API runs, CVAT webhooks' and look-aheads'."""
+    return manager(request).list()
+
+
 @router.get("/{run_id}", responses=ERRORS)
 def get_prefetch(run_id: str, request: Request) -> PrefetchStatus:
     """Progress: done (cached + encoded) / failed / total, images per second, the first failures."""
