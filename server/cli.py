@@ -65,6 +65,7 @@ def _preload_allocator(argv: list[str]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     # Imported here, not at the top: `serve` may re-execute itself before anything imports torch.
+    from server.cvat.webhook_cli import add_cvat_commands
     from server.jobs.cli import add_prelabel_command
     from server.keys_cli import add_keys_commands
     from weights.cli import add_weights_commands
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_weights_commands(commands)
     add_keys_commands(commands)
     add_prelabel_command(commands, _prelabel_runtime)
+    add_cvat_commands(commands)
     return parser
 
 

@@ -57,6 +57,12 @@ class CvatProfile(BaseModel):
     username: str | None = None
     password: SecretStr | None = None
     organization: str | None = None
+    webhook_secret: SecretStr | None = Field(
+        default=None,
+        description="The secret of this CVAT's webhooks (POST /v1/cvat/webhooks/NAME): CVAT signs each "
+        "delivery with it (X-Signature-256), and one without a valid signature is refused. No secret: this "
+        "profile's webhooks are refused.",
+    )
 
 
 Scope = Literal["interactive", "jobs", "admin", "metrics"]

@@ -1,5 +1,5 @@
 """A loopback emulation of the part of CVAT 2.x's REST API that cvat-sdk calls to read a task and upload
-annotations into it; no CVAT server can run where the tests run.
+annotations into it, and of CVAT's webhooks; no CVAT server can run where the tests run.
 
 It is a real HTTP server on 127.0.0.1. Replies have the JSON shapes of CVAT's serializers (cvat-sdk's
 OpenAPI models deserialize and type-check every one, so a wrong shape fails loudly), and uploads are checked
@@ -10,40 +10,93 @@ ids of the task, shape type against label type, frames within the task. Endpoint
     GET  /api/server/about                      (no authentication, like CVAT)
     POST /api/auth/login                        sessionid + csrftoken cookies
     GET  /api/tasks/{id}                        bearer token (PAT) or session (+ X-CSRFToken to write)
-    GET  /api/labels?task_id=&page=             paginated, `page_size` labels per page
+    GET  /api/labels?task_id=|job_id=&page=     paginated, `page_size` items per page (so are all lists)
     GET  /api/tasks/{id}/data/meta
     GET  /api/tasks/{id}/data/?type=frame&number=N&quality=original
     GET  /api/tasks/{id}/annotations/
     PUT  /api/tasks/{id}/annotations/           replaces every annotation of the task
     PATCH /api/tasks/{id}/annotations/?action=create
+    GET  /api/jobs?task_id=&page=
+    GET  /api/jobs/{id}
+    GET  /api/cloudstorages/{id}
+    POST /api/webhooks                          org context from X-Organization or ?org=; 201, no secret
+    GET  /api/webhooks?page=                    only the org context's webhooks when one is given
+    GET  /api/webhooks/{id}
+    DELETE /api/webhooks/{id}
+    POST /api/webhooks/{id}/ping                delivers a `ping` event, answers the delivery
 
 `requests` records every call; `on_write(method)` runs after an upload is stored and before it is
 answered (the crash tests kill the uploader there); `fail_writes_after_storing` answers that many stored
 uploads with HTTP 500, like a gateway timing out on a request that went through; `fail_writes` refuses
 that many uploads with HTTP 503 without storing them.
+
+Projects exist through `add_project(name, organization)`, or implicitly when `add_task` names a
+`project_id` not seen before; a task in a project belongs to the project's organization unless it names
+its own. A task is split into jobs of `segment_size` frames. Webhooks fire like CVAT's: `update_job()`
+changes a job and delivers `update:job` (with `before_update`, the changed keys' old values), `add_task`
+delivers `create:task`, to each active webhook of the task's project or organization subscribed to the
+event. Deliveries are synchronous, signed with the webhook's secret (X-Signature-256) and recorded in
+`deliveries`; `deliver()` sends any payload (raw, repeated, badly signed) to a webhook's target.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import enum
+import hashlib
+import hmac
 import io
 import json
 import re
 import secrets
+import ssl
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.cookies import SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 from PIL import Image
 
 VERSION = "2.80.0"
 SOURCES = {"auto", "semi-auto", "manual", "file", "consensus"}
 DATE = "2026-01-01T00:00:00.000000Z"
+NOT_FOUND = {"detail": "Not found."}
+STATES = ("new", "in progress", "rejected", "completed")
+STAGES = ("annotation", "validation", "acceptance")
+# cvat/apps/webhooks/event_type.py: every event an organization webhook may take; a project webhook only
+# those of things inside a project.
+EVENTS = {
+    f"{action}:{resource}"
+    for resource in ("project", "task", "job", "issue", "comment", "membership")
+    for action in ("create", "update", "delete")
+} | {
+    "create:invitation",
+    "delete:invitation",
+    "update:organization",
+    "delete:organization",
+}
+PROJECT_EVENTS = {e for e in EVENTS if e.split(":")[1] in ("task", "job", "issue", "comment")} | {
+    "update:project",
+    "delete:project",
+}
+WEBHOOK_TIMEOUT = 10  # seconds, CVAT's WEBHOOK_TIMEOUT
+RESPONSE_LIMIT = 1024 * 1024  # bytes of a target's reply kept in the delivery log
+
+
+class Default(enum.Enum):
+    """Markers for keyword defaults where None is a value: an unassigned job, an unsigned delivery."""
+
+    UNCHANGED = "unchanged"
+    COMPUTED = "computed"
+
+
+UNCHANGED, COMPUTED = Default.UNCHANGED, Default.COMPUTED
 
 
 @dataclass
@@ -66,6 +119,66 @@ class EmulatedTask:
     organization: str | None = None
     video: bool = False  # one media file: frame meta holds only its name and size
     annotations: dict[str, Any] = field(default_factory=lambda: {"version": 0, "tags": [], "shapes": []})
+    project_id: int | None = None
+    segment_size: int = 0  # frames per job
+    cloud_storage_id: int | None = None  # frame names are then the objects' keys in its bucket
+    jobs: list[EmulatedJob] = field(default_factory=list)
+
+
+@dataclass
+class EmulatedJob:
+    id: int
+    task_id: int
+    start_frame: int  # task frame numbers, both inclusive
+    stop_frame: int
+    assignee: str | None = None  # a username
+    state: str = "new"
+    stage: str = "annotation"
+    type: str = "annotation"
+
+
+@dataclass
+class EmulatedProject:
+    id: int
+    name: str
+    organization: str | None = None
+
+
+@dataclass
+class EmulatedCloudStorage:
+    id: int
+    bucket: str
+    endpoint_url: str
+    manifests: list[str]
+    prefix: str = ""
+    organization: str | None = None
+
+
+@dataclass
+class EmulatedWebhook:
+    id: int
+    target_url: str
+    type: str  # "project" | "organization"
+    events: list[str]
+    secret: str  # "" for none, as CVAT stores it; never in a reply
+    project_id: int | None
+    organization: str | None  # slug
+    content_type: str = "application/json"
+    is_active: bool = True
+    enable_ssl: bool = True
+    description: str = ""
+
+
+@dataclass
+class Delivery:
+    id: int
+    webhook_id: int
+    event: str
+    target_url: str
+    status_code: int  # the target's, or 502 (unreachable) / 504 (timed out) as CVAT logs them
+    response: str  # the target's reply body
+    payload: Any  # the JSON object sent (the bytes, for a raw `deliver`)
+    headers: dict[str, str]
 
 
 @dataclass
@@ -84,11 +197,18 @@ class CvatEmulator:
         self.users = users if users is not None else {"alice": "wonderland"}
         self.page_size = page_size
         self.tasks: dict[int, EmulatedTask] = {}
+        self.jobs: dict[int, EmulatedJob] = {}
+        self.projects: dict[int, EmulatedProject] = {}
+        self.cloud_storages: dict[int, EmulatedCloudStorage] = {}
+        self.webhooks: dict[int, EmulatedWebhook] = {}
+        self.deliveries: list[Delivery] = []
         self.requests: list[Recorded] = []
         self.on_write: Callable[[str], None] | None = None
         self.fail_writes_after_storing = 0
         self.fail_writes = 0
         self._sessions: dict[str, str] = {}  # sessionid → csrftoken
+        self._user_ids = {"alice": 1}  # alice owns everything and makes every change
+        self._org_ids: dict[str, int] = {}
         self._next_id = 1
         self._lock = threading.RLock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -116,8 +236,20 @@ class CvatEmulator:
         deleted: set[int] | None = None,
         organization: str | None = None,
         video: bool = False,
+        *,
+        project_id: int | None = None,
+        segment_size: int | None = None,
+        cloud_storage_id: int | None = None,
     ) -> EmulatedTask:
+        """A task of `frames` (for a cloud storage task: (object key, the object's bytes)), split into jobs of
+        `segment_size` frames; delivers `create:task` to the webhooks that watch it."""
         with self._lock:
+            if project_id is not None and project_id not in self.projects:
+                self.projects[project_id] = EmulatedProject(project_id, f"project {project_id}", organization)
+            if project_id is not None and organization is None:
+                organization = self.projects[project_id].organization
+            if cloud_storage_id is not None and cloud_storage_id not in self.cloud_storages:
+                raise ValueError(f"no cloud storage {cloud_storage_id}")
             task_id = 40 + len(self.tasks) + 1
             labeled = []
             for label in labels:
@@ -134,9 +266,103 @@ class CvatEmulator:
                 deleted or set(),
                 organization,
                 video,
+                project_id=project_id,
+                segment_size=segment_size or len(frames),
+                cloud_storage_id=cloud_storage_id,
             )
+            for start in range(0, len(frames), task.segment_size or 1):
+                stop = min(start + task.segment_size, len(frames)) - 1
+                task.jobs.append(EmulatedJob(self._new_id(), task_id, start, stop))
+            self.jobs.update((job.id, job) for job in task.jobs)
             self.tasks[task_id] = task
-            return task
+            created = self._task_json(task)
+        self._fire("create:task", task, {"task": created})
+        return task
+
+    def add_project(self, name: str, organization: str | None = None) -> int:
+        with self._lock:
+            project = EmulatedProject(self._new_id(), name, organization)
+            self.projects[project.id] = project
+            return project.id
+
+    def add_cloud_storage(
+        self,
+        bucket: str,
+        *,
+        endpoint_url: str,
+        manifests: list[str],
+        prefix: str = "",
+        organization: str | None = None,
+    ) -> int:
+        """An S3 bucket attached as CVAT attaches one (access key pair); `add_task(cloud_storage_id=...)`."""
+        with self._lock:
+            storage = EmulatedCloudStorage(
+                self._new_id(), bucket, endpoint_url, manifests, prefix, organization
+            )
+            self.cloud_storages[storage.id] = storage
+            return storage.id
+
+    def update_job(
+        self,
+        job_id: int,
+        *,
+        assignee: str | None | Default = UNCHANGED,
+        state: str | Default = UNCHANGED,
+        stage: str | Default = UNCHANGED,
+    ) -> list[Delivery]:
+        """Change a job as a user does in CVAT's UI (PATCH /api/jobs/{id}), then deliver `update:job`."""
+        with self._lock:
+            job = self.jobs[job_id]
+            if state not in (UNCHANGED, *STATES) or stage not in (UNCHANGED, *STAGES):
+                raise ValueError(f"state must be one of {STATES} and stage one of {STAGES}")
+            before = self._job_json(job)
+            if stage is not UNCHANGED:
+                if stage != job.stage and state is UNCHANGED:
+                    job.state = "new"  # CVAT's JobWriteSerializer: a job in a new stage starts over
+                job.stage = stage
+            if state is not UNCHANGED:
+                job.state = state
+            if assignee is not UNCHANGED:
+                job.assignee = assignee
+            after = self._job_json(job)
+            changed = {key: value for key, value in before.items() if after[key] != value}
+        if not changed:
+            return []
+        return self._fire("update:job", self.tasks[job.task_id], {"job": after, "before_update": changed})
+
+    def deliver(
+        self, webhook_id: int, payload: dict[str, Any] | bytes, *, signature: str | None | Default = COMPUTED
+    ) -> Delivery:
+        """POST a payload to a webhook's target as CVAT's send_webhook does. `signature` is the
+        X-Signature-256 header: computed from the webhook's secret (none without one), as given, or none."""
+        webhook = self.webhooks[webhook_id]
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode("utf-8")
+        if signature is COMPUTED:
+            digest = hmac.new(webhook.secret.encode("utf-8"), body, hashlib.sha256).hexdigest()
+            signature = "sha256=" + digest if webhook.secret else None
+        headers = {"Content-Type": "application/json"}
+        if signature is not None:
+            headers["X-Signature-256"] = signature
+        status, response = _post(webhook.target_url, body, headers, webhook.enable_ssl)
+        event = str(payload.get("event", "")) if isinstance(payload, dict) else ""
+        with self._lock:
+            delivery = Delivery(
+                self._new_id(), webhook_id, event, webhook.target_url, status, response, payload, headers
+            )
+            self.deliveries.append(delivery)
+        return delivery
+
+    def _fire(self, event: str, task: EmulatedTask, data: dict[str, Any]) -> list[Delivery]:
+        """Deliver an event of a task (or its job) to each active webhook watching it; never under the lock,
+        since a target may call back into the emulator while it answers."""
+        with self._lock:
+            webhooks = [w for w in self.webhooks.values() if w.is_active and event in w.events]
+        webhooks = [w for w in webhooks if _watches(w, task)]
+        sender = self._user_json("alice")
+        return [
+            self.deliver(w.id, {"event": event, **data, "webhook_id": w.id, "sender": sender})
+            for w in webhooks
+        ]
 
     def calls(self, method: str, path_part: str = "") -> list[Recorded]:
         return [r for r in self.requests if r.method == method and path_part in r.path]
@@ -144,6 +370,14 @@ class CvatEmulator:
     def _new_id(self) -> int:
         self._next_id += 1
         return self._next_id
+
+    def _user_json(self, username: str) -> dict[str, Any]:
+        user_id = self._user_ids.setdefault(username, len(self._user_ids) + 1)
+        url = f"{self.url}/api/users/{user_id}"
+        return {"url": url, "id": user_id, "username": username, "first_name": "", "last_name": ""}
+
+    def _org_id(self, slug: str | None) -> int | None:
+        return None if not slug else self._org_ids.setdefault(slug, 7 + len(self._org_ids))
 
     # -- JSON as CVAT's serializers write it ---------------------------------------------------------------
 
@@ -153,21 +387,15 @@ class CvatEmulator:
             "url": f"{base}/api/tasks/{task.id}",
             "id": task.id,
             "name": f"task {task.id}",
-            "project_id": None,
+            "project_id": task.project_id,
             "mode": "interpolation" if task.video else "annotation",
-            "owner": {
-                "url": f"{base}/api/users/1",
-                "id": 1,
-                "username": "alice",
-                "first_name": "",
-                "last_name": "",
-            },
+            "owner": self._user_json("alice"),
             "assignee": None,
             "bug_tracker": "",
             "created_date": DATE,
             "updated_date": DATE,
             "overlap": 0,
-            "segment_size": len(task.frames),
+            "segment_size": task.segment_size,
             "status": "annotation",
             "data_chunk_size": 72,
             "data_compressed_chunk_type": "video" if task.video else "imageset",
@@ -178,18 +406,133 @@ class CvatEmulator:
             "data": task.id,
             "dimension": "2d",
             "subset": "",
-            "organization": 7 if task.organization else None,
+            "organization": self._org_id(task.organization),
             "target_storage": None,
             "source_storage": None,
             "jobs": {
-                "count": 1,
-                "completed": 0,
-                "validation": 0,
+                "count": len(task.jobs),
+                "completed": sum(job.state == "completed" for job in task.jobs),
+                "validation": sum(job.stage == "validation" for job in task.jobs),
                 "url": f"{base}/api/jobs?task_id={task.id}",
             },
             "labels": {"url": f"{base}/api/labels?task_id={task.id}"},
             "assignee_updated_date": None,
             "validation_mode": None,
+            "data_cloud_storage_id": task.cloud_storage_id,
+        }
+
+    def _job_json(self, job: EmulatedJob) -> dict[str, Any]:
+        base, task = self.url, self.tasks[job.task_id]
+        project = self.projects.get(task.project_id) if task.project_id is not None else None
+        # CVAT's JobWriteSerializer keeps the deprecated status in step with the stage.
+        status = "annotation" if job.stage == "annotation" else "validation"
+        if job.stage == "acceptance" and job.state == "completed":
+            status = "completed"
+        return {
+            "url": f"{base}/api/jobs/{job.id}",
+            "id": job.id,
+            "task_id": task.id,
+            "task_name": f"task {task.id}",
+            "project_id": task.project_id,
+            "project_name": project.name if project else None,
+            "assignee": self._user_json(job.assignee) if job.assignee is not None else None,
+            "guide_id": None,
+            "dimension": "2d",
+            "bug_tracker": "",
+            "status": status,
+            "stage": job.stage,
+            "state": job.state,
+            "mode": "interpolation" if task.video else "annotation",
+            "media_type": "video" if task.video else "image",
+            "frame_count": job.stop_frame - job.start_frame + 1,
+            "start_frame": job.start_frame,
+            "stop_frame": job.stop_frame,
+            "data_chunk_size": 72,
+            "data_compressed_chunk_type": "video" if task.video else "imageset",
+            "data_original_chunk_type": "video" if task.video else "imageset",
+            "created_date": DATE,
+            "updated_date": DATE,
+            "issues": {"url": f"{base}/api/issues?job_id={job.id}", "count": 0},
+            "labels": {"url": f"{base}/api/labels?job_id={job.id}"},
+            "type": job.type,
+            "organization": self._org_id(task.organization),
+            "target_storage": None,
+            "source_storage": None,
+            "assignee_updated_date": None,
+            "parent_job_id": None,
+            "replicas_count": 0,
+        }
+
+    def _cloud_storage_json(self, storage: EmulatedCloudStorage) -> dict[str, Any]:
+        attributes = {"endpoint_url": storage.endpoint_url}
+        if storage.prefix:
+            attributes["prefix"] = storage.prefix
+        return {
+            "id": storage.id,
+            "owner": self._user_json("alice"),
+            "manifests": list(storage.manifests),
+            "provider_type": "AWS_S3_BUCKET",
+            "resource": storage.bucket,
+            "display_name": storage.bucket,
+            "created_date": DATE,
+            "updated_date": DATE,
+            "credentials_type": "KEY_SECRET_KEY_PAIR",
+            "specific_attributes": urlencode(attributes),  # as CVAT's UI writes it (URLSearchParams)
+            "description": "",
+            "organization": self._org_id(storage.organization),
+        }
+
+    def _webhook_json(self, webhook: EmulatedWebhook) -> dict[str, Any]:
+        data = {
+            "id": webhook.id,
+            "url": f"{self.url}/api/webhooks/{webhook.id}",
+            "target_url": webhook.target_url,
+            "description": webhook.description,
+            "type": webhook.type,
+            "content_type": webhook.content_type,
+            "is_active": webhook.is_active,
+            "enable_ssl": webhook.enable_ssl,
+            "created_date": DATE,
+            "updated_date": DATE,
+            "owner": self._user_json("alice"),
+            "project_id": webhook.project_id,
+            "organization": self._org_id(webhook.organization),
+            "events": sorted(webhook.events),
+        }
+        # CVAT leaves these out until the first delivery (their source, deliveries.last, is None).
+        last = next((d for d in reversed(self.deliveries) if d.webhook_id == webhook.id), None)
+        if last is not None:
+            data.update(last_status=last.status_code, last_delivery_date=DATE)
+        return data
+
+    @staticmethod
+    def _delivery_json(delivery: Delivery) -> dict[str, Any]:
+        return {
+            "id": delivery.id,
+            "webhook_id": delivery.webhook_id,
+            "event": delivery.event,
+            "status_code": delivery.status_code,
+            "redelivery": False,
+            "created_date": DATE,
+            "updated_date": DATE,
+            "changed_fields": "",
+            "request": delivery.payload,
+            "response": delivery.response,
+        }
+
+    def _page(
+        self, path: str, query: dict[str, list[str]], items: list[dict[str, Any]], filters: dict[str, Any]
+    ) -> dict[str, Any]:
+        """One page of a list, with DRF's next/previous links (the filters repeated in them)."""
+        page = int(query.get("page", ["1"])[0])
+        start = (page - 1) * self.page_size
+        more = start + self.page_size < len(items)
+        link = f"{self.url}{path}?page={{}}" + "".join(f"&{key}={value}" for key, value in filters.items())
+        return {
+            "count": len(items),
+            "next": link.format(page + 1) if more else None,
+            "previous": link.format(page - 1) if page > 1 else None,
+            "results": items[start : start + self.page_size],
         }
 
     @staticmethod
@@ -244,8 +587,8 @@ class CvatEmulator:
             "deleted_frames": sorted(task.deleted),
             "included_frames": None,
             "chapters": None,
-            "storage": "local",
-            "cloud_storage_id": None,
+            "storage": "local" if task.cloud_storage_id is None else "cloud_storage",
+            "cloud_storage_id": task.cloud_storage_id,
         }
 
     # -- uploads: CVAT's validation, then storage -------------------------------------------------------
@@ -331,6 +674,9 @@ class CvatEmulator:
             def do_PATCH(self) -> None:  # noqa: N802
                 self._serve("PATCH")
 
+            def do_DELETE(self) -> None:  # noqa: N802
+                self._serve("DELETE")
+
             def _serve(self, method: str) -> None:
                 parts = urlsplit(self.path)
                 length = int(self.headers.get("Content-Length") or 0)
@@ -404,24 +750,29 @@ class CvatEmulator:
             return handler.reply(refused[0], {"detail": refused[1]})
 
         if (method, path) == ("GET", "/api/labels"):
-            task = self.tasks.get(int(query.get("task_id", ["0"])[0]))
+            owner = "job_id" if "job_id" in query else "task_id"
+            owner_id = int(query.get(owner, ["0"])[0])
+            job = self.jobs.get(owner_id) if owner == "job_id" else None
+            task = self.tasks.get(job.task_id if job is not None else owner_id if owner == "task_id" else 0)
             if task is None:
-                return handler.reply(404, {"detail": "Not found."})
-            page = int(query.get("page", ["1"])[0])
-            start = (page - 1) * self.page_size
-            labels = task.labels[start : start + self.page_size]
-            more = start + self.page_size < len(task.labels)
-            return handler.reply(
-                200,
-                {
-                    "count": len(task.labels),
-                    "next": f"{self.url}/api/labels?page={page + 1}&task_id={task.id}" if more else None,
-                    "previous": f"{self.url}/api/labels?page={page - 1}&task_id={task.id}"
-                    if page > 1
-                    else None,
-                    "results": [self._label_json(task, label) for label in labels],
-                },
-            )
+                return handler.reply(404, NOT_FOUND)
+            labels = [self._label_json(task, label) for label in task.labels]
+            return handler.reply(200, self._page(path, query, labels, {owner: owner_id}))
+        if (method, path) == ("GET", "/api/jobs"):
+            task_id = query.get("task_id", [None])[0]
+            jobs = [j for j in self.jobs.values() if task_id is None or j.task_id == int(task_id)]
+            filters = {} if task_id is None else {"task_id": task_id}
+            return handler.reply(200, self._page(path, query, [self._job_json(j) for j in jobs], filters))
+        if method == "GET" and (found := re.fullmatch(r"/api/jobs/(\d+)", path)):
+            job = self.jobs.get(int(found[1]))
+            return handler.reply(200, self._job_json(job)) if job else handler.reply(404, NOT_FOUND)
+        if method == "GET" and (found := re.fullmatch(r"/api/cloudstorages/(\d+)", path)):
+            storage = self.cloud_storages.get(int(found[1]))
+            if storage is None:
+                return handler.reply(404, NOT_FOUND)
+            return handler.reply(200, self._cloud_storage_json(storage))
+        if re.fullmatch(r"/api/webhooks(/\d+(/ping)?)?", path):
+            return self._route_webhooks(handler, method, path, query, body)
         found = re.fullmatch(r"/api/tasks/(\d+)(/.*)?", path)
         if found is None:
             return handler.reply(404, {"detail": "Not found."})
@@ -460,6 +811,105 @@ class CvatEmulator:
                     return handler.reply(500, {"detail": "Gateway gave up waiting (emulated)."})
                 return handler.reply(200, created)
         return handler.reply(405, {"detail": f'Method "{method}" not allowed.'})
+
+    def _route_webhooks(
+        self, handler: Any, method: str, path: str, query: dict[str, list[str]], body: Any
+    ) -> None:
+        # cvat-sdk sends the org context as X-Organization (client.organization_slug) or ?org=; "" is the
+        # user's sandbox, no context at all lists every webhook.
+        org = handler.headers.get("X-Organization", query.get("org", [None])[0])
+        if (method, path) == ("POST", "/api/webhooks"):
+            body = body if isinstance(body, dict) else {}
+            errors = self._webhook_errors(body, org)
+            if errors:
+                return handler.reply(400, errors)
+            with self._lock:
+                project = self.projects.get(body.get("project_id")) if body["type"] == "project" else None
+                # CVAT: a project webhook is in its project's organization.
+                webhook = EmulatedWebhook(
+                    self._new_id(),
+                    body["target_url"],
+                    body["type"],
+                    list(body["events"]),
+                    body.get("secret") or "",
+                    body.get("project_id"),
+                    project.organization if project is not None else org,
+                    body.get("content_type", "application/json"),
+                    body.get("is_active", True),
+                    body.get("enable_ssl", True),
+                    body.get("description", ""),
+                )
+                self.webhooks[webhook.id] = webhook
+            return handler.reply(201, self._webhook_json(webhook))
+        if (method, path) == ("GET", "/api/webhooks"):
+            webhooks = [w for w in self.webhooks.values() if org is None or (w.organization or "") == org]
+            return handler.reply(200, self._page(path, query, [self._webhook_json(w) for w in webhooks], {}))
+        found = re.fullmatch(r"/api/webhooks/(\d+)(/ping)?", path)
+        webhook = self.webhooks.get(int(found[1])) if found else None
+        if webhook is None:
+            return handler.reply(404, NOT_FOUND)
+        if (method, found[2]) == ("GET", None):
+            return handler.reply(200, self._webhook_json(webhook))
+        if (method, found[2]) == ("DELETE", None):
+            with self._lock:
+                del self.webhooks[webhook.id]
+            return handler.reply(204, b"")
+        if (method, found[2]) == ("POST", "/ping"):
+            sender = self._user_json("alice")
+            payload = {"event": "ping", "webhook": self._webhook_json(webhook), "sender": sender}
+            return handler.reply(200, self._delivery_json(self.deliver(webhook.id, payload)))
+        return handler.reply(405, {"detail": f'Method "{method}" not allowed.'})
+
+    def _webhook_errors(self, body: dict[str, Any], org: str | None) -> dict[str, list[str]]:
+        """WebhookWriteSerializer's checks, as DRF's field errors."""
+        required = ("target_url", "type", "events")
+        errors = {name: ["This field is required."] for name in required if name not in body}
+        if errors:
+            return errors
+        if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", str(body["target_url"])):
+            errors["target_url"] = ["Enter a valid URL."]
+        if body["type"] not in ("project", "organization"):
+            errors["type"] = [f'"{body["type"]}" is not a valid choice.']
+        events = body["events"] if isinstance(body["events"], list) else [body["events"]]
+        if unknown := [e for e in events if e not in EVENTS]:
+            errors["events"] = [f'"{unknown[0]}" is not a valid choice.']
+        elif body["type"] == "project" and (outside := sorted(set(events) - PROJECT_EVENTS)):
+            errors["events"] = [f"A project webhook cannot have the events {', '.join(outside)}."]
+        if body["type"] == "project":
+            project_id = body.get("project_id")
+            if project_id is None:
+                errors["project_id"] = ["A project webhook needs a project_id."]
+            elif project_id not in self.projects:
+                errors["project_id"] = [f"Project {project_id} does not exist."]
+        elif body["type"] == "organization" and not org:
+            errors["type"] = ["An organization webhook is created in an organization (X-Organization)."]
+        return errors
+
+
+def _watches(webhook: EmulatedWebhook, task: EmulatedTask) -> bool:
+    """A project webhook watches its project's tasks, an organization webhook all of its organization's."""
+    if webhook.type == "project":
+        return webhook.project_id is not None and webhook.project_id == task.project_id
+    return webhook.organization is not None and webhook.organization == task.organization
+
+
+def _post(url: str, body: bytes, headers: dict[str, str], verify: bool) -> tuple[int, str]:
+    """(status, reply body) of a POST; like CVAT's delivery log, 502 when the target cannot be reached and
+    504 when it does not answer in time."""
+    context = ssl.create_default_context()
+    if not verify:
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    # No proxy from the environment: the targets are loopback servers of the tests.
+    handlers = urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
+    opener = urllib.request.build_opener(*handlers)
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with opener.open(request, timeout=WEBHOOK_TIMEOUT) as response:
+            return response.status, response.read(RESPONSE_LIMIT).decode("utf-8", "replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(RESPONSE_LIMIT).decode("utf-8", "replace")
+    except OSError as exc:  # URLError included
+        return (504 if isinstance(getattr(exc, "reason", exc), TimeoutError) else 502), ""
 
 
 def _geometry(kind: str | None, points: list[float], rotation: float) -> str | None:

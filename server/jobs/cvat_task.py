@@ -1,6 +1,12 @@
 """CVAT tasks through cvat-sdk: connecting, reading a task's frames, and checking that a detector's labels map
 onto a task's labels before a job starts.
 
+Frames of a task whose data lives in a cloud storage (an S3-compatible bucket such as Backblaze B2) are read
+straight from the bucket when one of this server's storage profiles serves it: the task's frame names are
+the objects' keys (CVAT resolved them through the storage's manifest.jsonl when the task was made), and the
+bytes are the very bytes CVAT sends to its functions. Otherwise, and for any frame the bucket fails to
+give, frames come through CVAT's API (original quality).
+
 Every problem a client can fix is an ApiError: 400 for an unreachable server, refused credentials or an
 unknown task, 422 `label_mapping` for labels that do not match, 400 `unmatched_frames` for images without a
 frame. The engine turns the same errors into a job failure when they happen while a job runs.
@@ -15,11 +21,14 @@ import posixpath
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self
+from urllib.parse import parse_qs, urlsplit
 
 from models.detector import DetectorInfo
 from server.cvat.render import LABEL_TYPES
 from server.errors import ApiError
 from server.jobs.cvat_spec import CvatConnection, CvatTaskOutput, CvatTaskSource
+from server.objectstore.locations import S3Url, profile_for
+from server.objectstore.store import store_for
 from server.settings import Settings
 
 log = logging.getLogger("labelserve.jobs.cvat")
@@ -163,15 +172,54 @@ class Connections:
         """Reads an item's frame (original quality) by its ref; errors become the item's failure reason."""
         info = self.task(source)
         prefix = FRAME_REF.format(task_id=info.id, index="")
+        bucket = self._task_bucket(source, info)
+        names = {frame.index: frame.name for frame in info.frames}
 
         def read(ref: str) -> bytes:
             if not ref.startswith(prefix):
                 raise ApiError(400, "unsupported_source", f"{ref!r} is not a frame of {info.describe()}.")
             index = int(ref[len(prefix) :])
+            if bucket is not None and index in names:
+                try:
+                    return store_for(self._settings).read(str(S3Url(bucket, names[index])), "job")
+                except ApiError as exc:
+                    log.warning("%s frame %d from s3://%s: %s; through CVAT instead", info.describe(), index,
+                                bucket, exc.message)  # fmt: skip
             with cvat_errors(f"downloading frame {index}", info.url, task_id=info.id):
                 return info.task.get_frame(index, quality="original").getvalue()
 
         return read
+
+    def _task_bucket(self, source: CvatTaskSource, info: TaskInfo) -> str | None:
+        """The bucket of the task's cloud storage when a storage profile of this server serves it at the same
+        endpoint; None reads through CVAT."""
+        storage_id = getattr(info.task, "data_cloud_storage_id", None)
+        if storage_id is None or info.task.data_original_chunk_type != "imageset":
+            return None
+        client = self._client(Login.of(source, self._settings))
+        try:
+            with cvat_errors(f"reading cloud storage {storage_id}", info.url):
+                storage = client.api_client.cloudstorages_api.retrieve(storage_id)[0]
+        except ApiError as exc:  # e.g. the user may see the task but not its storage
+            log.info("%s: its cloud storage is not readable (%s); frames through CVAT", info.describe(),
+                     exc.message)  # fmt: skip
+            return None
+        if str(storage.provider_type) != "AWS_S3_BUCKET":
+            return None
+        try:
+            _, profile = profile_for(S3Url(storage.resource, info.frames[0].name), self._settings)
+        except (ApiError, IndexError):
+            return None  # no profile serves that bucket (or prefix): CVAT serves the frames
+        endpoint = parse_qs(str(storage.specific_attributes or "")).get("endpoint_url", [""])[0]
+        if endpoint and _endpoint(endpoint) != _endpoint(profile.endpoint_url):
+            return None  # the same bucket name at another S3 service
+        return str(storage.resource)
+
+    def client_for_profile(self, profile: str, organization: str | None = None) -> Any:
+        """A logged-in cvat-sdk client for a server profile, in `organization`'s context (else the profile's);
+        for callers that use CVAT's API beyond tasks (e.g. registering webhooks)."""
+        connection = CvatConnection(profile=profile, organization=organization)
+        return self._client(Login.of(connection, self._settings))
 
     def _client(self, login: Login) -> Any:
         if login in self._clients:
@@ -210,6 +258,11 @@ class Connections:
             client.organization_slug = login.organization
         self._clients[login] = client
         return client
+
+
+def _endpoint(url: str) -> tuple[str, str]:
+    parts = urlsplit(url if "://" in url else f"https://{url}")
+    return parts.scheme.lower(), parts.netloc.lower()
 
 
 def _secret(value: Any) -> str | None:
