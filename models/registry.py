@@ -106,6 +106,10 @@ class ModelRegistry:
             *(n for n in self.settings.detector_paths if n not in self.settings.models),
         ]
 
+    def names_of(self, kind: str) -> list[str]:
+        """The enabled models of a kind ("segmenter", "detector", "tracker"), loaded or not."""
+        return [name for name in self.enabled if self._records[name].kind == kind]
+
     # ---- loading ------------------------------------------------------------------------------------------
     def load_enabled(self) -> None:
         apply_thread_count(self.settings)

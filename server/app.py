@@ -16,6 +16,7 @@ from models.registry import ModelRegistry
 from server import allocator
 from server.backpressure import InflightLimiter, InflightMiddleware, LatestWins
 from server.cvat import nuclio
+from server.cvat.warmup import LookaheadRequest, Warmup
 from server.detect_service import DetectService
 from server.errors import error_body, install_error_handlers
 from server.jobs import routes as job_routes
@@ -23,6 +24,7 @@ from server.jobs.engine import LocalEngine
 from server.jobs.store import JOBS_DB_NAME
 from server.middleware import install_request_pipeline
 from server.prefetch import PrefetchManager, PrefetchRequest
+from server.routes import cvat as cvat_routes
 from server.routes import detect, prefetch, sam, system, track
 from server.sam_service import SamService
 from server.schemas import (
@@ -48,6 +50,7 @@ def create_app(settings: Settings | None = None, *, load_models_in_background: b
     detect_service = DetectService(registry, settings, sam_service)
     jobs = job_engine(registry, detect_service, settings)
     prefetcher = PrefetchManager(sam_service, settings)
+    warmup = Warmup(prefetcher, settings, lambda: registry.names_of("segmenter"))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -85,6 +88,7 @@ def create_app(settings: Settings | None = None, *, load_models_in_background: b
     app.state.latest_wins = app.state.services.latest_wins
     app.add_middleware(InflightMiddleware, limiter=inflight)
     app.state.prefetch = prefetcher
+    app.state.warmup = warmup
     install_error_handlers(app)
     _install_model_errors(app)
     app.include_router(sam.router)
@@ -94,6 +98,7 @@ def create_app(settings: Settings | None = None, *, load_models_in_background: b
     app.include_router(nuclio.router)
     app.include_router(job_routes.router)
     app.include_router(prefetch.router)
+    app.include_router(cvat_routes.router)
     install_request_pipeline(app, settings, jobs.store)  # after the routers: it checks each has a scope
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
@@ -124,7 +129,7 @@ def _openapi(app: FastAPI) -> dict:
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         # Request bodies are parsed by hand (JSON or multipart), so their models are added explicitly.
         for model in (EmbedRequest, SegmentRequest, DetectRequest, PrefetchRequest, TrackStartRequest,
-                      TrackStepRequest, PropagateRequest):  # fmt: skip
+                      TrackStepRequest, PropagateRequest, LookaheadRequest):  # fmt: skip
             body = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(body.pop("$defs", {}))
             components[model.__name__] = body

@@ -41,6 +41,9 @@ ROUTE_SCOPES: tuple[tuple[str, str, frozenset[Scope]], ...] = (
     ("*", "/v1/track", frozenset({"interactive"})),
     ("GET", "/v1/trackers", frozenset({"interactive"})),
     ("*", "/v1/prefetch", frozenset({"interactive"})),
+    # CVAT's webhooks carry no key: the body's HMAC with the profile's webhook secret authenticates them.
+    ("POST", "/v1/cvat/webhooks", OPEN),
+    ("POST", "/v1/cvat/lookahead", frozenset({"interactive"})),
     ("GET", "/v1/models", frozenset({"interactive", "jobs"})),
     ("POST", "/v1/models", frozenset({"admin"})),  # load and unload
     ("GET", "/v1/cache/stats", frozenset({"interactive", "admin"})),
@@ -195,7 +198,7 @@ def _unauthorized(code: str, message: str, error: str | None = None) -> ApiError
     return ApiError(401, code, message, {"WWW-Authenticate": challenge})
 
 
-CVAT_ROUTES = ("/api/", "/healthz", "/readyz")  # what the CVAT listener serves (prefixes)
+CVAT_ROUTES = ("/api/", "/healthz", "/readyz", "/v1/cvat/webhooks/")  # what the CVAT listener serves
 
 
 class Gate:

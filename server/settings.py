@@ -301,6 +301,23 @@ class Settings(BaseSettings):
     cvat_upload_chunk: int = Field(
         default=2000, ge=1, description="Annotations per upload request into a CVAT task (whole images)."
     )
+    # Warm embeddings before the annotator arrives: CVAT webhooks and look-ahead from clicks.
+    cvat_prefetch_models: Annotated[list[str], NoDecode] = Field(
+        default=[],
+        description="SAM models whose embeddings CVAT webhooks and look-ahead compute (comma-separated); "
+        "empty: every SAM model in LABELSERVE_MODELS.",
+    )
+    cvat_prefetch_frames: int = Field(
+        default=500, ge=1, description="Most frames one webhook run prefetches (from the job's first frame)."
+    )
+    cvat_prefetch_new_tasks: bool = Field(
+        default=False,
+        description="Also prefetch a new task's first frames when CVAT says its data is ready (the "
+        "create:task or completed:request[create:task] webhook events), before anyone is assigned.",
+    )
+    cvat_lookahead_max: int = Field(
+        default=16, ge=1, description="Most frames one look-ahead request (POST /v1/cvat/lookahead) asks for."
+    )
 
     # Access control: with no keys configured every endpoint is open, as on a single-user workstation.
     api_keys: list[ApiKeyEntry] = Field(
@@ -348,7 +365,7 @@ class Settings(BaseSettings):
         " fewer saves memory per tracked object, at some accuracy.",
     )
 
-    @field_validator("models", "url_allow_hosts", "cvat_allow_ips", mode="before")
+    @field_validator("models", "url_allow_hosts", "cvat_allow_ips", "cvat_prefetch_models", mode="before")
     @classmethod
     def _split_names(cls, value: object) -> object:
         if isinstance(value, str):

@@ -76,6 +76,8 @@ OPERATIONS = (
     "GET /v1/prefetch",
     "GET /v1/prefetch/{run_id}",
     "DELETE /v1/prefetch/{run_id}",
+    "POST /v1/cvat/webhooks/{profile}",
+    "POST /v1/cvat/lookahead",
 )
 EXAMPLES_PER_MODE = 15  # per operation, once with schema-valid and once with schema-violating inputs
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]

@@ -10,18 +10,27 @@ cvat-sdk, httpx and Pillow, so it can be loaded with `--function-file` from any 
 
 `create` returns a DetectionFunction for detector models (YOLO), an InteractionFunction for SAM models, and a
 TrackingFunction when given `-p tracker=str:NAME` (a name from GET /v1/trackers).
+
+Look-ahead: with `-p lookahead=int:K -p cvat_profile=str:NAME` (a CVAT profile of the labelserve server, for
+this CVAT), the first click on frame N of a task asks labelserve to embed frames N+1 … N+K of that task in
+the background, so the next frames' first clicks are cache hits.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
+import logging
+import threading
 from typing import Any, NamedTuple
 
 import cvat_sdk.auto_annotation as cvataa
 import httpx
 import PIL.Image
 from cvat_sdk import models
+
+log = logging.getLogger("labelserve.agent")
 
 
 class LabelserveError(RuntimeError):
@@ -43,20 +52,52 @@ class InteractionFunction:
     """SAM clicks: preprocess_image uploads the frame once; each detect sends only the prompts."""
 
     def __init__(
-        self, url: str, model: str = "mobile_sam", api_key: str = "", timeout: float = 120.0
+        self,
+        url: str,
+        model: str = "mobile_sam",
+        api_key: str = "",
+        timeout: float = 120.0,
+        lookahead: int = 0,
+        cvat_profile: str = "",
     ) -> None:
         self.model = model
         self._http = _client(url, api_key, timeout)
         # Box-only and point-only prompts both work; negative points are allowed.
         self.spec = cvataa.InteractionFunctionSpec(min_pos_points=0, min_neg_points=0, min_bounding_boxes=0)
+        if lookahead and not cvat_profile:
+            raise LabelserveError(
+                "lookahead needs cvat_profile: the labelserve server's CVAT profile for this CVAT"
+            )
+        self.lookahead, self.cvat_profile = lookahead, cvat_profile
+        if lookahead and not _watch_frames():
+            log.warning("this cvat-cli does not tell functions their frame: look-ahead is off")
+            self.lookahead = 0
 
     def preprocess_image(
         self, context: cvataa.InteractionFunctionContext, image: PIL.Image.Image
     ) -> EmbeddedImage:
+        # Called once per frame the agent sees (it caches the result): the moment to warm the next frames.
+        frame = _current_frame() if self.lookahead else None
+        if frame is not None:
+            self._ask_lookahead(*frame)
         buffer = io.BytesIO()
         image.convert("RGB").save(buffer, format="PNG", compress_level=1)  # lossless, fast to write
         png = buffer.getvalue()
+        # labelserve finds a frame it prefetched from the original file by its pixels (one decode, no encode).
         return EmbeddedImage(self._embed(png), png)
+
+    def _ask_lookahead(self, task_id: int, frame: int) -> None:
+        """In the background: the click does not wait for labelserve to queue the run."""
+        body = {"profile": self.cvat_profile, "task_id": task_id, "frame": frame, "count": self.lookahead,
+                "model": self.model}  # fmt: skip
+
+        def send() -> None:
+            try:
+                _json(self._http.post("/v1/cvat/lookahead", json=body, timeout=10.0))
+            except (LabelserveError, httpx.HTTPError) as exc:
+                log.warning("look-ahead from frame %d of task %d: %s", frame, task_id, exc)
+
+        threading.Thread(target=send, name="labelserve-lookahead", daemon=True).start()
 
     def detect(
         self,
@@ -255,6 +296,51 @@ def _json(response: httpx.Response) -> Any:
     raise LabelserveError(f"labelserve answered HTTP {response.status_code}: {message}")
 
 
+# cvat-cli hands interaction functions no frame number (InteractionFunctionContext is empty in 2.80), but its
+# worker entry points receive each request's (task, frame, roi) as their cache key: wrapped, they record it
+# for the look-ahead. The record lives on cvat-cli's module, which every load of this file shares; and
+# functools.wraps keeps the entry points' names, so the agent still pickles them by reference.
+_WORKER_ENTRY_POINTS = ("_worker_job_interact", "_worker_job_interact_from_cache")
+_FRAME_ATTRIBUTE = "labelserve_frame"
+
+
+def _driver() -> Any:
+    try:
+        from cvat_cli._internal import agent_driver_interaction
+    except ImportError:
+        return None
+    return agent_driver_interaction
+
+
+def _current_frame() -> tuple[int, int] | None:
+    """(task id, frame) of the interaction request being served, when cvat-cli's entry points are watched."""
+    return getattr(_driver(), _FRAME_ATTRIBUTE, None)
+
+
+def _watch_frames() -> bool:
+    """Wrap cvat-cli's interaction worker entry points (once); False when this cvat-cli has none."""
+    driver = _driver()
+    if driver is None or not all(hasattr(driver, name) for name in _WORKER_ENTRY_POINTS):
+        return False
+    for name in _WORKER_ENTRY_POINTS:
+        original = getattr(driver, name)
+        if getattr(original, "labelserve_watch", False):
+            continue
+
+        @functools.wraps(original)
+        def watched(cache_key: Any, *args: Any, _original: Any = original, **kwargs: Any) -> Any:
+            try:
+                frame = (int(cache_key[0]), int(cache_key[1]))
+            except (TypeError, ValueError, IndexError):
+                frame = None
+            setattr(driver, _FRAME_ATTRIBUTE, frame)
+            return _original(cache_key, *args, **kwargs)
+
+        watched.labelserve_watch = True  # type: ignore[attr-defined]
+        setattr(driver, name, watched)
+    return True
+
+
 def create(
     url: str,
     model: str = "mobile_sam",
@@ -262,14 +348,19 @@ def create(
     timeout: float = 120.0,
     tracker: str = "",
     tile: int = 0,
+    lookahead: int = 0,
+    cvat_profile: str = "",
 ) -> InteractionFunction | DetectionFunction | TrackingFunction:
     """Called by cvat-cli with the `-p NAME=TYPE:VALUE` parameters: `-p tracker=str:medianflow` (or
     `mobile_sam-propagate`, ...) makes a tracking function; otherwise the model's kind picks the function.
-    `-p tile=int:640` makes a detector slice large images into tiles (the API's `tile`)."""
+    `-p tile=int:640` makes a detector slice large images into tiles (the API's `tile`). For SAM models,
+    `-p lookahead=int:4 -p cvat_profile=str:NAME` warms the 4 frames after each frame clicked on."""
     if tracker:
         return TrackingFunction(url, tracker=tracker, api_key=api_key, timeout=timeout)
     with _client(url, api_key, timeout) as http:
         kind = _describe(http, model)["kind"]
     if kind == "detector":
         return DetectionFunction(url, model=model, api_key=api_key, timeout=timeout, tile=tile)
-    return InteractionFunction(url, model=model, api_key=api_key, timeout=timeout)
+    return InteractionFunction(
+        url, model=model, api_key=api_key, timeout=timeout, lookahead=lookahead, cvat_profile=cvat_profile
+    )
