@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from models.detector import DetectParams
+from server import request_context
 from server.body import read_limited_body
 from server.cvat import render
 from server.errors import ApiError
@@ -310,4 +311,10 @@ async def invoke(request: Request) -> Response:
         raise ApiError(400, "bad_json", "The invocation body is not JSON.") from None
     if not isinstance(payload, dict):
         raise ApiError(422, "invalid_request", "The invocation body must be a JSON object.")
-    return _json(await run_in_threadpool(fn.invoke, svc, payload))
+    response = _json(await run_in_threadpool(fn.invoke, svc, payload))
+    # CVAT ignores it; an operator (or a benchmark) sees where a CVAT click's time went, cache tier included.
+    context = request_context.current()
+    stages = [timings.header() for timings in context.timings if timings.stages] if context else []
+    if stages:
+        response.headers["Server-Timing"] = ", ".join(stages)
+    return response
