@@ -8,47 +8,24 @@ CVAT does. Ground truth is by construction: which frames a job has, and their by
 
 from __future__ import annotations
 
-import base64
-import contextlib
 import io
 import json
-import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import PIL.Image
 import pytest
 from cvat_cli._internal import agent_driver, agent_driver_interaction
 from cvat_cli._internal.common import FunctionLoader
 
-from server.cli import main as labelserve
 from server.cvat.warmup import decide, signature_of
 
 from .conftest import encode_image, synthetic_scene
-from .cvat_emulator import CvatEmulator, EmulatedTask
-from .s3_helpers import moto_s3
-from .server_process import ServerProcess
+from .cvat_bucket import SECRET, CvatBucket, cvat_bucket
 
 MODEL = "mobile_sam"
-BUCKET = "cvat-data"
-SECRET = "webhook-secret"
 AGENT = Path(__file__).parents[1] / "server" / "cvat" / "agent_functions.py"
-
-
-@dataclass
-class World:
-    cvat: CvatEmulator
-    server: ServerProcess
-    task: EmulatedTask  # 3 jobs of 8 frames
-    frames: list[bytes]
-    webhook_id: int
-
-    @property
-    def http(self) -> httpx.Client:
-        return self.server.http
 
 
 def frame_bytes(index: int) -> bytes:
@@ -56,55 +33,15 @@ def frame_bytes(index: int) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
-    tmp = tmp_path_factory.mktemp("warmup")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CvatBucket]:
+    """24 frames in 3 jobs of 8; a second profile without a webhook secret."""
     frames = [frame_bytes(i) for i in range(24)]
-    keys = [f"data/{i:06d}.jpg" for i in range(24)]
-    with moto_s3() as moto, CvatEmulator() as cvat:
-        moto.create_bucket(BUCKET)
-        s3 = moto.client()
-        for key, data in zip(keys, frames, strict=True):
-            s3.put_object(Bucket=BUCKET, Key=key, Body=data)
-        lines = ['{"version":"1.1"}', '{"type":"images"}']
-        lines += [json.dumps({"name": k.removesuffix(".jpg"), "extension": ".jpg"}) for k in keys]
-        s3.put_object(Bucket=BUCKET, Key="manifest.jsonl", Body="\n".join(lines).encode())
-        storage = cvat.add_cloud_storage(BUCKET, endpoint_url=moto.endpoint, manifests=["manifest.jsonl"])
-        project = cvat.add_project("warm")
-        task = cvat.add_task([{"name": "thing"}], list(zip(keys, frames, strict=True)), project_id=project,
-                             segment_size=8, cloud_storage_id=storage)  # fmt: skip
-        profiles = {"cvat": {"url": cvat.url, "token": cvat.token, "webhook_secret": SECRET},
-                    "nosecret": {"url": cvat.url, "token": cvat.token}}  # fmt: skip
-        env = {
-            "LABELSERVE_WEIGHTS_DIR": str(tmp / "weights"),
-            "LABELSERVE_DATA_DIR": str(tmp / "data"),
-            "LABELSERVE_MODELS": MODEL,
-            "LABELSERVE_STORAGE_PROFILES": json.dumps({"b2": moto.profile([BUCKET], moto.reader)}),
-            "LABELSERVE_CVAT_PROFILES": json.dumps(profiles),
-        }
-        with ServerProcess(env, tmp / "server.log", random_init=True) as server:
-            webhook_id = register(cvat, server.url, project)
-            yield World(cvat, server, task, frames, webhook_id)
+    nosecret = {"nosecret": {"url": "http://127.0.0.1:9", "token": "t"}}
+    with cvat_bucket(frames, 8, extra_profiles=nosecret, tmp=tmp_path_factory.mktemp("warmup")) as found:
+        yield found
 
 
-def register(cvat: CvatEmulator, url: str, project: int) -> int:
-    """`labelserve cvat webhook register`, as an operator runs it (stdout: the webhook as JSON)."""
-    out = io.StringIO()
-    environ = {"LABELSERVE_CVAT_PROFILES": json.dumps({"cvat": {"url": cvat.url, "token": cvat.token,
-                                                                "webhook_secret": SECRET}})}  # fmt: skip
-    saved = {k: os.environ.get(k) for k in environ}
-    os.environ.update(environ)
-    try:
-        with contextlib.redirect_stdout(out):
-            code = labelserve(["cvat", "webhook", "register", "--profile", "cvat", "--project", str(project),
-                               "--target-url", url])  # fmt: skip
-    finally:
-        for key, value in saved.items():
-            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
-    assert code == 0
-    return json.loads(out.getvalue())["id"]
-
-
-def runs(world: World) -> list[dict]:
+def runs(world: CvatBucket) -> list[dict]:
     return world.http.get("/v1/prefetch").json()
 
 
@@ -117,7 +54,7 @@ def wait_until(check: Callable[[], object], timeout: float = 240) -> object:
     raise TimeoutError
 
 
-def finished(world: World, run_id: str) -> dict:
+def finished(world: CvatBucket, run_id: str) -> dict:
     return wait_until(
         lambda: (
             (s := world.http.get(f"/v1/prefetch/{run_id}").json())["state"] not in ("queued", "running") and s
@@ -125,19 +62,7 @@ def finished(world: World, run_id: str) -> dict:
     )
 
 
-def nuclio_click(world: World, data: bytes) -> httpx.Response:
-    """CVAT's interactor call: the frame's original bytes in base64, as CVAT sends them."""
-    body = {
-        "image": base64.b64encode(data).decode(),
-        "pos_points": [[40, 30]],
-        "neg_points": [],
-        "obj_bbox": [],
-    }
-    return world.http.post("/api/function_invocations", json=body,
-                           headers={"x-nuclio-function-name": "labelserve-mobile-sam"})  # fmt: skip
-
-
-def frame_downloads(world: World) -> int:
+def frame_downloads(world: CvatBucket) -> int:
     return len([r for r in world.cvat.calls("GET", "/data/") if r.query.get("type") == ["frame"]])
 
 
@@ -194,7 +119,7 @@ def test_new_tasks_when_asked() -> None:
 # -- signatures ---------------------------------------------------------------------------------------------
 
 
-def test_unsigned_or_badly_signed_deliveries_are_refused_and_run_nothing(world: World) -> None:
+def test_unsigned_or_badly_signed_deliveries_are_refused_and_run_nothing(world: CvatBucket) -> None:
     before = len(runs(world))
     payload = {"event": "update:job", "job": {**job(assignee=ALICE), "task_id": world.task.id},
                "before_update": {"assignee": None}}  # fmt: skip
@@ -212,7 +137,7 @@ def test_unsigned_or_badly_signed_deliveries_are_refused_and_run_nothing(world: 
     assert ping.status_code in (200, 201) and world.cvat.deliveries[-1].status_code == 200
 
 
-def test_profiles_without_secret_or_unknown_are_refused(world: World) -> None:
+def test_profiles_without_secret_or_unknown_are_refused(world: CvatBucket) -> None:
     body = b'{"event": "ping"}'
     headers = {"X-Signature-256": signature_of(SECRET, body)}
     no_secret = world.http.post("/v1/cvat/webhooks/nosecret", content=body, headers=headers)
@@ -224,7 +149,7 @@ def test_profiles_without_secret_or_unknown_are_refused(world: World) -> None:
 # -- a job that starts, end to end ---------------------------------------------------------------------------
 
 
-def test_assigned_job_is_prefetched_from_the_bucket_in_frame_order(world: World) -> None:
+def test_assigned_job_is_prefetched_from_the_bucket_in_frame_order(world: CvatBucket) -> None:
     first_job = world.task.jobs[0]
     downloads = frame_downloads(world)
     (delivery,) = world.cvat.update_job(first_job.id, assignee="alice")
@@ -239,13 +164,15 @@ def test_assigned_job_is_prefetched_from_the_bucket_in_frame_order(world: World)
     assert frame_downloads(world) == downloads  # read from S3, not through CVAT
     # CVAT's first click on each of the job's frames: its original bytes hit the prefetched embedding.
     for index in range(first_job.start_frame, first_job.stop_frame + 1):
-        click = nuclio_click(world, world.frames[index])
+        click = world.nuclio_click(index, [[40, 30]])
         assert click.status_code == 200 and "encode" not in click.headers["server-timing"], index
     # A frame of another job was not prefetched.
-    assert "encode" in nuclio_click(world, world.frames[first_job.stop_frame + 1]).headers["server-timing"]
+    assert "encode" in world.nuclio_click(first_job.stop_frame + 1, [[40, 30]]).headers["server-timing"]
 
 
-def test_reassigned_mid_prefetch_restarts_without_reading_again_and_clicks_go_first(world: World) -> None:
+def test_reassigned_mid_prefetch_restarts_without_reading_again_and_clicks_go_first(
+    world: CvatBucket,
+) -> None:
     second = world.task.jobs[1]
     (delivery,) = world.cvat.update_job(second.id, assignee="alice", state="in progress")
     (run,) = json.loads(delivery.response)["runs"]
@@ -269,7 +196,7 @@ def test_reassigned_mid_prefetch_restarts_without_reading_again_and_clicks_go_fi
     assert json.loads(done.response)["action"] == "cancel"
 
 
-def test_completed_job_cancels_its_run(world: World) -> None:
+def test_completed_job_cancels_its_run(world: CvatBucket) -> None:
     third = world.task.jobs[2]
     (started,) = world.cvat.update_job(third.id, assignee="carol")
     (run,) = json.loads(started.response)["runs"]
@@ -283,7 +210,7 @@ def test_completed_job_cancels_its_run(world: World) -> None:
 # -- look-ahead from the AI agent ---------------------------------------------------------------------------
 
 
-def test_agent_click_on_frame_n_warms_the_next_frames(world: World) -> None:
+def test_agent_click_on_frame_n_warms_the_next_frames(world: CvatBucket) -> None:
     loaded = FunctionLoader(
         function_module=None,
         function_file=AGENT,
@@ -321,7 +248,7 @@ def test_agent_click_on_frame_n_warms_the_next_frames(world: World) -> None:
     assert finished(world, newer["id"])["total"] == 2
 
 
-def test_lookahead_requests_are_checked(world: World) -> None:
+def test_lookahead_requests_are_checked(world: CvatBucket) -> None:
     base = {"profile": "cvat", "task_id": world.task.id, "frame": 0}
     too_many = world.http.post("/v1/cvat/lookahead", json={**base, "count": 1000})
     assert too_many.status_code == 422 and too_many.json()["error"]["code"] == "too_many_frames"
