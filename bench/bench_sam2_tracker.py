@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from models.sam2_tracker import Sam2Tracker, build_sam2  # noqa: E402
+from models.shapes import Shape  # noqa: E402
 from models.tracker import Frame  # noqa: E402
-from server.shapes import Shape  # noqa: E402
 from tests.synthetic_video import SyntheticVideo  # noqa: E402
 
 

@@ -26,8 +26,8 @@ sys.path.insert(0, str(ROOT))
 from models.box_tracker import MedianFlowTracker  # noqa: E402
 from models.sam import SamSegmenter, build_sam  # noqa: E402
 from models.sam_tracker import SamPropagationTracker  # noqa: E402
+from models.shapes import Shape  # noqa: E402
 from models.tracker import Frame  # noqa: E402
-from server.shapes import Shape  # noqa: E402
 from tests.synthetic_video import SyntheticVideo  # noqa: E402
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from server.masks import RegionMask
+from models.shapes import RegionMask
 
 
 class ModelError(Exception):

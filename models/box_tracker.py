@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from models.shapes import Shape
 from models.tracker import Frame, Tracker, TrackerInputError
-from server.shapes import Shape
 
 _LK = {
     "winSize": (11, 11),

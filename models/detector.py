@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from server.shapes import Shape
+from models.shapes import Shape
 
 Task = Literal["detect", "segment", "pose", "obb", "classify"]
 

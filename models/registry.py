@@ -13,10 +13,10 @@ from typing import Literal
 import torch
 
 from models.base import UNLOADED, ModelLoading, ModelUnavailable, Segmenter, UnknownModel, load_command
+from models.config import HasModelsConfig, ModelsConfig
 from models.detector import Detector
 from models.sam import SAM_ARCHITECTURES, SamSegmenter, build_sam, encoder_autocast
 from models.tracker import Tracker
-from server.settings import Settings
 from weights import store
 
 log = logging.getLogger("labelserve.models")
@@ -66,15 +66,16 @@ def pick_device(setting: str) -> torch.device:
     return torch.device("cpu")
 
 
-def apply_thread_count(settings: Settings) -> None:
+def apply_thread_count(config: ModelsConfig) -> None:
     # ultralytics lowers torch's thread count process-wide; call this again after it sets up a predictor.
-    torch.set_num_threads(settings.torch_threads or os.cpu_count() or 1)
+    torch.set_num_threads(config.torch_threads or os.cpu_count() or 1)
 
 
 class ModelRegistry:
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.device = pick_device(settings.device)
+    def __init__(self, config: ModelsConfig | HasModelsConfig) -> None:
+        """`config`: a ModelsConfig, or what makes one (the server's Settings)."""
+        self.config = config if isinstance(config, ModelsConfig) else config.models_config()
+        self.device = pick_device(self.config.device)
         self._lock = threading.Lock()  # state changes through the API (load, unload)
         self._records: dict[str, ModelRecord] = {}
         for entry in store.load_manifest().values():
@@ -82,9 +83,9 @@ class ModelRegistry:
                 self._records[entry.name] = ModelRecord(entry.name, "segmenter", entry.architecture)
             elif entry.kind in ("detector", "tracker"):
                 self._records[entry.name] = ModelRecord(entry.name, entry.kind, entry.architecture)
-        for name, path in settings.detector_paths.items():
+        for name, path in self.config.detector_paths.items():
             self._records[name] = ModelRecord(name, "detector", "ultralytics", path=Path(path))
-        unknown = [name for name in settings.models if name not in self._records]
+        unknown = [name for name in self.config.models if name not in self._records]
         if unknown:
             raise ValueError(
                 f"LABELSERVE_MODELS names unknown models {unknown}; known: {sorted(self._records)}"
@@ -94,16 +95,16 @@ class ModelRegistry:
                 record.state, record.message = "loading", "queued for loading"
             else:
                 record.message = (
-                    f"not enabled; add it to LABELSERVE_MODELS to load it at start (now {settings.models}),"
-                    f" or {load_command(record.name)} to load it now"
+                    "not enabled; add it to LABELSERVE_MODELS to load it at start "
+                    f"(now {self.config.models}), or {load_command(record.name)} to load it now"
                 )
-                record.fix = f"LABELSERVE_MODELS={','.join([*settings.models, record.name])}"
+                record.fix = f"LABELSERVE_MODELS={','.join([*self.config.models, record.name])}"
 
     @property
     def enabled(self) -> list[str]:
         return [
-            *self.settings.models,
-            *(n for n in self.settings.detector_paths if n not in self.settings.models),
+            *self.config.models,
+            *(n for n in self.config.detector_paths if n not in self.config.models),
         ]
 
     def names_of(self, kind: str) -> list[str]:
@@ -112,7 +113,7 @@ class ModelRegistry:
 
     # ---- loading ------------------------------------------------------------------------------------------
     def load_enabled(self) -> None:
-        apply_thread_count(self.settings)
+        apply_thread_count(self.config)
         for name in self.enabled:
             self._load(self._records[name])
 
@@ -153,11 +154,11 @@ class ModelRegistry:
             return
         try:
             if record.weights == "random-init":
-                torch.manual_seed(self.settings.random_seed)
+                torch.manual_seed(self.config.random_seed)
             record.model = self._build(record, source)
         except Exception as exc:  # a corrupt checkpoint must not take the server down
             record.state, record.message = "failed", f"loading failed: {exc}"
-            record.fix = f"labelserve weights verify {record.name} --dir {self.settings.weights_dir}"
+            record.fix = f"labelserve weights verify {record.name} --dir {self.config.weights_dir}"
             log.exception("model %s failed to load", record.name)
             return
         record.load_seconds = round(time.perf_counter() - started, 2)
@@ -179,7 +180,7 @@ class ModelRegistry:
         """The checkpoint to load, the architecture to build randomly, or None (record says why not)."""
         if record.path is not None and record.path.suffix in (".yaml", ".yml"):
             # A model definition, no weights: only for explicit random-init runs (tests, benchmarks).
-            if not self.settings.random_init:
+            if not self.config.random_init:
                 record.state = "unavailable"
                 record.message = f"{record.path} is an architecture with no weights"
                 record.fix = "give a .pt checkpoint, or set LABELSERVE_RANDOM_INIT=true (tests, benchmarks)"
@@ -195,11 +196,11 @@ class ModelRegistry:
             record.weights = "checkpoint"
             return record.path
         try:
-            path = store.resolve(record.name, self.settings.weights_dir)
+            path = store.resolve(record.name, self.config.weights_dir)
             record.weights = "checkpoint"
             return path
         except store.MissingWeights as missing:
-            if not self.settings.random_init:
+            if not self.config.random_init:
                 record.state, record.message, record.fix = "unavailable", str(missing), missing.fix_command
                 log.warning("model %s unavailable: %s", record.name, missing)
                 return None
@@ -207,7 +208,7 @@ class ModelRegistry:
             return record.architecture  # built from its definition with seeded random weights
         except store.WeightsError as bad:
             record.state, record.message = "unavailable", str(bad)
-            record.fix = f"labelserve weights fetch {record.name} --dir {self.settings.weights_dir}"
+            record.fix = f"labelserve weights fetch {record.name} --dir {self.config.weights_dir}"
             log.error("model %s refused: %s", record.name, bad)
             return None
 
@@ -217,26 +218,26 @@ class ModelRegistry:
             from models.sam2_tracker import build_sam2_tracker
 
             return build_sam2_tracker(
-                record.name, record.architecture, checkpoint, self.settings, self.device
+                record.name, record.architecture, checkpoint, self.config.sam2_memory_frames, self.device
             )
         if record.kind == "segmenter":
             segmenter = SamSegmenter(
                 record.name,
                 build_sam(record.architecture, checkpoint),
                 self.device,
-                cache_dtype=getattr(torch, self.settings.cache_dtype),
-                cache_on_model_device=self.settings.cache_device == "model",
-                encoder_autocast=encoder_autocast(self.settings.encoder_dtype),
+                cache_dtype=getattr(torch, self.config.cache_dtype),
+                cache_on_model_device=self.config.cache_device == "model",
+                encoder_autocast=encoder_autocast(self.config.encoder_dtype),
             )
             if self.device.type == "cuda":  # part of loading: /readyz waits for it, clicks do not
-                segmenter.warm_up(self.settings.encode_batch_limit(cuda=True))
+                segmenter.warm_up(self.config.warm_up_batch)
             return segmenter
         from models.yolo import UltralyticsDetector, configure_offline, load_yolo
 
-        configure_offline(self.settings.data_dir / "ultralytics")
+        configure_offline(self.config.data_dir / "ultralytics")
         model = load_yolo(checkpoint or f"{source}.yaml")
         device = "cpu" if self.device.type == "cpu" else "0"
-        return UltralyticsDetector(record.name, model, device, lambda: apply_thread_count(self.settings))
+        return UltralyticsDetector(record.name, model, device, lambda: apply_thread_count(self.config))
 
     # ---- lookup -------------------------------------------------------------------------------------------
     def record(self, name: str) -> ModelRecord:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from models.base import Decoded, ImageEmbedding, Prompt, Segmenter
-from server.masks import RegionMask
+from models.shapes import RegionMask
 
 # Logit magnitude given to a binary mask used as a prompt (SAM's own logits are of this order).
 MASK_PROMPT_LOGIT = 10.0

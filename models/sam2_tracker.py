@@ -21,10 +21,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from models.shapes import RegionMask, Shape, mask_from_polygon
 from models.tracker import Frame, Tracker, TrackerInputError
-from server.masks import RegionMask, mask_from_polygon
-from server.settings import Settings
-from server.shapes import Shape
 
 # Manifest architecture -> the config shipped inside Meta's `sam2` package.
 SAM2_CONFIGS = {
@@ -71,10 +69,10 @@ def build_sam2(
 
 
 def build_sam2_tracker(
-    name: str, architecture: str, checkpoint: Path | None, settings: Settings, device: torch.device
+    name: str, architecture: str, checkpoint: Path | None, memory_frames: int, device: torch.device
 ) -> Sam2Tracker:
     """The registry's constructor for a manifest entry of kind "tracker"."""
-    return Sam2Tracker(name, build_sam2(architecture, checkpoint, device), settings.sam2_memory_frames)
+    return Sam2Tracker(name, build_sam2(architecture, checkpoint, device), memory_frames)
 
 
 @dataclass

@@ -16,9 +16,8 @@ import numpy as np
 import torch
 
 from models.base import ImageEmbedding, Prompt, Segmenter
+from models.shapes import RegionMask, Shape, mask_from_polygon
 from models.tracker import Frame, Tracker, TrackerInputError
-from server.masks import RegionMask, mask_from_polygon
-from server.shapes import Shape
 
 Embed = Callable[[Frame], ImageEmbedding]
 

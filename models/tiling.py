@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from server.masks import RegionMask
-from server.shapes import Keypoint, Shape
+from models.shapes import Keypoint, RegionMask, Shape
 
 if TYPE_CHECKING:
     from models.detector import DetectParams

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from server.shapes import Shape
+from models.shapes import Shape
 
 
 class TrackerInputError(ValueError):

@@ -13,8 +13,7 @@ import cv2
 import numpy as np
 
 from models.detector import Detector, DetectorInfo, DetectParams
-from server.masks import RegionMask
-from server.shapes import Keypoint, Shape
+from models.shapes import Keypoint, RegionMask, Shape
 
 COCO_KEYPOINTS = (
     "nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",

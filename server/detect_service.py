@@ -10,6 +10,7 @@ import numpy as np
 from models.base import unloaded
 from models.detector import Detector, DetectParams, run_detection, tiling_problem
 from models.registry import ModelRegistry
+from models.shapes import Shape
 from models.tiling import TooManyTiles, check_tile_count
 from server.batching import MicroBatcher
 from server.encode_scheduler import Priority
@@ -18,7 +19,6 @@ from server.images import decode_image
 from server.sam_service import SamService
 from server.schemas import SegmentRequest
 from server.settings import Settings
-from server.shapes import Shape
 from server.timing import Timings
 
 

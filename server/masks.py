@@ -1,191 +1,35 @@
-"""Binary mask representation and codecs (CVAT RLE, CVAT detector bitmap, COCO RLE, polygons).
+"""Mask codecs (CVAT RLE, CVAT detector bitmap, COCO RLE); the mask type itself is models.shapes.RegionMask.
 
 All CVAT/COCO run-length rules live here and nowhere else.
 
-Coordinate conventions (see docs "C. Shapes CVAT accepts"):
+Coordinate conventions (see docs "C. Shapes CVAT accepts", and models/shapes.py):
 
 * Pixel ``(x, y)`` is column ``x``, row ``y``; in *pixel-edge* coordinates it covers the square
   ``[x, x+1) x [y, y+1)``, so a full image box is ``[0, 0, W, H]``.
 * CVAT mask boxes are *inclusive* integer pixel indices ``xtl, ytl, xbr, ybr``.
-* Polygon vertices are *pixel centres* expressed in pixel-edge coordinates, i.e. ``(x + 0.5, y + 0.5)``
-  for pixel ``(x, y)`` (see :func:`polygons` for why).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
-import cv2
 import numpy as np
 import pycocotools.mask as coco_mask
 
+from models.shapes import RegionMask, check_image_size
+
 __all__ = [
     "EMPTY_CVAT_RLE",
-    "MAX_IMAGE_PIXELS",
-    "RegionMask",
     "coco_rle",
     "coco_rle_decode",
     "cvat_detector_mask",
     "cvat_rle",
     "cvat_rle_decode",
-    "mask_from_polygon",
-    "polygons",
 ]
-
-# Decoders allocate memory proportional to the image/region size taken from untrusted input; refuse
-# anything larger than any image we would ever serve (200 MP) instead of letting the process be OOM-killed.
-MAX_IMAGE_PIXELS = 200_000_000
-
-# Largest polygon coordinate accepted by mask_from_polygon: cv2.fillPoly works on int32 with 8 fractional
-# bits, so keep far away from overflow.
-_MAX_POLY_COORD = float(1 << 22)
-_FILL_SHIFT = 8
 
 # CVAT UI convention for "no pixels": one zero-length background run and a degenerate box.
 EMPTY_CVAT_RLE: tuple[int, ...] = (0, 0, 0, 0, 0)
-
-
-@dataclass(frozen=True, eq=False)
-class RegionMask:
-    """A full-image binary mask stored as a bitmap over a rectangular region.
-
-    ``bitmap`` (h x w, bool) covers full-image pixels ``[x0, x0+w) x [y0, y0+h)``; every pixel outside the
-    region is False. The SAM pipeline only computes a region of interest at full resolution, so codecs work
-    on the region and never materialise the full image unless the output format demands it.
-
-    The bitmap is stored as a read-only view without copying; do not mutate the array you passed in.
-    Equality is semantic: two masks are equal when they describe the same full-image mask.
-    """
-
-    bitmap: np.ndarray
-    x0: int
-    y0: int
-    image_width: int
-    image_height: int
-
-    def __post_init__(self) -> None:
-        bm = self.bitmap
-        if not isinstance(bm, np.ndarray) or bm.ndim != 2 or bm.dtype != np.bool_:
-            raise ValueError("RegionMask.bitmap must be a 2-D numpy array of dtype bool")
-        for name in ("x0", "y0", "image_width", "image_height"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | np.integer):
-                raise ValueError(f"RegionMask.{name} must be an int, got {value!r}")
-            object.__setattr__(self, name, int(value))
-        h, w = bm.shape
-        if self.image_width < 0 or self.image_height < 0:
-            raise ValueError(f"image size must be non-negative, got {self.image_width}x{self.image_height}")
-        fits = (
-            min(self.x0, self.y0) >= 0
-            and self.x0 + w <= self.image_width
-            and self.y0 + h <= self.image_height
-        )
-        if h and w and not fits:
-            raise ValueError(
-                f"region {w}x{h} at ({self.x0}, {self.y0}) does not fit in image "
-                f"{self.image_width}x{self.image_height}"
-            )
-        view = bm.view()
-        view.flags.writeable = False
-        object.__setattr__(self, "bitmap", view)
-
-    # -- construction ---------------------------------------------------------------------------------
-
-    @classmethod
-    def from_full(cls, mask: np.ndarray) -> RegionMask:
-        """Wrap a full-image H x W mask (bool, or any numeric dtype where non-zero is foreground)."""
-        arr = np.asarray(mask)
-        if arr.ndim != 2:
-            raise ValueError(f"mask must be 2-D (H x W), got shape {arr.shape}")
-        if arr.dtype != np.bool_:
-            arr = arr != 0
-        return cls(arr, 0, 0, arr.shape[1], arr.shape[0])
-
-    @classmethod
-    def empty(cls, image_width: int, image_height: int) -> RegionMask:
-        return cls(np.zeros((0, 0), dtype=bool), 0, 0, image_width, image_height)
-
-    # -- queries --------------------------------------------------------------------------------------
-
-    @property
-    def is_empty(self) -> bool:
-        return self.bitmap.size == 0 or not self.bitmap.any()
-
-    def area(self) -> int:
-        return int(np.count_nonzero(self.bitmap))
-
-    def bbox_xyxy_inclusive(self) -> tuple[int, int, int, int] | None:
-        """``(xtl, ytl, xbr, ybr)`` of the True pixels, inclusive, full-image coordinates; None if empty."""
-        local = _local_bbox(self.bitmap)
-        if local is None:
-            return None
-        r0, r1, c0, c1 = local
-        return self.x0 + c0, self.y0 + r0, self.x0 + c1, self.y0 + r1
-
-    def bbox_xywh(self) -> list[int]:
-        """COCO-style ``[x, y, w, h]`` in pixels (w, h are pixel counts); ``[0, 0, 0, 0]`` when empty."""
-        bb = self.bbox_xyxy_inclusive()
-        if bb is None:
-            return [0, 0, 0, 0]
-        xtl, ytl, xbr, ybr = bb
-        return [xtl, ytl, xbr - xtl + 1, ybr - ytl + 1]
-
-    def tight(self) -> RegionMask:
-        """The same mask cropped to the bounding box of its True pixels (a 0x0 bitmap when empty)."""
-        local = _local_bbox(self.bitmap)
-        if local is None:
-            return RegionMask.empty(self.image_width, self.image_height)
-        r0, r1, c0, c1 = local
-        if r0 == 0 and c0 == 0 and r1 == self.bitmap.shape[0] - 1 and c1 == self.bitmap.shape[1] - 1:
-            return self
-        return RegionMask(
-            self.bitmap[r0 : r1 + 1, c0 : c1 + 1],
-            self.x0 + c0,
-            self.y0 + r0,
-            self.image_width,
-            self.image_height,
-        )
-
-    def to_full(self) -> np.ndarray:
-        """Materialise the H x W bool mask (a new, writable array)."""
-        full = np.zeros((self.image_height, self.image_width), dtype=bool)
-        h, w = self.bitmap.shape
-        if h and w:
-            full[self.y0 : self.y0 + h, self.x0 : self.x0 + w] = self.bitmap
-        return full
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, RegionMask):
-            return NotImplemented
-        if (self.image_width, self.image_height) != (other.image_width, other.image_height):
-            return False
-        a, b = self.tight(), other.tight()
-        return (a.x0, a.y0) == (b.x0, b.y0) and np.array_equal(a.bitmap, b.bitmap)
-
-    __hash__ = None  # type: ignore[assignment]  # holds an ndarray; semantic equality only
-
-    def __repr__(self) -> str:
-        h, w = self.bitmap.shape
-        return (
-            f"RegionMask({w}x{h} at ({self.x0}, {self.y0}) in {self.image_width}x{self.image_height}, "
-            f"area={self.area()})"
-        )
-
-
-def _local_bbox(bitmap: np.ndarray) -> tuple[int, int, int, int] | None:
-    """(r0, r1, c0, c1) inclusive bounds of True pixels in ``bitmap``, or None."""
-    if bitmap.size == 0:
-        return None
-    rows = np.flatnonzero(bitmap.any(axis=1))
-    if rows.size == 0:
-        return None
-    r0, r1 = int(rows[0]), int(rows[-1])
-    # Column reduction only over the occupied rows: the row pass is the cheap one.
-    cols = np.flatnonzero(bitmap[r0 : r1 + 1].any(axis=0))
-    return r0, r1, int(cols[0]), int(cols[-1])
 
 
 def _line_runs(bitmap: np.ndarray, along_rows: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -297,22 +141,13 @@ def _sum_runs(runs: np.ndarray, limit: int, what: str) -> int:
     return int(runs.sum())
 
 
-def _check_image_size(width: Any, height: Any) -> tuple[int, int]:
-    for name, v in (("width", width), ("height", height)):
-        if isinstance(v, bool) or not isinstance(v, int | np.integer) or v <= 0:
-            raise ValueError(f"image {name} must be a positive integer, got {v!r}")
-    if int(width) * int(height) > MAX_IMAGE_PIXELS:
-        raise ValueError(f"image size {width}x{height} exceeds the limit of {MAX_IMAGE_PIXELS} pixels")
-    return int(width), int(height)
-
-
 def cvat_rle_decode(points: Sequence[float | int], width: int, height: int) -> RegionMask:
     """Decode CVAT mask ``points`` (``[runs..., xtl, ytl, xbr, ybr]``) for a ``width`` x ``height`` image.
 
     Returns a RegionMask over the encoded box (not re-tightened). ``[0, 0, 0, 0, 0]`` (the UI's empty mask)
     decodes to an empty mask. Raises ValueError on malformed input.
     """
-    width, height = _check_image_size(width, height)
+    width, height = check_image_size(width, height)
     values = _as_int_array(points, "mask points")
     if values.size < 5:
         raise ValueError(
@@ -422,7 +257,7 @@ def coco_rle_decode(rle: dict[str, Any]) -> RegionMask:
     size = rle["size"]
     if not isinstance(size, list | tuple) or len(size) != 2:
         raise ValueError(f'COCO RLE "size" must be [height, width], got {size!r}')
-    width, height = _check_image_size(size[1], size[0])
+    width, height = check_image_size(size[1], size[0])
     raw = rle["counts"]
     if isinstance(raw, bytes):
         raw = raw.decode("ascii", errors="replace")
@@ -450,87 +285,3 @@ def coco_rle_decode(rle: dict[str, Any]) -> RegionMask:
     flags = (np.arange(counts.size) & 1).astype(bool)
     band = np.repeat(flags, lengths).reshape(cx1 - cx0 + 1, height).T
     return RegionMask(band, cx0, 0, width, height).tight()
-
-
-# -- polygons --------------------------------------------------------------------------------------------
-
-
-def polygons(mask: RegionMask, tolerance: float = 1.0) -> list[list[float]]:
-    """Outer contours as flat ``[x0, y0, x1, y1, ...]`` lists in full-image pixel-edge coordinates.
-
-    Vertices are the centres of boundary pixels, ``(x + 0.5, y + 0.5)``: this is what OpenCV traces and
-    what ``cv2.fillPoly`` (closed, boundary-inclusive rasterisation) inverts exactly, so
-    ``mask_from_polygon(polygons(m, 0)[0]) == m`` for a single hole-free component. The +0.5 places the
-    outline symmetrically half a pixel inside the mask edge in CVAT's pixel-edge system (the detectron2
-    convention). Rasterisers that need the pixel centre strictly inside (pycocotools ``frPyObjects``,
-    used by COCO tools) lose about half the boundary ring of pixels (IoU ~0.99 for a radius-90 disc,
-    ~0.85 for radius 6).
-
-    ``tolerance`` > 0 simplifies with ``cv2.approxPolyDP`` (max deviation in pixels); 0 keeps every
-    direction change. Holes are not represented (RETR_EXTERNAL). Pieces with fewer than 3 vertices
-    (1-pixel specks, straight 1-pixel lines) are dropped. Sorted by polygon area, largest first.
-    """
-    if not (isinstance(tolerance, int | float) and math.isfinite(tolerance) and tolerance >= 0):
-        raise ValueError(f"polygon tolerance must be a finite number >= 0 pixels, got {tolerance!r}")
-    t = mask.tight()
-    if t.bitmap.size == 0:
-        return []
-    h, w = t.bitmap.shape
-    # 1-px zero border so contours never touch the array edge.
-    padded = np.zeros((h + 2, w + 2), dtype=np.uint8)
-    padded[1:-1, 1:-1] = t.bitmap
-    contours, _ = cv2.findContours(padded, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    # Undo the padding and move to pixel-centre, full-image coordinates.
-    offset = np.array([t.x0 - 1 + 0.5, t.y0 - 1 + 0.5])
-    pieces: list[tuple[float, list[float]]] = []
-    for contour in contours:
-        pts = contour
-        if tolerance > 0:
-            simplified = cv2.approxPolyDP(contour, float(tolerance), True)
-            # Keep small-but-real objects that simplification would collapse to a segment.
-            if len(simplified) >= 3:
-                pts = simplified
-        if len(pts) < 3:
-            continue
-        xy = pts.reshape(-1, 2)
-        area = abs(cv2.contourArea(xy.astype(np.float32)))
-        pieces.append((area, (xy + offset).reshape(-1).tolist()))
-    pieces.sort(key=lambda item: item[0], reverse=True)
-    return [poly for _, poly in pieces]
-
-
-def mask_from_polygon(points: Sequence[float], width: int, height: int) -> RegionMask:
-    """Rasterise a polygon in pixel-edge coordinates (the inverse of :func:`polygons`).
-
-    Uses ``cv2.fillPoly`` (vertices at 1/256 px precision) after moving to pixel-centre coordinates, so
-    it is closed: a pixel is set when the polygon overlaps it along the pixel's centre row, and an edge
-    lying exactly on a pixel edge also takes the pixel to its right/below. That is slightly fuller than
-    centre-inside rasterisers such as pycocotools, and it inverts :func:`polygons` exactly. Parts outside
-    the image are clipped. Only the polygon's bounding box is rasterised; the result is the tight mask.
-    """
-    width, height = _check_image_size(width, height)
-    try:
-        arr = np.asarray(points, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise ValueError("polygon must be a flat list of numbers [x0, y0, x1, y1, ...]") from exc
-    if arr.ndim != 1 or arr.size < 6 or arr.size % 2:
-        raise ValueError(
-            f"polygon must be a flat list [x0, y0, x1, y1, ...] with at least 3 points (6 numbers) and an "
-            f"even count, got {arr.size if arr.ndim == 1 else arr.shape} values"
-        )
-    if not np.all(np.isfinite(arr)):
-        raise ValueError("polygon coordinates must be finite numbers")
-    if np.any(np.abs(arr) > _MAX_POLY_COORD):
-        raise ValueError(f"polygon coordinates must be within +/-{_MAX_POLY_COORD:.0f}")
-    xy = arr.reshape(-1, 2) - 0.5  # pixel-edge -> pixel-centre (OpenCV) coordinates
-    # Region: pixels the polygon can touch (fillPoly rounds vertices), clipped to the image.
-    x0 = max(int(math.floor(xy[:, 0].min())), 0)
-    y0 = max(int(math.floor(xy[:, 1].min())), 0)
-    x1 = min(int(math.ceil(xy[:, 0].max())), width - 1)
-    y1 = min(int(math.ceil(xy[:, 1].max())), height - 1)
-    if x1 < x0 or y1 < y0:
-        return RegionMask.empty(width, height)
-    region = np.zeros((y1 - y0 + 1, x1 - x0 + 1), dtype=np.uint8)
-    fixed = np.round((xy - (x0, y0)) * (1 << _FILL_SHIFT)).astype(np.int32)
-    cv2.fillPoly(region, [fixed], 1, lineType=cv2.LINE_8, shift=_FILL_SHIFT)
-    return RegionMask(region.view(bool), x0, y0, width, height).tight()

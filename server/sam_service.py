@@ -9,12 +9,13 @@ import numpy as np
 
 from models.base import ImageEmbedding, Prompt, Segmenter
 from models.registry import ModelRegistry
+from models.shapes import RegionMask
 from server.embeddings import Tier, TieredEmbeddings
 from server.encode_scheduler import Priority
 from server.errors import ApiError
 from server.images import image_id
 from server.l2 import build_l2
-from server.masks import RegionMask, coco_rle_decode, cvat_rle_decode
+from server.masks import coco_rle_decode, cvat_rle_decode
 from server.refine import PromptKey, RefinementHistory
 from server.schemas import MaskPrompt, SegmentRequest
 from server.settings import Settings

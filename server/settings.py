@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from models.config import ModelsConfig
 from weights.store import default_weights_dir
 
 
@@ -431,6 +432,24 @@ class Settings(BaseSettings):
     def encode_batch_limit(self, cuda: bool) -> int:
         # 4, not 8: on an H100, 8 gained 1-6 % over 4 for ViT-H and ViT-B, and MobileSAM at 8 stalled.
         return self.encode_max_batch or (4 if cuda else 1)
+
+    def models_config(self) -> ModelsConfig:
+        """What models/ reads of these settings: the registry takes this, never Settings itself."""
+        return ModelsConfig(
+            models=list(self.models),
+            detector_paths=dict(self.detector_paths),
+            weights_dir=self.weights_dir,
+            data_dir=self.data_dir,
+            device=self.device,
+            torch_threads=self.torch_threads,
+            random_init=self.random_init,
+            random_seed=self.random_seed,
+            cache_dtype=self.cache_dtype,
+            cache_device=self.cache_device,
+            encoder_dtype=self.encoder_dtype,
+            warm_up_batch=self.encode_batch_limit(cuda=True),
+            sam2_memory_frames=self.sam2_memory_frames,
+        )
 
     def job_reader_threads(self, cuda: bool) -> int:
         if self.job_readers is not None:

@@ -18,12 +18,12 @@ from typing import Any
 from models.box_tracker import MedianFlowTracker
 from models.registry import ModelRegistry
 from models.sam_tracker import SamPropagationTracker
+from models.shapes import Shape
 from models.tracker import Frame, Tracker, TrackerInputError
 from server.errors import ApiError
 from server.images import decode_image, image_id
 from server.sam_service import SamService
 from server.settings import Settings
-from server.shapes import Shape
 
 PROPAGATE_SUFFIX = "-propagate"
 CVAT_TYPES = {"box": "rectangle", "polygon": "polygon", "mask": "mask"}  # what each object was started as

@@ -16,8 +16,7 @@ import numpy as np
 from PIL import Image
 
 from models.detector import Detector, DetectorInfo, DetectParams
-from server.masks import RegionMask
-from server.shapes import Shape
+from models.shapes import RegionMask, Shape
 
 CLASS_NAMES = {0: "red", 1: "green", 2: "blue"}
 COLORS = {"red": (230, 40, 40), "green": (40, 230, 40), "blue": (40, 40, 230)}

@@ -30,6 +30,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from models.detector import Detector, DetectorInfo, DetectParams
+from models.shapes import Keypoint, Shape
 from server.cvat.agent_functions import cvat_annotation, label_spec
 from server.errors import ApiError, install_error_handlers
 from server.jobs import cli, cvat_upload
@@ -38,7 +39,7 @@ from server.jobs.routes import router
 from server.jobs.serde import shape_from_dict
 from server.jobs.spec import JobSpec
 from server.settings import Settings
-from server.shapes import Keypoint, Shape, render_shape
+from server.shapes import render_shape
 from tests.cvat_emulator import CvatEmulator, EmulatedTask
 from tests.jobs_helpers import (
     RectDetector,

@@ -27,6 +27,7 @@ from pycocotools.coco import COCO
 
 from models.base import UnknownModel
 from models.detector import DetectorInfo
+from models.shapes import Keypoint, RegionMask, Shape
 from server.errors import ApiError, install_error_handlers
 from server.jobs import cli
 from server.jobs.engine import LocalEngine
@@ -34,9 +35,7 @@ from server.jobs.routes import router
 from server.jobs.serde import shape_from_dict, shape_to_dict
 from server.jobs.spec import JobSpec
 from server.jobs.writers import ImageResult, write_output
-from server.masks import RegionMask
 from server.settings import Settings
-from server.shapes import Keypoint, Shape
 from tests.jobs_helpers import RectDetector, Scene, encode_png, make_scene, wait_for, write_dataset
 
 # pycocotools 2.0.11 on numpy 2 warns inside annToMask about its own __array__; nothing of ours.

@@ -14,9 +14,8 @@ from PIL import Image
 
 from models.registry import ModelRegistry
 from models.sam2_tracker import Sam2State, Sam2Tracker, build_sam2
+from models.shapes import Keypoint, RegionMask, Shape
 from models.tracker import Frame, TrackerInputError
-from server.masks import RegionMask
-from server.shapes import Keypoint, Shape
 
 from .conftest import make_settings
 from .synthetic_video import SyntheticVideo

@@ -13,8 +13,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from models.detector import Detector, DetectorInfo, DetectParams, run_detection
+from models.shapes import Shape
 from models.tiling import TooManyTiles, check_tile_count, windows
-from server.shapes import Shape
 
 from .conftest import encode_image
 from .jobs_helpers import RectDetector

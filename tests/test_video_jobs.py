@@ -20,6 +20,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from models.detector import DetectorInfo
+from models.shapes import RegionMask, Shape
 from server.errors import ApiError, install_error_handlers
 from server.jobs import cli
 from server.jobs.engine import LocalEngine
@@ -28,9 +29,8 @@ from server.jobs.serde import shape_from_dict
 from server.jobs.spec import JobSpec
 from server.jobs.video_source import copy_path
 from server.jobs.video_writers import FrameTracks, VideoMeta, write_cvat_video, write_mot
-from server.masks import RegionMask, cvat_rle_decode
+from server.masks import cvat_rle_decode
 from server.settings import Settings
-from server.shapes import Shape
 
 from .conftest import make_settings
 from .jobs_helpers import RectDetector

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 
 from models.detector import DetectorInfo
-from server.masks import RegionMask, cvat_detector_mask, cvat_rle, cvat_rle_decode, polygons
-from server.shapes import Shape
+from models.shapes import RegionMask, Shape, polygons
+from server.masks import cvat_detector_mask, cvat_rle, cvat_rle_decode
 
 CONFIDENCE_SPEC_ID = 0  # CVAT's InteractionResultAttributes.CONFIDENCE
 

@@ -21,13 +21,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from models.shapes import Shape
 from server.cvat.agent_functions import cvat_annotation
 from server.errors import ApiError
 from server.jobs.cvat_task import Frame, LabelPlan, TaskInfo, cvat_errors, fits, match_frames
 from server.jobs.serde import shape_from_dict
 from server.jobs.store import ItemRow, JobStore, UploadRow
 from server.jobs.writers import label_of
-from server.shapes import Shape, render_shape
+from server.shapes import render_shape
 
 log = logging.getLogger("labelserve.jobs.cvat")
 

@@ -36,6 +36,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from models.detector import Detector, DetectorInfo, DetectParams, run_detection, tiling_problem
+from models.shapes import Shape
 from models.yolo import configure_offline
 from server.errors import ApiError
 from server.images import decode_image
@@ -53,7 +54,6 @@ from server.jobs.writers import ImageResult, check_names, output_paths, write_ou
 from server.objectstore.locations import is_s3_url, parse_s3_url
 from server.objectstore.store import store_for
 from server.settings import Settings, get_settings
-from server.shapes import Shape
 from server.sources import READERS
 
 log = logging.getLogger("labelserve.jobs")

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from server.masks import RegionMask, cvat_rle, cvat_rle_decode
-from server.shapes import Keypoint, Shape
+from models.shapes import Keypoint, RegionMask, Shape
+from server.masks import cvat_rle, cvat_rle_decode
 
 
 def shape_to_dict(shape: Shape) -> dict[str, Any]:

@@ -19,8 +19,8 @@ import cv2
 import numpy as np
 
 from models.detector import DetectorInfo
+from models.shapes import Shape
 from server.jobs.spec import TrackerSpec
-from server.shapes import Shape
 
 TRACKED_TASKS = ("detect", "segment")  # detectors whose shapes are boxes or masks
 

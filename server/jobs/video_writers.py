@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models.detector import DetectorInfo
+from models.shapes import Shape
 from server.jobs.serde import shape_from_dict, shape_to_dict
 from server.jobs.writers import (
     CVAT_FILE,
@@ -34,7 +35,6 @@ from server.jobs.writers import (
     output_paths,
 )
 from server.masks import cvat_rle
-from server.shapes import Shape
 
 
 @dataclass(frozen=True)

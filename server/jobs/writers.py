@@ -24,9 +24,9 @@ from typing import IO, Any
 from xml.sax.saxutils import XMLGenerator
 
 from models.detector import DetectorInfo
+from models.shapes import Shape, polygons
 from server.errors import ApiError
-from server.masks import coco_rle, cvat_rle, polygons
-from server.shapes import Shape
+from server.masks import coco_rle, cvat_rle
 
 UNLABELED = "object"  # the label of a shape that came without one
 COCO_FILE = "annotations.json"

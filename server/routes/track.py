@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
+from models.shapes import Shape
 from models.tracker import Frame
 from server.body import parse_image_with_params
 from server.cvat.render import shape_to_trackable, trackable_to_shape
@@ -16,7 +17,6 @@ from server.errors import ApiError
 from server.images import image_id
 from server.routes.sam import ERRORS, body_doc
 from server.schemas import PropagateRequest, TrackShape, TrackStartRequest, TrackStepRequest
-from server.shapes import Shape
 from server.sources import read_image_ref
 from server.state import Services, services
 from server.video import iter_frames
