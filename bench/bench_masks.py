@@ -19,7 +19,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.shapes import RegionMask, polygons
-from server.masks import coco_rle, coco_rle_decode, cvat_detector_mask, cvat_rle, cvat_rle_decode
+from server.formats.rle import coco_rle, coco_rle_decode, cvat_detector_mask, cvat_rle, cvat_rle_decode
 
 W, H = 4000, 3000
 

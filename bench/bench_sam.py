@@ -30,7 +30,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import ROOT, SamServer, bare_reference, compare_published  # noqa: E402
-from server.masks import cvat_rle_decode  # noqa: E402
+from server.formats.rle import cvat_rle_decode  # noqa: E402
 from tests.conftest import ultralytics_asset  # noqa: E402
 
 TARGETS = {"bus.jpg 810x1080": 1.15, "4000x3000 (12 MP)": 1.4}  # warm click / bare predict

@@ -31,6 +31,7 @@ __all__ = [
     "ShapeKind",
     "check_image_size",
     "mask_from_polygon",
+    "polygon_area",
     "polygons",
 ]
 
@@ -143,6 +144,13 @@ class Shape:
                 return None
             return min(k.x for k in vis), min(k.y for k in vis), max(k.x for k in vis), max(k.y for k in vis)
         return None
+
+
+def polygon_area(flat: Sequence[float]) -> float:
+    """The area of a flat ``[x0, y0, x1, y1, ...]`` polygon (the shoelace formula)."""
+    xs, ys = flat[0::2], flat[1::2]
+    n = len(xs)
+    return abs(sum(xs[i] * ys[(i + 1) % n] - xs[(i + 1) % n] * ys[i] for i in range(n))) / 2
 
 
 # -- masks ----------------------------------------------------------------------------------------------

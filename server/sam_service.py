@@ -13,13 +13,13 @@ from models.shapes import RegionMask
 from server.embeddings import Tier, TieredEmbeddings
 from server.encode_scheduler import Priority
 from server.errors import ApiError
+from server.formats.api_json import render_mask
+from server.formats.rle import coco_rle_decode, cvat_rle_decode
 from server.images import image_id
 from server.l2 import build_l2
-from server.masks import coco_rle_decode, cvat_rle_decode
 from server.refine import PromptKey, RefinementHistory
 from server.schemas import MaskPrompt, SegmentRequest
 from server.settings import Settings
-from server.shapes import render_mask
 from server.timing import Timings
 
 

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from models.detector import TILE_DESCRIPTION, TILE_OVERLAP_DESCRIPTION
-from server.shapes import MASK_FORMATS
+from server.formats.api_json import MASK_FORMATS
 from server.sources import ImageRef
 
 

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from pycocotools import mask as coco_mask
 
 from server.app import create_app
-from server.masks import cvat_rle_decode
+from server.formats.rle import cvat_rle_decode
 
 from .conftest import encode_image, make_settings, synthetic_scene
 

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.cvat.nuclio import BROWSER_SAM_ID
-from server.masks import cvat_rle_decode
+from server.formats.rle import cvat_rle_decode
 
 from .conftest import encode_image, make_settings, synthetic_scene
 

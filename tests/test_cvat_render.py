@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from models.shapes import Keypoint, RegionMask, Shape
-from server.cvat.render import detector_item, interactor_reply
-from server.masks import cvat_rle_decode
+from server.formats.cvat_json import detector_item, interactor_reply
+from server.formats.rle import cvat_rle_decode
 
 
 def test_box_rotated_box_polygon_tag_and_attributes() -> None:

@@ -33,13 +33,13 @@ from models.detector import Detector, DetectorInfo, DetectParams
 from models.shapes import Keypoint, Shape
 from server.cvat.agent_functions import cvat_annotation, label_spec
 from server.errors import ApiError, install_error_handlers
+from server.formats.api_json import render_shape
+from server.formats.stored import shape_from_dict
 from server.jobs import cli, cvat_upload
 from server.jobs.engine import LocalEngine
 from server.jobs.routes import router
-from server.jobs.serde import shape_from_dict
 from server.jobs.spec import JobSpec
 from server.settings import Settings
-from server.shapes import render_shape
 from tests.cvat_emulator import CvatEmulator, EmulatedTask
 from tests.jobs_helpers import (
     RectDetector,

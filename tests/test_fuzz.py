@@ -33,7 +33,7 @@ from schemathesis.specs.openapi.checks import (
 from models.shapes import RegionMask, mask_from_polygon, polygons
 from server.app import create_app
 from server.errors import ApiError
-from server.masks import coco_rle, coco_rle_decode, cvat_rle, cvat_rle_decode
+from server.formats.rle import coco_rle, coco_rle_decode, cvat_rle, cvat_rle_decode
 from server.sam_service import build_prompt
 from server.schemas import SegmentRequest
 

@@ -1,7 +1,7 @@
 """The direction of imports, written down once: LAYERS lists the project's packages lowest first, and a module
 may import only from its own layer and the layers before it. Every import counts, also one inside a function.
 
-    weights <- models <- server
+    weights <- models <- settings, errors, request_context, timing <- formats <- server
 
 `models/` imports nothing from `server/`: the shape vocabulary (models/shapes.py) and the models' own
 configuration (models/config.py, built by Settings.models_config()) live in the lowest package.
@@ -16,6 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS: list[tuple[str, ...]] = [
     ("weights",),
     ("models",),
+    ("server.settings", "server.errors", "server.request_context", "server.timing"),
+    ("server.formats",),
     ("server",),
 ]
 PACKAGES = ("weights", "models", "server")

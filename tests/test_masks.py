@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from models.shapes import Keypoint, RegionMask, Shape, mask_from_polygon, polygons
-from server.masks import coco_rle, coco_rle_decode, cvat_detector_mask, cvat_rle, cvat_rle_decode
-from server.shapes import MASK_FORMATS, render_mask
+from server.formats.api_json import MASK_FORMATS, render_mask
+from server.formats.rle import coco_rle, coco_rle_decode, cvat_detector_mask, cvat_rle, cvat_rle_decode
 
 # pycocotools' decode trips numpy 2's __array__(copy=...) deprecation; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

@@ -13,8 +13,8 @@ from skimage import data as skdata
 
 from models.base import ImageEmbedding
 from models.sam import SamSegmenter
+from server.formats.rle import cvat_rle_decode
 from server.images import decode_image
-from server.masks import cvat_rle_decode
 
 from .conftest import encode_image, synthetic_scene
 

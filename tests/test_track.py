@@ -18,7 +18,7 @@ from models.sam import SamSegmenter, build_sam
 from models.sam_tracker import SamPropagationTracker
 from models.shapes import Shape, mask_from_polygon
 from models.tracker import Frame, TrackerInputError
-from server.masks import cvat_rle, cvat_rle_decode
+from server.formats.rle import cvat_rle, cvat_rle_decode
 
 from .conftest import encode_image
 from .synthetic_video import SyntheticVideo, box_iou

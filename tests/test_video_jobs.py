@@ -22,14 +22,16 @@ from fastapi.testclient import TestClient
 from models.detector import DetectorInfo
 from models.shapes import RegionMask, Shape
 from server.errors import ApiError, install_error_handlers
+from server.formats.cvat_video import write_cvat_video
+from server.formats.mot import write_mot
+from server.formats.rle import cvat_rle_decode
+from server.formats.stored import shape_from_dict
+from server.formats.tracks import FrameTracks, VideoMeta
 from server.jobs import cli
 from server.jobs.engine import LocalEngine
 from server.jobs.routes import router
-from server.jobs.serde import shape_from_dict
 from server.jobs.spec import JobSpec
 from server.jobs.video_source import copy_path
-from server.jobs.video_writers import FrameTracks, VideoMeta, write_cvat_video, write_mot
-from server.masks import cvat_rle_decode
 from server.settings import Settings
 
 from .conftest import make_settings

@@ -21,8 +21,8 @@ from starlette.concurrency import run_in_threadpool
 from models.detector import DetectParams
 from server import request_context
 from server.body import read_limited_body
-from server.cvat import render
 from server.errors import ApiError
+from server.formats import cvat_json as render
 from server.schemas import SegmentRequest
 from server.sources import decode_base64
 from server.state import Services, services

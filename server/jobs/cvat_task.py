@@ -24,8 +24,8 @@ from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
 from models.detector import DetectorInfo
-from server.cvat.render import LABEL_TYPES
 from server.errors import ApiError
+from server.formats.cvat_json import LABEL_TYPES
 from server.jobs.cvat_spec import CvatConnection, CvatTaskOutput, CvatTaskSource
 from server.objectstore.locations import S3Url, profile_for
 from server.objectstore.store import store_for

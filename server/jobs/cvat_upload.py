@@ -24,11 +24,11 @@ from typing import Any
 from models.shapes import Shape
 from server.cvat.agent_functions import cvat_annotation
 from server.errors import ApiError
+from server.formats.api_json import render_shape
+from server.formats.files import label_of
+from server.formats.stored import shape_from_dict
 from server.jobs.cvat_task import Frame, LabelPlan, TaskInfo, cvat_errors, fits, match_frames
-from server.jobs.serde import shape_from_dict
 from server.jobs.store import ItemRow, JobStore, UploadRow
-from server.jobs.writers import label_of
-from server.shapes import render_shape
 
 log = logging.getLogger("labelserve.jobs.cvat")
 

@@ -39,18 +39,19 @@ from models.detector import Detector, DetectorInfo, DetectParams, run_detection,
 from models.shapes import Shape
 from models.yolo import configure_offline
 from server.errors import ApiError
+from server.formats.datasets import write_output, write_video_output
+from server.formats.files import ImageResult, check_names, output_paths
+from server.formats.stored import shape_from_dict, shape_to_dict
+from server.formats.tracks import FrameTracks, VideoMeta
 from server.images import decode_image
 from server.jobs import cvat_task as cvat
 from server.jobs.cvat_spec import CvatTaskOutput
 from server.jobs.handoff import Handoff, lower_priority
-from server.jobs.serde import shape_from_dict, shape_to_dict
 from server.jobs.spec import VIDEO_FORMATS, JobSpec
 from server.jobs.store import ACTIVE_STATES, JobRow, JobState, JobStore, Outcome
 from server.jobs.tracking import TRACKED_TASKS
 from server.jobs.video_job import VideoJobFailed, run_video_job
 from server.jobs.video_source import copy_path, fetch, local_path, probe
-from server.jobs.video_writers import FrameTracks, VideoMeta, write_video_output
-from server.jobs.writers import ImageResult, check_names, output_paths, write_output
 from server.objectstore.locations import is_s3_url, parse_s3_url
 from server.objectstore.store import store_for
 from server.settings import Settings, get_settings

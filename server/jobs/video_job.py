@@ -25,8 +25,8 @@ from typing import Protocol
 import numpy as np
 
 from models.detector import Detector, run_detection
+from server.formats.stored import shape_to_dict
 from server.jobs.handoff import Handoff, lower_priority
-from server.jobs.serde import shape_to_dict
 from server.jobs.spec import JobSpec
 from server.jobs.store import Checkpoint, JobStore, Outcome
 from server.jobs.tracking import MultiTracker

@@ -7,10 +7,10 @@ from starlette.concurrency import run_in_threadpool
 
 from models.detector import DetectParams
 from server.body import parse_image_with_params
-from server.cvat.render import detector_item
+from server.formats.api_json import render_shape
+from server.formats.cvat_json import detector_item
 from server.routes.sam import ERRORS, body_doc, reply
 from server.schemas import DetectRequest
-from server.shapes import render_shape
 from server.state import services
 from server.timing import Timings
 

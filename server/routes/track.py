@@ -12,8 +12,8 @@ from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 from models.shapes import Shape
 from models.tracker import Frame
 from server.body import parse_image_with_params
-from server.cvat.render import shape_to_trackable, trackable_to_shape
 from server.errors import ApiError
+from server.formats.cvat_json import shape_to_trackable, trackable_to_shape
 from server.images import image_id
 from server.routes.sam import ERRORS, body_doc
 from server.schemas import PropagateRequest, TrackShape, TrackStartRequest, TrackStepRequest

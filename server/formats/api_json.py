@@ -6,7 +6,7 @@ from collections.abc import Collection
 from typing import Any
 
 from models.shapes import RegionMask, Shape, polygons
-from server.masks import coco_rle, cvat_rle
+from server.formats.rle import coco_rle, cvat_rle
 
 __all__ = ["MASK_FORMATS", "render_mask", "render_shape"]
 
@@ -17,9 +17,9 @@ MASK_FORMATS: tuple[str, ...] = ("cvat", "coco_rle", "polygons")
 def render_mask(mask: RegionMask, formats: Collection[str], polygon_tolerance: float = 1.0) -> dict[str, Any]:
     """Encode ``mask`` in each requested format (see MASK_FORMATS), plus ``bbox`` and ``area``.
 
-    * ``"cvat"``: CVAT mask points, RLE + inclusive ``xtl, ytl, xbr, ybr`` (masks.cvat_rle)
-    * ``"coco_rle"``: ``{"size": [h, w], "counts": str}`` (masks.coco_rle)
-    * ``"polygons"``: list of flat polygons, largest first (masks.polygons with ``polygon_tolerance``)
+    * ``"cvat"``: CVAT mask points, RLE + inclusive ``xtl, ytl, xbr, ybr`` (rle.cvat_rle)
+    * ``"coco_rle"``: ``{"size": [h, w], "counts": str}`` (rle.coco_rle)
+    * ``"polygons"``: list of flat polygons, largest first (models.shapes.polygons with ``polygon_tolerance``)
     * always ``"bbox"``: ``[x, y, w, h]`` (COCO style) and ``"area"``: foreground pixel count.
 
     A bare string is taken as a single format name.

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from models.shapes import Keypoint, RegionMask, Shape
-from server.masks import cvat_rle, cvat_rle_decode
+from server.formats.rle import cvat_rle, cvat_rle_decode
 
 
 def shape_to_dict(shape: Shape) -> dict[str, Any]:

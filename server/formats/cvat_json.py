@@ -1,6 +1,6 @@
 """Internal shapes → the JSON CVAT's Nuclio protocol expects (../shared/docs/cvat-protocols.md §A.5, §C).
 
-Every CVAT rendering lives here; the RLE and bitmap rules themselves live in server.masks.
+Every CVAT JSON rendering lives here; the RLE and bitmap rules themselves live in server.formats.rle.
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 
 from models.detector import DetectorInfo
-from models.shapes import RegionMask, Shape, polygons
-from server.masks import cvat_detector_mask, cvat_rle, cvat_rle_decode
+from models.shapes import RegionMask, Shape, polygon_area, polygons
+from server.formats.rle import cvat_detector_mask, cvat_rle, cvat_rle_decode
 
 CONFIDENCE_SPEC_ID = 0  # CVAT's InteractionResultAttributes.CONFIDENCE
 
@@ -163,7 +163,7 @@ def shape_to_trackable(shape: Shape, as_type: str, polygon_tolerance: float = 1.
             pieces = polygons(mask, polygon_tolerance)
             if not pieces:
                 return None
-            return {"type": "polygon", "points": max(pieces, key=_polygon_area)}
+            return {"type": "polygon", "points": max(pieces, key=polygon_area)}
         x1, y1, x2, y2 = mask.bbox_xyxy_inclusive()  # type: ignore[misc]
         return {"type": "rectangle", "points": [float(x1), float(y1), float(x2 + 1), float(y2 + 1)]}
     if shape.kind == "box" and shape.box is not None:
@@ -171,9 +171,3 @@ def shape_to_trackable(shape: Shape, as_type: str, polygon_tolerance: float = 1.
             raise ValueError(f"this tracker returns rectangles, not {as_type}s")
         return {"type": "rectangle", "points": [round(v, 2) for v in shape.box]}
     raise ValueError(f"a {shape.kind} result cannot be sent to CVAT as a {as_type}")
-
-
-def _polygon_area(points: list[float]) -> float:
-    xy = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-    x, y = xy[:, 0], xy[:, 1]
-    return float(abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))) / 2)
