@@ -37,9 +37,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import timed_ms  # noqa: E402
 from models.base import ImageEmbedding  # noqa: E402
-from server.l2.breaker import Breaker  # noqa: E402
-from server.l2.disk_tier import DiskTier  # noqa: E402
-from server.l2.redis_tier import RedisTier  # noqa: E402
+from server.services.embeddings.l2.breaker import Breaker  # noqa: E402
+from server.services.embeddings.l2.disk_tier import DiskTier  # noqa: E402
+from server.services.embeddings.l2.redis_tier import RedisTier  # noqa: E402
 from tests.conftest import encode_image, synthetic_scene, ultralytics_asset  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402
 from tests.server_process import ServerProcess  # noqa: E402

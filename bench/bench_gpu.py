@@ -142,10 +142,10 @@ def scheduler_rows(name: str, image: np.ndarray, clients: int, batches: list[int
     import itertools
     import threading
 
-    from server.embeddings import TieredEmbeddings
-    from server.encode_scheduler import Priority
+    from server.ops.timing import Timings
+    from server.services.embeddings import TieredEmbeddings
+    from server.services.embeddings.scheduler import Priority
     from server.settings import Settings
-    from server.timing import Timings
 
     torch.manual_seed(0)
     segmenter = SamSegmenter(name, build_sam(name, None).to(DEVICE), torch.device(DEVICE),

@@ -72,7 +72,7 @@ class SamServer(ServerProcess):
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
     def allocator(self) -> str:
-        """The allocator the server reported at start (server/allocator.py)."""
+        """The allocator the server reported at start (server/ops/allocator.py)."""
         for line in self.log.read_text(errors="replace").splitlines():
             if "allocator:" in line:
                 return line.split("allocator:", 1)[1].strip().strip('"}')

@@ -1,4 +1,5 @@
-"""The FastAPI application: a thin HTTP layer over the model registry and the services."""
+"""The composition root: builds the registry, the services and the job engine from the settings, and serves
+them through the API's routers (server/api/). Nothing else is decided here."""
 
 from __future__ import annotations
 
@@ -7,37 +8,24 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
-from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 
-from models.base import ModelLoading, ModelUnavailable, UnknownModel
 from models.registry import ModelRegistry
-from server import allocator
-from server.backpressure import InflightLimiter, InflightMiddleware, LatestWins
-from server.cvat import nuclio
-from server.cvat.warmup import LookaheadRequest, Warmup
-from server.detect_service import DetectService
-from server.errors import error_body, install_error_handlers
-from server.jobs import routes as job_routes
+from server.api.backpressure import InflightLimiter, InflightMiddleware, LatestWins
+from server.api.deps import Services
+from server.api.errors import install_error_handlers, install_model_errors
+from server.api.middleware import install_request_pipeline
+from server.api.openapi import openapi
+from server.api.routers import ROUTERS
 from server.jobs.engine import LocalEngine
 from server.jobs.store import JOBS_DB_NAME
-from server.middleware import install_request_pipeline
-from server.prefetch import PrefetchManager, PrefetchRequest
-from server.routes import cvat as cvat_routes
-from server.routes import detect, prefetch, sam, system, track
-from server.sam_service import SamService
-from server.schemas import (
-    DetectRequest,
-    EmbedRequest,
-    PropagateRequest,
-    SegmentRequest,
-    TrackStartRequest,
-    TrackStepRequest,
-)
+from server.ops import allocator
+from server.services.detect import DetectService
+from server.services.prefetch import PrefetchManager
+from server.services.sam import SamService
+from server.services.track import TrackService
+from server.services.warmup import Warmup
 from server.settings import Settings, get_settings
-from server.state import Services
-from server.track_service import TrackService
 
 log = logging.getLogger("labelserve")
 
@@ -80,6 +68,7 @@ def create_app(settings: Settings | None = None, *, load_models_in_background: b
     inflight = InflightLimiter(
         settings.max_inflight_interactive, settings.max_inflight_other, settings.busy_retry_after_s
     )
+    # What the routes reach through server/api/deps.py.
     app.state.services = Services(
         settings, registry, sam_service, detect_service, track_service, inflight, LatestWins()
     )
@@ -90,51 +79,13 @@ def create_app(settings: Settings | None = None, *, load_models_in_background: b
     app.state.prefetch = prefetcher
     app.state.warmup = warmup
     install_error_handlers(app)
-    _install_model_errors(app)
-    app.include_router(sam.router)
-    app.include_router(detect.router)
-    app.include_router(track.router)
-    app.include_router(system.router)
-    app.include_router(nuclio.router)
-    app.include_router(job_routes.router)
-    app.include_router(prefetch.router)
-    app.include_router(cvat_routes.router)
-    install_request_pipeline(app, settings, jobs.store)  # after the routers: it checks each has a scope
-    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    install_model_errors(app)
+    for router in ROUTERS:
+        app.include_router(router)
+    # After the routers: it checks each has a scope.
+    app.state.metrics = install_request_pipeline(app, settings, app.state.services, jobs.store)
+    app.openapi = lambda: openapi(app)  # type: ignore[method-assign]
     return app
-
-
-def _install_model_errors(app: FastAPI) -> None:
-    @app.exception_handler(UnknownModel)
-    async def _unknown(_: Request, exc: UnknownModel) -> JSONResponse:
-        return JSONResponse(error_body("unknown_model", str(exc)), status_code=404)
-
-    @app.exception_handler(ModelUnavailable)
-    async def _unavailable(_: Request, exc: ModelUnavailable) -> JSONResponse:
-        message = f"{exc} Fix: {exc.fix}" if exc.fix else str(exc)
-        return JSONResponse(error_body("model_unavailable", message), status_code=503)
-
-    @app.exception_handler(ModelLoading)
-    async def _loading(_: Request, exc: ModelLoading) -> JSONResponse:
-        return JSONResponse(
-            error_body("model_loading", str(exc)), status_code=503, headers={"Retry-After": "5"}
-        )
-
-
-def _openapi(app: FastAPI) -> dict:
-    if app.openapi_schema is None:
-        schema = get_openapi(
-            title=app.title, version=app.version, description=app.description, routes=app.routes
-        )
-        components = schema.setdefault("components", {}).setdefault("schemas", {})
-        # Request bodies are parsed by hand (JSON or multipart), so their models are added explicitly.
-        for model in (EmbedRequest, SegmentRequest, DetectRequest, PrefetchRequest, TrackStartRequest,
-                      TrackStepRequest, PropagateRequest, LookaheadRequest):  # fmt: skip
-            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
-            components.update(body.pop("$defs", {}))
-            components[model.__name__] = body
-        app.openapi_schema = schema
-    return app.openapi_schema
 
 
 def job_engine(registry: ModelRegistry, detect: DetectService, settings: Settings) -> LocalEngine:

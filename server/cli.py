@@ -9,7 +9,7 @@ from pathlib import Path
 
 def _serve(args: argparse.Namespace) -> int:
     from server.app import create_app
-    from server.logs import configure_logging
+    from server.ops.logs import configure_logging
     from server.serving import serve
     from server.settings import Settings
 
@@ -28,8 +28,8 @@ def _prelabel_runtime(model: str, sam_refine: str | None):  # -> (get_detector, 
     """Models for `labelserve prelabel`, loaded in this process. MODEL is a manifest name or a local
     checkpoint path (.pt), as in LABELSERVE_DETECTOR_PATHS."""
     from models.registry import ModelRegistry
-    from server.detect_service import DetectService
-    from server.sam_service import SamService
+    from server.services.detect import DetectService
+    from server.services.sam import SamService
     from server.settings import Settings
 
     path = Path(model)
@@ -53,7 +53,7 @@ def _preload_allocator(argv: list[str]) -> None:
     """Before anything imports torch: the allocator cannot change once the process allocates."""
     from pydantic import ValidationError
 
-    from server import allocator
+    from server.ops import allocator
     from server.settings import Settings
 
     try:

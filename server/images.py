@@ -20,7 +20,7 @@ from pi_heif import register_heif_opener
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from server.errors import ApiError
-from server.request_context import note_content_hash
+from server.ops.request_context import note_content_hash
 
 # Our own pixel limit is checked before decoding; Pillow's bomb check would only duplicate it.
 Image.MAX_IMAGE_PIXELS = None
@@ -37,7 +37,7 @@ def image_id(data: bytes) -> str:
 
 
 def pixel_id(image: np.ndarray) -> str:
-    """The sha256 of decoded pixels and their shape (server/embeddings.py's aliases)."""
+    """The sha256 of decoded pixels and their shape (server/services/embeddings/'s aliases)."""
     digest = hashlib.sha256("x".join(map(str, image.shape)).encode())
     digest.update(memoryview(np.ascontiguousarray(image)).cast("B"))
     return digest.hexdigest()

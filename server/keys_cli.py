@@ -11,7 +11,7 @@ from typing import Any, get_args
 
 from pydantic import ValidationError
 
-from server.auth import KeysFileError, hash_key, new_key, parse_keys_file
+from server.api.auth import KeysFileError, hash_key, new_key, parse_keys_file
 from server.settings import ApiKeyEntry, Scope
 
 EXIT_OK, EXIT_USAGE = 0, 2

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import uvicorn
 from fastapi import FastAPI
 
-from server.middleware import CvatListener
+from server.api.middleware import CvatListener
 from server.settings import Settings
 
 
@@ -24,8 +24,8 @@ class _Server(uvicorn.Server):
 
 
 def servers(app: FastAPI, settings: Settings) -> list[uvicorn.Server]:
-    # log_config=None: the root handler (server.logs) formats uvicorn's lines too. No access log: the audit
-    # log has a line per request, with more in it.
+    # log_config=None: the root handler (server.ops.logs) formats uvicorn's lines too. No access log: the
+    # audit log has a line per request, with more in it.
     common = {"log_config": None, "access_log": False, "timeout_keep_alive": settings.keep_alive_s}
     found = [_Server(uvicorn.Config(app, host=settings.host, port=settings.port, **common))]
     if settings.cvat_port is not None:

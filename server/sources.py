@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field, model_validator
 from server.errors import ApiError
 from server.objectstore.clients import Purpose
 from server.objectstore.store import read_s3
-from server.request_context import note_image_bytes, note_image_url
+from server.ops.request_context import note_image_bytes, note_image_url
 from server.settings import Settings
 
 

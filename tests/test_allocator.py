@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from server import allocator
+from server.ops import allocator
 
 from .server_process import ServerProcess
 

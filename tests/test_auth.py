@@ -13,11 +13,11 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from server.api.auth import KeysFileError, hash_key, new_key, route_scopes, unmapped_routes
+from server.api.middleware import CvatListener
+from server.api.route_index import route_templates
 from server.app import create_app
-from server.auth import KeysFileError, hash_key, new_key, route_scopes, unmapped_routes
 from server.cli import main
-from server.middleware import CvatListener
-from server.route_index import route_templates
 
 from .conftest import make_settings
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from server.api.backpressure import InflightLimiter, LatestWins
 from server.app import create_app
-from server.backpressure import InflightLimiter, LatestWins
-from server.batching import MicroBatcher
 from server.errors import ApiError
+from server.services.batching import MicroBatcher
 
 from .conftest import encode_image, make_settings, synthetic_scene
 

@@ -8,7 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from server.cache import ByteLRU, EmbeddingCache
+from server.lru import ByteLRU
+from server.services.embeddings.l1 import EmbeddingCache
 
 
 def test_lru_never_exceeds_its_byte_cap_and_evicts_least_recent() -> None:

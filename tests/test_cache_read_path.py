@@ -10,7 +10,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from server.app import create_app
-from server.l2.blob import decode_blob
+from server.services.embeddings.l2.blob import decode_blob
 
 from .conftest import encode_image, make_settings, synthetic_scene
 from .redis_server import RedisServer

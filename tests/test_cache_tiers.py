@@ -15,11 +15,11 @@ import torch
 from pydantic import ValidationError
 
 from models.base import ImageEmbedding
-from server.l2 import build_l2
-from server.l2.blob import HEADER_SIZE, CorruptBlob, decode_blob, encode_blob
-from server.l2.breaker import Breaker
-from server.l2.disk_tier import DiskTier
-from server.l2.redis_tier import RedisTier, redact
+from server.services.embeddings.l2 import build_l2
+from server.services.embeddings.l2.blob import HEADER_SIZE, CorruptBlob, decode_blob, encode_blob
+from server.services.embeddings.l2.breaker import Breaker
+from server.services.embeddings.l2.disk_tier import DiskTier
+from server.services.embeddings.l2.redis_tier import RedisTier, redact
 from server.settings import Settings
 
 from .redis_server import RedisServer

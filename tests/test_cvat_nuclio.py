@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from server.api.routes.nuclio import BROWSER_SAM_ID
 from server.app import create_app
-from server.cvat.nuclio import BROWSER_SAM_ID
 from server.formats.rle import cvat_rle_decode
 
 from .conftest import encode_image, make_settings, synthetic_scene

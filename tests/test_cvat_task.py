@@ -31,13 +31,14 @@ from PIL import Image
 
 from models.detector import Detector, DetectorInfo, DetectParams
 from models.shapes import Keypoint, Shape
+from server.api.errors import install_error_handlers
+from server.api.routes.jobs import router
 from server.cvat.agent_functions import cvat_annotation, label_spec
-from server.errors import ApiError, install_error_handlers
+from server.errors import ApiError
 from server.formats.api_json import render_shape
 from server.formats.stored import shape_from_dict
 from server.jobs import cli, cvat_upload
 from server.jobs.engine import LocalEngine
-from server.jobs.routes import router
 from server.jobs.spec import JobSpec
 from server.settings import Settings
 from tests.cvat_emulator import CvatEmulator, EmulatedTask

@@ -19,7 +19,7 @@ import pytest
 from cvat_cli._internal import agent_driver, agent_driver_interaction
 from cvat_cli._internal.common import FunctionLoader
 
-from server.cvat.warmup import decide, signature_of
+from server.services.warmup import decide, signature_of
 
 from .conftest import encode_image, synthetic_scene
 from .cvat_bucket import SECRET, CvatBucket, cvat_bucket

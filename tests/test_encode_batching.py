@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from models.sam import SamSegmenter, build_sam
-from server.encode_scheduler import EncodeScheduler, Priority
+from server.services.embeddings.scheduler import EncodeScheduler, Priority
 
 from .conftest import synthetic_scene
 

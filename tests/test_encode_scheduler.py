@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from models.base import ImageEmbedding, Segmenter
-from server.embeddings import TieredEmbeddings
-from server.encode_scheduler import EncodeScheduler, Priority
-from server.timing import Timings
+from server.ops.timing import Timings
+from server.services.embeddings import TieredEmbeddings
+from server.services.embeddings.scheduler import EncodeScheduler, Priority
 
 from .conftest import encode_image, make_settings
 

@@ -34,8 +34,8 @@ from models.shapes import RegionMask, mask_from_polygon, polygons
 from server.app import create_app
 from server.errors import ApiError
 from server.formats.rle import coco_rle, coco_rle_decode, cvat_rle, cvat_rle_decode
-from server.sam_service import build_prompt
 from server.schemas import SegmentRequest
+from server.services.sam import build_prompt
 
 from .conftest import encode_image, make_settings, synthetic_scene
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.gpu_metrics import gpu_memory_metrics
+from server.ops.gpu_metrics import gpu_memory_metrics
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -28,13 +28,14 @@ from pycocotools.coco import COCO
 from models.base import UnknownModel
 from models.detector import DetectorInfo
 from models.shapes import Keypoint, RegionMask, Shape
-from server.errors import ApiError, install_error_handlers
+from server.api.errors import install_error_handlers
+from server.api.routes.jobs import router
+from server.errors import ApiError
 from server.formats.datasets import write_output
 from server.formats.files import ImageResult
 from server.formats.stored import shape_from_dict, shape_to_dict
 from server.jobs import cli
 from server.jobs.engine import LocalEngine
-from server.jobs.routes import router
 from server.jobs.spec import JobSpec
 from server.settings import Settings
 from tests.jobs_helpers import RectDetector, Scene, encode_png, make_scene, wait_for, write_dataset

@@ -1,7 +1,8 @@
 """The direction of imports, written down once: LAYERS lists the project's packages lowest first, and a module
 may import only from its own layer and the layers before it. Every import counts, also one inside a function.
 
-    weights <- models <- settings, errors, request_context, timing <- formats <- server
+    weights <- models <- settings, errors, lru, ops <- formats <- inputs, cvat, schemas <- jobs <- services
+    <- api <- app, cli
 
 `models/` imports nothing from `server/`: the shape vocabulary (models/shapes.py) and the models' own
 configuration (models/config.py, built by Settings.models_config()) live in the lowest package.
@@ -16,9 +17,27 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS: list[tuple[str, ...]] = [
     ("weights",),
     ("models",),
-    ("server.settings", "server.errors", "server.request_context", "server.timing"),
+    ("server.settings", "server.errors", "server.lru", "server.ops"),
     ("server.formats",),
-    ("server",),
+    (
+        "server.images",
+        "server.sources",
+        "server.video",
+        "server.objectstore",
+        "server.cvat",
+        "server.schemas",
+    ),
+    ("server.jobs",),
+    ("server.services",),
+    ("server.api",),
+    (
+        "server.app",
+        "server.cli",
+        "server.serving",
+        "server.entrypoint",
+        "server.keys_cli",
+        "server.cvat.webhook_cli",
+    ),
 ]
 PACKAGES = ("weights", "models", "server")
 

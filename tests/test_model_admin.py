@@ -19,8 +19,8 @@ from fastapi.testclient import TestClient
 from models.base import ModelUnavailable, unloaded
 from models.registry import ModelRegistry
 from server.app import create_app
-from server.batching import MicroBatcher
-from server.encode_scheduler import EncodeScheduler, Priority
+from server.services.batching import MicroBatcher
+from server.services.embeddings.scheduler import EncodeScheduler, Priority
 
 from .conftest import encode_image, make_settings, synthetic_scene
 

@@ -14,15 +14,16 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from server.api.auth import hash_key, new_key
+from server.api.metrics import cache_metrics, job_metrics
+from server.api.routes.jobs import source_reference
 from server.app import create_app
-from server.audit import audit_log
-from server.auth import hash_key, new_key
-from server.jobs.routes import source_reference
 from server.jobs.spec import Source
 from server.jobs.store import JobStore
-from server.logs import JsonFormatter, RequestIdFilter
-from server.metrics import Metrics, cache_metrics, job_metrics
-from server.request_context import begin, end, note_image_bytes, redact_url
+from server.ops.audit import audit_log
+from server.ops.logs import JsonFormatter, RequestIdFilter
+from server.ops.metrics import Metrics
+from server.ops.request_context import begin, end, note_image_bytes, redact_url
 
 from .conftest import encode_image, fall_checkpoint, make_settings, synthetic_scene
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from server.auth import hash_key, new_key
+from server.api.auth import hash_key, new_key
 
 from .conftest import encode_image, synthetic_scene
 from .server_process import ServerProcess, free_port

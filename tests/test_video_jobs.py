@@ -21,7 +21,9 @@ from fastapi.testclient import TestClient
 
 from models.detector import DetectorInfo
 from models.shapes import RegionMask, Shape
-from server.errors import ApiError, install_error_handlers
+from server.api.errors import install_error_handlers
+from server.api.routes.jobs import router
+from server.errors import ApiError
 from server.formats.cvat_video import write_cvat_video
 from server.formats.mot import write_mot
 from server.formats.rle import cvat_rle_decode
@@ -29,7 +31,6 @@ from server.formats.stored import shape_from_dict
 from server.formats.tracks import FrameTracks, VideoMeta
 from server.jobs import cli
 from server.jobs.engine import LocalEngine
-from server.jobs.routes import router
 from server.jobs.spec import JobSpec
 from server.jobs.video_source import copy_path
 from server.settings import Settings

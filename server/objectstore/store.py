@@ -20,8 +20,8 @@ from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import BotoCoreError, ClientError
 from starlette.concurrency import run_in_threadpool
 
-from server.cache import ByteLRU
 from server.errors import ApiError
+from server.lru import ByteLRU
 from server.objectstore.clients import Purpose, api_error, make_client
 from server.objectstore.locations import S3Url, parse_s3_url, profile_for
 from server.settings import Settings

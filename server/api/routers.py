@@ -1,0 +1,19 @@
+"""Every router of the API, in the order they are included (the order routes are matched and documented in).
+GET /metrics is added last, by the request pipeline (server/api/middleware.py)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from server.api.routes import cvat, detect, jobs, nuclio, prefetch, sam, system, track
+
+ROUTERS: tuple[APIRouter, ...] = (
+    sam.router,
+    detect.router,
+    track.router,
+    system.router,
+    nuclio.router,
+    jobs.router,
+    prefetch.router,
+    cvat.router,
+)

@@ -1,0 +1,131 @@
+"""Detection requests: image bytes → micro-batched detector → shapes, optionally refined into SAM masks."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from models.base import unloaded
+from models.detector import Detector, DetectParams, run_detection, tiling_problem
+from models.registry import ModelRegistry
+from models.shapes import Shape
+from models.tiling import TooManyTiles, check_tile_count
+from server.errors import ApiError
+from server.images import decode_image
+from server.ops.timing import Timings
+from server.schemas import SegmentRequest
+from server.services.batching import MicroBatcher
+from server.services.embeddings.scheduler import Priority
+from server.services.sam import SamService
+from server.settings import Settings
+
+
+@dataclass(frozen=True)
+class Detections:
+    detector: Detector
+    width: int
+    height: int
+    shapes: list[Shape]
+
+
+class DetectService:
+    def __init__(self, registry: ModelRegistry, settings: Settings, sam: SamService) -> None:
+        self.registry = registry
+        self.settings = settings
+        self.sam = sam
+        self._batchers: dict[str, MicroBatcher[np.ndarray, list[Shape]]] = {}
+        self._lock = threading.Lock()
+
+    def batcher(self, model: str) -> MicroBatcher[np.ndarray, list[Shape]]:
+        with self._lock:
+            if model not in self._batchers:
+                detector = self.registry.detector(model)
+                self._batchers[model] = MicroBatcher(
+                    lambda params, images: run_detection(detector, images, params),  # type: ignore[arg-type]
+                    self.settings.detect_max_batch,
+                    self.settings.detect_max_wait_ms,
+                    model,
+                    max_queue=self.settings.detect_queue_max,
+                    timeout_s=self.settings.request_timeout_s,
+                    retry_after_s=self.settings.busy_retry_after_s,
+                )
+            return self._batchers[model]
+
+    def forget(self, model: str) -> None:
+        """After `model` was unloaded: its batcher runs what it holds, then stops; a reload gets a new one."""
+        with self._lock:
+            batcher = self._batchers.pop(model, None)
+        if batcher is not None:
+            batcher.retire(unloaded(model))
+
+    def batchers(self) -> dict[str, MicroBatcher[np.ndarray, list[Shape]]]:
+        """The micro-batchers started so far, by detector."""
+        with self._lock:
+            return dict(self._batchers)
+
+    def detect(
+        self, model: str, data: bytes, params: DetectParams, sam_refine: str | None, timings: Timings
+    ) -> Detections:
+        detector = self.registry.detector(model)
+        if sam_refine is not None:
+            self.registry.segmenter(sam_refine)  # fail before the work, not after it
+        self._check_classes(detector, params)
+        if problem := tiling_problem(detector.info, params):
+            raise ApiError(422, "unsupported_tiling", problem)
+        with timings.stage("decode_image"):
+            image = decode_image(data, self.settings.max_image_pixels)
+        if params.tile is not None:
+            try:
+                check_tile_count(image.shape[1], image.shape[0], params.tile, params.tile_overlap)
+            except TooManyTiles as exc:
+                raise ApiError(422, "too_many_tiles", str(exc)) from None
+        with timings.stage("detect"):
+            shapes = self.batcher(model).submit(params, image)
+        if sam_refine is not None:
+            with timings.stage("sam_refine"):
+                shapes = self.refine(sam_refine, data, shapes, timings)
+        height, width = image.shape[:2]
+        return Detections(detector, width, height, shapes)
+
+    def refine(
+        self,
+        model: str,
+        data: bytes,
+        shapes: list[Shape],
+        timings: Timings,
+        priority: Priority = Priority.INTERACTIVE,
+        decoded: np.ndarray | None = None,
+    ) -> list[Shape]:
+        """Box → mask with SAM (the "detector + SAM" recipe): the image is hashed and embedded once, through
+        the cache, and every box is decoded against that embedding."""
+        if not any(shape.kind == "box" for shape in shapes):
+            return shapes
+        embedded = self.sam.embed(model, data, timings, priority, decoded)
+        refined = []
+        for shape in shapes:
+            if shape.kind != "box" or shape.box is None:
+                refined.append(shape)
+                continue
+            request = SegmentRequest.model_validate(
+                {"box": list(shape.box), "multimask_output": False, "refine": False}, context={"upload": True}
+            )
+            mask, _ = self.sam.predict_on(model, embedded, request, timings).masks[0]
+            refined.append(replace(shape, kind="mask", box=None, mask=mask) if not mask.is_empty else shape)
+        return refined
+
+    def refine_for_job(self, model: str, data: bytes, image: np.ndarray, shapes: list[Shape]) -> list[Shape]:
+        """`refine` for the job engine: its encodes queue behind annotators' clicks (background priority),
+        and the image it decoded already is used as is."""
+        return self.refine(model, data, shapes, Timings(), Priority.BACKGROUND, image)
+
+    @staticmethod
+    def _check_classes(detector: Detector, params: DetectParams) -> None:
+        unknown = sorted(set(params.classes or ()) - set(detector.info.class_names))
+        if unknown:
+            raise ApiError(
+                422, "unknown_class",
+                f"classes {unknown} are not classes of {detector.info.name!r}; it has "
+                f"{len(detector.info.class_names)} classes (GET /v1/models lists them).",
+            )  # fmt: skip

@@ -1,0 +1,251 @@
+"""SAM requests end to end: image bytes or id → cached embedding → prompts → masks in the asked formats."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from models.base import ImageEmbedding, Prompt, Segmenter
+from models.registry import ModelRegistry
+from models.shapes import RegionMask
+from server.errors import ApiError
+from server.formats.api_json import render_mask
+from server.formats.rle import coco_rle_decode, cvat_rle_decode
+from server.images import image_id
+from server.ops.timing import Timings
+from server.schemas import MaskPrompt, SegmentRequest
+from server.services.embeddings import Tier, TieredEmbeddings
+from server.services.embeddings.l2 import build_l2
+from server.services.embeddings.refine import PromptKey, RefinementHistory
+from server.services.embeddings.scheduler import Priority
+from server.settings import Settings
+
+
+@dataclass(frozen=True)
+class Embedded:
+    image_id: str
+    embedding: ImageEmbedding
+    tier: Tier  # where the embedding came from: l1, l2, or a fresh encode
+
+    @property
+    def cached(self) -> bool:
+        return self.tier != "encode"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    embedded: Embedded
+    masks: list[tuple[RegionMask, float]]  # best first
+    refined_from: int | None  # size of the earlier prompt set whose logits were reused
+
+
+class SamService:
+    def __init__(self, registry: ModelRegistry, settings: Settings) -> None:
+        self.registry = registry
+        self.settings = settings
+        self.embeddings = TieredEmbeddings(settings, build_l2(settings))
+        self.cache = self.embeddings.l1  # the in-process L1
+        self.history = RefinementHistory(settings.prompt_history_bytes)
+
+    def embed(
+        self,
+        model: str,
+        data: bytes,
+        timings: Timings,
+        priority: Priority = Priority.INTERACTIVE,
+        decoded: np.ndarray | None = None,
+    ) -> Embedded:
+        """`decoded`: `data` already decoded by the caller (jobs), so a miss does not decode it again."""
+        segmenter = self.registry.segmenter(model)
+        with timings.stage("hash"):
+            content_id = image_id(data)
+        found = self.embeddings.get_or_encode(segmenter, content_id, data, timings, priority, decoded)
+        return Embedded(content_id, found.embedding, found.tier)
+
+    def embed_decoded(self, model: str, content_id: str, image: np.ndarray) -> ImageEmbedding:
+        """The embedding of an already decoded image (video frames), through the same tiers as `embed`."""
+        segmenter = self.registry.segmenter(model)
+        found = self.embeddings.get_or_encode(
+            segmenter, content_id, b"", Timings(), Priority.INTERACTIVE, decoded=image
+        )
+        return found.embedding
+
+    def cached_embedding(self, model: str, content_id: str, timings: Timings | None = None) -> Embedded:
+        segmenter = self.registry.segmenter(model)
+        found = self.embeddings.find(segmenter, content_id, timings or Timings())
+        if found is None:
+            raise ApiError(
+                404,
+                "image_not_cached",
+                f"No embedding of image {content_id} for model {model!r} (never sent, or evicted from the "
+                "cache); send the image itself in 'image', or POST it to /v1/sam/{model}/embed first.",
+            )
+        return Embedded(content_id, found.embedding, found.tier)
+
+    def is_cached(self, model: str, content_id: str) -> bool:
+        """Whether L1 or L2 holds the image's embedding (an L2 hit fills L1); not counted as a request."""
+        segmenter = self.registry.segmenter(model)
+        return self.embeddings.find(segmenter, content_id, Timings(), count=False) is not None
+
+    def predict(
+        self, model: str, data: bytes | None, request: SegmentRequest, timings: Timings
+    ) -> Prediction:
+        if data is not None:
+            embedded = self.embed(model, data, timings)
+        else:
+            assert request.image_id is not None
+            embedded = self.cached_embedding(model, request.image_id, timings)
+        return self.predict_on(model, embedded, request, timings)
+
+    def predict_on(
+        self, model: str, embedded: Embedded, request: SegmentRequest, timings: Timings
+    ) -> Prediction:
+        """Decode prompts against an embedding the caller holds (it cannot be evicted meanwhile)."""
+        segmenter = self.registry.segmenter(model)
+        embedding = embedded.embedding
+        height, width = embedding.original_size
+        prompt = build_prompt(request, width, height)
+        if request.mask_input is not None:
+            with timings.stage("mask_prompt"):
+                mask = _decode_mask_prompt(request.mask_input, width, height)
+                prompt = Prompt(
+                    prompt.points, prompt.labels, prompt.box, segmenter.low_res_from_mask(embedding, mask)
+                )
+
+        key = PromptKey.of(prompt.points, prompt.labels, prompt.box)
+        refined_from = None
+        if request.refine and prompt.mask_input is None:
+            base = self.history.base_for(model, embedded.image_id, key)
+            if base is not None:
+                prompt = Prompt(prompt.points, prompt.labels, prompt.box, base[0])
+                refined_from = base[1]
+        multimask = request.multimask_output
+        if multimask is None:
+            multimask = len(prompt.points) == 1 and prompt.box is None and prompt.mask_input is None
+
+        with timings.stage("decode_mask"):
+            decoded = segmenter.decode(embedding, prompt, multimask)
+        order = np.argsort(-decoded.scores, kind="stable")
+        self.history.record(model, embedded.image_id, key, decoded.low_res_logits[order[0]][None])
+        masks = []
+        for index in order[: request.max_masks]:
+            with timings.stage("upsample"):
+                masks.append(
+                    (
+                        segmenter.upsample(embedding, decoded.low_res_logits[index]),
+                        float(decoded.scores[index]),
+                    )
+                )
+        return Prediction(embedded, masks, refined_from)
+
+    def segment(self, model: str, data: bytes | None, request: SegmentRequest, timings: Timings) -> dict:
+        prediction = self.predict(model, data, request, timings)
+        tolerance = (
+            self.settings.polygon_tolerance
+            if request.polygon_tolerance is None
+            else request.polygon_tolerance
+        )
+        with timings.stage("serialize"):
+            masks = [
+                {"score": round(score, 6), **render_mask(region, request.formats, tolerance)}
+                for region, score in prediction.masks
+            ]
+        height, width = prediction.embedded.embedding.original_size
+        return {
+            "image_id": prediction.embedded.image_id,
+            "model": model,
+            "width": width,
+            "height": height,
+            "cached": prediction.embedded.cached,
+            "cache_tier": prediction.embedded.tier,
+            "refined_from_points": prediction.refined_from,
+            "masks": masks,
+        }
+
+    def clear(self, l2_too: bool = False) -> dict:
+        """This process's embeddings and refinement logits; the shared L2 only when asked."""
+        return {**self.embeddings.clear(l2_too), "refinement": self.history.clear()}
+
+    def forget(self, segmenter: Segmenter) -> dict:
+        """What this service holds for an unloaded segmenter: its encoder, L1 entries and click logits."""
+        return {
+            "embeddings": self.embeddings.forget(segmenter),
+            "refinement": self.history.forget(segmenter.name),
+        }
+
+    def stats(self) -> dict:
+        return {**self.embeddings.stats(), "refinement": self.history.snapshot()}
+
+    def close(self) -> None:
+        self.embeddings.close()
+
+
+def _finite(values: list[float], what: str) -> None:
+    if not all(math.isfinite(v) for v in values):
+        raise ApiError(422, "bad_prompt", f"{what} contains NaN or infinite coordinates.")
+
+
+def build_prompt(request: SegmentRequest, width: int, height: int) -> Prompt:
+    """Validate prompts against the image (pixel-edge coordinates, 0..W × 0..H)."""
+    # Checked in float64, as sent: 1e308 would overflow float32, the precision SAM works in, into inf.
+    points = np.asarray(request.points, dtype=np.float64).reshape(-1, 2)
+    _finite(points.ravel().tolist(), "points")
+    labels = request.labels if request.labels is not None else [1] * len(points)
+    if len(labels) != len(points):
+        raise ApiError(
+            422, "bad_prompt", f"{len(points)} points but {len(labels)} labels; give one label per point."
+        )
+    if any(label not in (0, 1) for label in labels):
+        raise ApiError(422, "bad_prompt", "labels must be 1 (positive) or 0 (negative).")
+    outside = [(float(x), float(y)) for x, y in points if not (0 <= x <= width and 0 <= y <= height)]
+    if outside:
+        raise ApiError(
+            422,
+            "prompt_outside_image",
+            f"points {outside[:3]} lie outside the {width}x{height} image; "
+            f"clicks must be within 0..{width} × 0..{height}.",
+        )
+    box = None
+    if request.box is not None:
+        _finite(list(request.box), "box")
+        x1, y1, x2, y2 = request.box
+        if x2 <= x1 or y2 <= y1:
+            raise ApiError(
+                422,
+                "bad_prompt",
+                f"box {list(request.box)} is empty or reversed; "
+                "send [x1, y1, x2, y2] with x1 < x2 and y1 < y2.",
+            )
+        if x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
+            raise ApiError(
+                422,
+                "prompt_outside_image",
+                f"box {list(request.box)} lies outside the {width}x{height} image.",
+            )
+        # A box dragged past the image edge is clipped, as CVAT clips shapes.
+        box = np.array([max(x1, 0), max(y1, 0), min(x2, width), min(y2, height)], dtype=np.float32)
+        if box[2] <= box[0] or box[3] <= box[1]:  # [0, 0, 10, 1e-50] is empty once in float32
+            raise ApiError(
+                422, "bad_prompt", f"box {list(request.box)} is empty at float32 precision; widen it."
+            )
+    if not len(points) and box is None and request.mask_input is None:
+        raise ApiError(422, "no_prompt", "No prompt: give at least one point, a box or a mask_input.")
+    return Prompt(points.astype(np.float32), np.asarray(labels, dtype=np.int32), box)
+
+
+def _decode_mask_prompt(prompt: MaskPrompt, width: int, height: int) -> RegionMask:
+    try:
+        if prompt.cvat is not None:
+            return cvat_rle_decode(prompt.cvat, width, height)
+        mask = coco_rle_decode(prompt.coco_rle or {})
+    except ValueError as exc:
+        raise ApiError(422, "bad_mask_input", f"mask_input is not a valid mask: {exc}") from None
+    if (mask.image_width, mask.image_height) != (width, height):
+        raise ApiError(
+            422,
+            "bad_mask_input",
+            f"mask_input is {mask.image_width}x{mask.image_height} but the image is {width}x{height}.",
+        )
+    return mask
