@@ -10,8 +10,9 @@ import ipaddress
 import socket
 import ssl
 from collections.abc import Awaitable, Iterable
+from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import httpcore
 import httpx
@@ -202,3 +203,15 @@ async def read_http(url: str, settings: Settings, purpose: Purpose = "interactiv
 READERS["http"] = read_http
 READERS["https"] = read_http
 READERS["s3"] = read_s3
+
+
+def read(ref: str, settings: Settings, purpose: Purpose = "job") -> bytes:
+    """The bytes at a job's image reference, read on the caller's thread: a local path or file:// URL, or a
+    URL whose scheme a READERS entry reads (the batch-job retry budget by default)."""
+    scheme = urlsplit(ref).scheme.lower() if "://" in ref else ""
+    if scheme in ("", "file"):
+        return Path(unquote(urlsplit(ref).path) if scheme else ref).read_bytes()
+    reader = READERS.get(scheme)
+    if reader is None:
+        raise ApiError(400, "unsupported_url", f"URL scheme {scheme!r} is not supported.")
+    return asyncio.run(reader(ref, settings, purpose=purpose))

@@ -27,8 +27,9 @@ from server import sources
 from server.app import create_app
 from server.errors import ApiError
 from server.jobs import cli
-from server.jobs.engine import STAGING_DIR, LocalEngine
+from server.jobs.engine import LocalEngine
 from server.jobs.manifest import manifest_names
+from server.jobs.outputs import STAGING_DIR
 from server.jobs.spec import JobSpec
 from server.objectstore.store import store_for
 from server.settings import Settings, get_settings

@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from server.jobs.engine import JobStatus, LocalEngine
+from server.jobs.engine import LocalEngine
 from server.jobs.spec import JobSpec
+from server.jobs.status import JobStatus
 
 from .conftest import fall_checkpoint, ultralytics_asset
 from .synthetic_video import Box, PanVideo, Sprite, SpriteVideo, box_iou

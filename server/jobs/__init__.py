@@ -1,2 +1,4 @@
-"""Batch pre-labeling jobs: a serialisable job spec, SQLite state, a threaded local engine, output writers
-(CVAT for images 1.1, COCO, YOLO), the /v1/jobs routes and the `labelserve prelabel` command."""
+"""Batch pre-labeling jobs: the job document (spec.py), SQLite state (store.py), and the threaded local
+engine, one question per file: engine.py (the lifecycle), validate.py (is it acceptable?), status.py (how far
+is it?), image_job.py and video_job.py (how do its items run?), outputs.py and cvat_upload.py (where do the
+results go?). The /v1/jobs routes are server/api/routes/jobs.py; `labelserve prelabel` is jobs/cli.py."""

@@ -25,12 +25,16 @@ from typing import Protocol
 import numpy as np
 
 from models.detector import Detector, run_detection
+from models.yolo import configure_offline
+from server.errors import ApiError
 from server.formats.stored import shape_to_dict
+from server.jobs.control import JobControl, JobFailed
 from server.jobs.handoff import Handoff, lower_priority
 from server.jobs.spec import JobSpec
 from server.jobs.store import Checkpoint, JobStore, Outcome
-from server.jobs.tracking import MultiTracker
-from server.jobs.video_source import Position, VideoDecodeError, decode
+from server.jobs.tracking import TRACKED_TASKS, MultiTracker
+from server.jobs.video_source import Position, VideoDecodeError, decode, fetch
+from server.settings import Settings
 
 CHECKPOINT_SECONDS = 2.0
 
@@ -65,6 +69,34 @@ class _Stopped:
 
     index: int
     reason: str
+
+
+def process_video(
+    store: JobStore,
+    job_id: str,
+    spec: JobSpec,
+    detector: Detector,
+    control: JobControl,
+    settings: Settings,
+    read_ahead: int,
+) -> None:
+    """The engine's run of a video job: the video fetched (a remote one copied under the data directory),
+    then run_video_job. JobFailed when it cannot go on."""
+    assert spec.source.video is not None
+    if detector.info.task not in TRACKED_TASKS:  # the model was replaced since submit
+        raise JobFailed(f"{spec.detector!r} is now a {detector.info.task} model, which is not tracked")
+    configure_offline(settings.data_dir / "ultralytics")  # before ultralytics' trackers load
+    try:
+        video = fetch(spec.source.video, settings)
+    except ApiError as exc:
+        raise JobFailed(f"the video cannot be fetched: {exc.message}") from None
+    if not video.is_file():
+        raise JobFailed(f"the video {spec.source.video} no longer exists")
+    control.started = time.monotonic()
+    try:
+        run_video_job(store, job_id, spec, detector, video, control, read_ahead)
+    except VideoJobFailed as exc:
+        raise JobFailed(str(exc)) from None
 
 
 def run_video_job(

@@ -9,7 +9,6 @@ video does not need.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 import uuid
@@ -23,7 +22,7 @@ import numpy as np
 
 from server.errors import ApiError
 from server.settings import Settings
-from server.sources import READERS
+from server.sources import READERS, read
 
 VIDEO_EXTENSIONS: tuple[str, ...] = (
     ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".wmv", ".flv", ".3gp",
@@ -259,7 +258,7 @@ def fetch(ref: str, settings: Settings, refresh: bool = False) -> Path:
         if download is not None:
             download(ref, partial, settings)
         else:
-            partial.write_bytes(asyncio.run(READERS[scheme](ref, settings, purpose="job")))
+            partial.write_bytes(read(ref, settings))
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)

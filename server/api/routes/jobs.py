@@ -9,8 +9,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Query
 
 from server.api.deps import JobsDep
-from server.jobs.engine import JobStatus
 from server.jobs.spec import JobSpec, Source
+from server.jobs.status import JobStatus
 from server.jobs.store import JobState
 from server.ops.request_context import note_image_reference, redact_url
 

@@ -1,0 +1,276 @@
+"""How a job's images run: reader threads read and decode ahead of inference through a bounded queue (or the
+inference thread reads them itself), the detector runs on batches of `batch_size` in item order, SAM
+refines the boxes when asked, and each batch's results are committed in one transaction. So a crash loses at
+most the batches in flight, and resuming processes only what is still pending.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from models.detector import Detector, DetectParams, run_detection
+from models.shapes import Shape
+from server.errors import ApiError
+from server.formats.stored import shape_to_dict
+from server.images import decode_image
+from server.jobs.control import JobControl, JobFailed
+from server.jobs.handoff import Handoff, lower_priority
+from server.jobs.spec import JobSpec
+from server.jobs.store import JobStore, Outcome
+
+log = logging.getLogger("labelserve.jobs")
+
+Read = Callable[[str], bytes]  # an item's ref → its bytes
+# (SAM model name, image bytes, decoded RGB image, detections) -> refined shapes
+Refine = Callable[[str, bytes, np.ndarray, list[Shape]], list[Shape]]
+
+FAILED_BATCHES_LIMIT = 3  # batches in a row on which the detector fails every image: the job fails
+
+
+@dataclass
+class _Loaded:
+    index: int
+    image: np.ndarray | None = None
+    data: bytes | None = None  # kept only when SAM refinement needs the bytes
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class ImageRun:
+    """One run of an image job's pending items, and what it runs them with."""
+
+    store: JobStore
+    job_id: str
+    spec: JobSpec
+    detector: Detector
+    control: JobControl
+    read: Read
+    refine: Refine | None
+    max_pixels: int
+    readers: int  # reader/decoder threads; 0 reads in the inference thread
+    prefetch: int  # decoded images kept ahead of inference
+
+    def process(self) -> None:
+        """Process the job's pending items; returns when none is left, or when stopped. JobFailed when the
+        detector fails on every image of several batches in a row."""
+        job_id, spec, detector, control = self.job_id, self.spec, self.detector, self.control
+        params = spec.params.detect_params()
+        control.started = time.monotonic()
+        held: list[Outcome] = []  # outcomes of batches where the detector failed on every image
+        failed_batches, last_error = 0, ""
+
+        def load(index: int, ref: str) -> _Loaded:
+            return self._load(index, ref, keep_bytes=spec.sam_refine is not None)
+
+        reader = (
+            _Prefetch(self._pending(job_id), load, self.readers, self.prefetch, control.stop)
+            if self.readers > 0
+            else _Inline(self._pending(job_id), load, control.stop)
+        )
+        with reader as prefetch:
+            for batch in prefetch.batches(spec.batch_size):
+                outcomes, detector_error = self._infer(detector, spec, params, batch)
+                if detector_error is not None:
+                    # Maybe a broken detector rather than bad images: hold these back, and after several
+                    # batches in a row fail the job with the items still pending, to be retried on resume.
+                    held += outcomes
+                    failed_batches, last_error = failed_batches + 1, detector_error
+                    if failed_batches >= FAILED_BATCHES_LIMIT:
+                        raise JobFailed(
+                            f"the detector failed on {failed_batches} batches in a row: {last_error}"
+                        )
+                    continue
+                self.store.record(job_id, held + outcomes)
+                control.processed += len(held) + len(outcomes)
+                held, failed_batches = [], 0
+                if self.store.job(job_id).state != "running":  # cancelled, maybe by another process
+                    control.halt("cancel")
+                if control.stop.is_set():
+                    return
+        if held:
+            self.store.record(job_id, held)
+            control.processed += len(held)
+
+    def _pending(self, job_id: str, page: int = 512) -> Iterator[tuple[int, str]]:
+        after = -1
+        while rows := self.store.pending(job_id, after, page):
+            yield from rows
+            after = rows[-1][0]
+
+    def _infer(
+        self, detector: Detector, spec: JobSpec, params: DetectParams, batch: list[_Loaded]
+    ) -> tuple[list[Outcome], str | None]:
+        """Outcomes of one batch, and the detector's error when it failed on every image of the batch."""
+        outcomes = [Outcome(item.index, error=item.error) for item in batch if item.error is not None]
+        ready = [item for item in batch if item.error is None]
+        if not ready:
+            return outcomes, None
+        try:
+            found = list(zip(ready, _detect(detector, [item.image for item in ready], params), strict=True))
+        except Exception:
+            # One image can break a whole batch: retry one by one so only that image fails.
+            found, error = [], ""
+            for item in ready:
+                try:
+                    found.append((item, _detect(detector, [item.image], params)[0]))
+                except Exception as exc:
+                    error = f"the detector failed: {exc}"
+                    outcomes.append(Outcome(item.index, error=error))
+            if not found:
+                return outcomes, error
+        for item, shapes in found:
+            assert item.image is not None
+            height, width = item.image.shape[:2]
+            if spec.sam_refine is not None:
+                assert self.refine is not None and item.data is not None
+                try:
+                    shapes = self.refine(spec.sam_refine, item.data, item.image, shapes)
+                except ApiError as exc:
+                    outcomes.append(Outcome(item.index, error=f"SAM refinement failed: {exc.message}"))
+                    continue
+                except Exception as exc:
+                    log.exception("SAM refinement failed on item %d", item.index)
+                    outcomes.append(Outcome(item.index, error=f"SAM refinement failed: {exc}"))
+                    continue
+            result = json.dumps([shape_to_dict(s) for s in shapes], separators=(",", ":"))
+            outcomes.append(Outcome(item.index, width, height, result))
+        return outcomes, None
+
+    def _load(self, index: int, ref: str, keep_bytes: bool) -> _Loaded:
+        """Read and decode one image; any problem becomes the item's failure reason, never an exception."""
+        try:
+            data = self.read(ref)
+            image = decode_image(data, self.max_pixels)
+        except ApiError as exc:
+            return _Loaded(index, error=exc.message)
+        except FileNotFoundError:
+            return _Loaded(index, error=f"The file {ref!r} does not exist.")
+        except OSError as exc:
+            return _Loaded(index, error=f"The file {ref!r} cannot be read ({exc.strerror or exc}).")
+        except Exception as exc:  # a decoder's own bug: the image fails, the job goes on
+            log.exception("decoding item %d (%s) failed", index, ref)
+            return _Loaded(index, error=f"The image could not be decoded ({exc}).")
+        return _Loaded(index, image, data if keep_bytes else None)
+
+
+def _detect(detector: Detector, images: list[np.ndarray | None], params: DetectParams) -> list[list[Shape]]:
+    found = run_detection(detector, images, params)  # type: ignore[arg-type]
+    if len(found) != len(images):
+        raise RuntimeError(f"the detector returned {len(found)} results for {len(images)} images")
+    return found
+
+
+class _Inline:
+    """Reading and decoding in the inference thread: on a CPU whose cores inference already fills, reader
+    threads only slow it down (readers = 0)."""
+
+    def __init__(
+        self, refs: Iterator[tuple[int, str]], load: Callable[[int, str], _Loaded], stop: threading.Event
+    ):
+        self._refs, self._load, self._stop = refs, load, stop
+
+    def __enter__(self) -> _Inline:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        pass
+
+    def batches(self, size: int) -> Iterator[list[_Loaded]]:
+        batch: list[_Loaded] = []
+        for ref in self._refs:
+            if self._stop.is_set():
+                return
+            batch.append(self._load(*ref))
+            if len(batch) == size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+
+class _Prefetch:
+    """Reader threads pulling (index, ref) from a shared iterator, loading each into a bounded queue."""
+
+    def __init__(
+        self,
+        refs: Iterator[tuple[int, str]],
+        load: Callable[[int, str], _Loaded],
+        readers: int,
+        depth: int,
+        stop: threading.Event,
+    ) -> None:
+        self._refs, self._load, self._stop = refs, load, stop
+        self._halt = threading.Event()  # ours: set on exit, whatever the reason
+        self._lock = threading.Lock()
+        # Readers finish out of order; batches are built in item order, so the same items always share a
+        # batch (detector numerics depend on batch composition, and a resumed job must equal a straight run).
+        # The window bounds how far readers run ahead of the first item not yet handed out.
+        self._window = threading.Semaphore(depth)
+        self._next_seq = 0
+        self._handoff: Handoff[tuple[int, _Loaded]] = Handoff(depth + readers, self._stopped, stop)
+        self._alive = readers
+        self._threads = [
+            threading.Thread(target=self._read, name=f"job-reader-{i}", daemon=True) for i in range(readers)
+        ]
+
+    def __enter__(self) -> _Prefetch:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._halt.set()
+        for thread in self._threads:
+            thread.join(timeout=1.0)  # a reader stuck on a slow URL finishes on its own (daemon)
+
+    def _stopped(self) -> bool:
+        return self._halt.is_set() or self._stop.is_set()
+
+    def _read(self) -> None:
+        lower_priority()
+        try:
+            while not self._stopped():
+                if not self._window.acquire(timeout=0.1):
+                    continue
+                with self._lock:
+                    nxt = next(self._refs, None)
+                    seq = self._next_seq
+                    self._next_seq += 1
+                if nxt is None:
+                    self._window.release()
+                    break
+                if not self._handoff.put((seq, self._load(*nxt))):
+                    return
+        except BaseException as exc:  # the store failed under us: the consumer re-raises it
+            self._handoff.error = exc
+        finally:
+            with self._lock:
+                self._alive -= 1
+                last = self._alive == 0
+            if last:
+                self._handoff.finish()
+
+    def batches(self, size: int) -> Iterator[list[_Loaded]]:
+        batch: list[_Loaded] = []
+        arrived: dict[int, _Loaded] = {}
+        expected = 0
+        for seq, item in self._handoff:
+            arrived[seq] = item
+            while expected in arrived:
+                batch.append(arrived.pop(expected))
+                expected += 1
+                self._window.release()
+                if len(batch) == size:
+                    yield batch
+                    batch = []
+        if self._handoff.finished:  # every reader is done (the job was not stopped): the rest, in item order
+            batch += [arrived[seq] for seq in sorted(arrived)]
+            for start in range(0, len(batch), size):
+                yield batch[start : start + size]
