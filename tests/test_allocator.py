@@ -1,5 +1,5 @@
-"""`labelserve serve` runs under the allocator LABELSERVE_ALLOCATOR picks (server/allocator.py): tcmalloc by
-default when installed, re-executing itself with LD_PRELOAD before torch loads; glibc, tuned, otherwise."""
+"""`labelserve serve` runs under the allocator LABELSERVE_ALLOCATOR picks (server/ops/allocator.py): tcmalloc
+by default when installed, re-executing itself with LD_PRELOAD before torch loads; glibc, tuned, otherwise."""
 
 from __future__ import annotations
 

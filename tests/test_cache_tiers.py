@@ -257,8 +257,8 @@ def test_lost_size_file_is_recounted(tmp_path: Path) -> None:
 WRITER = """
 import sys, torch
 from models.base import ImageEmbedding
-from server.l2.breaker import Breaker
-from server.l2.disk_tier import DiskTier
+from server.services.embeddings.l2.breaker import Breaker
+from server.services.embeddings.l2.disk_tier import DiskTier
 directory, worker, cap = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 tier = DiskTier(directory, namespace="test", max_bytes=cap, breaker=Breaker(1, 1))
 for i in range(40):

@@ -1,5 +1,5 @@
 """GPU memory gauges on a CUDA host (skipped elsewhere). Imports only torch, prometheus-client and
-server.gpu_metrics, so it runs on a GPU machine without labelserve's other dependencies
+server.ops.gpu_metrics, so it runs on a GPU machine without labelserve's other dependencies
 (`pytest --noconftest tests/test_gpu_metrics.py`)."""
 
 from __future__ import annotations
