@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import timed_ms  # noqa: E402
-from server.objectstore.store import ObjectStore  # noqa: E402
+from server.inputs.objectstore.store import ObjectStore  # noqa: E402
 from server.settings import Settings  # noqa: E402
 from tests.conftest import ultralytics_asset  # noqa: E402
 from tests.s3_helpers import MotoS3, moto_s3  # noqa: E402

@@ -1,4 +1,10 @@
-"""Which models exist, which are loaded, and why the others are not."""
+"""Which models exist, which are loaded, and why the others are not; and the one place every model and
+tracker is built: BACKENDS, one row per backend, and the trackers built on other things (SAM propagation on
+a segmenter, a video job's multi-object tracker).
+
+To add a backend: write its builder (name, architecture, checkpoint or what to build randomly, config,
+device) -> model, and add a row; a manifest entry (weights/manifest.json) it `serves` then becomes a model.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -14,14 +21,89 @@ import torch
 
 from models.base import UNLOADED, ModelLoading, ModelUnavailable, Segmenter, UnknownModel, load_command
 from models.config import HasModelsConfig, ModelsConfig
-from models.detector import Detector
+from models.detector import Detector, DetectorInfo
+from models.multi_tracker import MultiTracker, TrackerParams
 from models.sam import SAM_ARCHITECTURES, SamSegmenter, build_sam, encoder_autocast
+from models.sam_tracker import Embed, SamPropagationTracker
 from models.tracker import Tracker
 from weights import store
 
 log = logging.getLogger("labelserve.models")
 
 State = Literal["loaded", "loading", "unavailable", "failed", "disabled"]
+Kind = Literal["segmenter", "detector", "tracker"]
+Model = Segmenter | Detector | Tracker
+# (model name, architecture, its checkpoint or None for seeded random weights, config, device) -> the model
+Build = Callable[[str, str, Path | None, ModelsConfig, torch.device], Model]
+
+
+@dataclass(frozen=True)
+class Backend:
+    kind: Kind
+    build: Build
+    # The manifest entries (weights/manifest.json) it builds; None: a weight-free tracker, always served.
+    serves: Callable[[store.WeightEntry], bool] | None = None
+
+
+def _build_sam(name: str, architecture: str, checkpoint: Path | None, config: ModelsConfig,
+               device: torch.device) -> Segmenter:  # fmt: skip
+    segmenter = SamSegmenter(
+        name,
+        build_sam(architecture, checkpoint),
+        device,
+        cache_dtype=getattr(torch, config.cache_dtype),
+        cache_on_model_device=config.cache_device == "model",
+        encoder_autocast=encoder_autocast(config.encoder_dtype),
+    )
+    if device.type == "cuda":  # part of loading: /readyz waits for it, clicks do not
+        segmenter.warm_up(config.warm_up_batch)
+    return segmenter
+
+
+def _build_ultralytics(name: str, architecture: str, checkpoint: Path | None, config: ModelsConfig,
+                       device: torch.device) -> Detector:  # fmt: skip
+    """Every ultralytics model (detect, segment, pose, obb, classify) is built here, offline."""
+    from models.yolo import UltralyticsDetector, configure_offline, load_yolo
+
+    configure_offline(config.data_dir / "ultralytics")
+    model = load_yolo(checkpoint or f"{architecture}.yaml")
+    where = "cpu" if device.type == "cpu" else "0"
+    return UltralyticsDetector(name, model, where, lambda: apply_thread_count(config))
+
+
+def _build_sam2(name: str, architecture: str, checkpoint: Path | None, config: ModelsConfig,
+                device: torch.device) -> Tracker:  # fmt: skip
+    from models.sam2_tracker import build_sam2_tracker
+
+    return build_sam2_tracker(name, architecture, checkpoint, config.sam2_memory_frames, device)
+
+
+def _build_medianflow(name: str, architecture: str, checkpoint: Path | None, config: ModelsConfig,
+                      device: torch.device) -> Tracker:  # fmt: skip
+    from models.box_tracker import MedianFlowTracker
+
+    return MedianFlowTracker()
+
+
+# Every backend, by name. A manifest entry is served by the first row whose `serves` takes it.
+BACKENDS: dict[str, Backend] = {
+    "sam": Backend("segmenter", _build_sam, serves=lambda entry: entry.architecture in SAM_ARCHITECTURES),
+    "ultralytics": Backend("detector", _build_ultralytics, serves=lambda entry: entry.kind == "detector"),
+    "sam2": Backend("tracker", _build_sam2, serves=lambda entry: entry.kind == "tracker"),
+    "medianflow": Backend("tracker", _build_medianflow),
+}
+LOCAL_CHECKPOINTS = "ultralytics"  # the backend of LABELSERVE_DETECTOR_PATHS' checkpoints
+
+
+def backend_of(entry: store.WeightEntry) -> str | None:
+    """The backend that builds a manifest entry; None for an entry no backend serves."""
+    return next((name for name, b in BACKENDS.items() if b.serves is not None and b.serves(entry)), None)
+
+
+def multi_tracker(params: TrackerParams, info: DetectorInfo, state: bytes | None = None) -> MultiTracker:
+    """A video job's multi-object tracker (ultralytics' ByteTrack or BoT-SORT, `params.type`) over the
+    detections of a detector described by `info`; `state` restores a checkpoint (MultiTracker.snapshot)."""
+    return MultiTracker(params, info, state)
 
 
 @dataclass
@@ -35,6 +117,7 @@ class ModelRecord:
     fix: str | None = None
     load_seconds: float | None = None
     path: Path | None = None  # a local checkpoint the operator configured (not in the manifest)
+    backend: str = LOCAL_CHECKPOINTS  # its row in BACKENDS
     model: Segmenter | Detector | Tracker | None = field(default=None, repr=False)
 
     def describe(self) -> dict:
@@ -79,12 +162,13 @@ class ModelRegistry:
         self._lock = threading.Lock()  # state changes through the API (load, unload)
         self._records: dict[str, ModelRecord] = {}
         for entry in store.load_manifest().values():
-            if entry.architecture in SAM_ARCHITECTURES:
-                self._records[entry.name] = ModelRecord(entry.name, "segmenter", entry.architecture)
-            elif entry.kind in ("detector", "tracker"):
-                self._records[entry.name] = ModelRecord(entry.name, entry.kind, entry.architecture)
+            backend = backend_of(entry)
+            if backend is not None:
+                kind = BACKENDS[backend].kind
+                self._records[entry.name] = ModelRecord(entry.name, kind, entry.architecture, backend=backend)
         for name, path in self.config.detector_paths.items():
-            self._records[name] = ModelRecord(name, "detector", "ultralytics", path=Path(path))
+            kind = BACKENDS[LOCAL_CHECKPOINTS].kind
+            self._records[name] = ModelRecord(name, kind, LOCAL_CHECKPOINTS, path=Path(path))
         unknown = [name for name in self.config.models if name not in self._records]
         if unknown:
             raise ValueError(
@@ -213,31 +297,26 @@ class ModelRegistry:
             return None
 
     def _build(self, record: ModelRecord, source: Path | str) -> Segmenter | Detector | Tracker:
+        """`source`: the checkpoint, or (seeded random weights) the architecture to build."""
         checkpoint = source if isinstance(source, Path) else None
-        if record.kind == "tracker":
-            from models.sam2_tracker import build_sam2_tracker
+        architecture = source if isinstance(source, str) else record.architecture
+        return BACKENDS[record.backend].build(record.name, architecture, checkpoint, self.config, self.device)
 
-            return build_sam2_tracker(
-                record.name, record.architecture, checkpoint, self.config.sam2_memory_frames, self.device
-            )
-        if record.kind == "segmenter":
-            segmenter = SamSegmenter(
-                record.name,
-                build_sam(record.architecture, checkpoint),
-                self.device,
-                cache_dtype=getattr(torch, self.config.cache_dtype),
-                cache_on_model_device=self.config.cache_device == "model",
-                encoder_autocast=encoder_autocast(self.config.encoder_dtype),
-            )
-            if self.device.type == "cuda":  # part of loading: /readyz waits for it, clicks do not
-                segmenter.warm_up(self.config.warm_up_batch)
-            return segmenter
-        from models.yolo import UltralyticsDetector, configure_offline, load_yolo
+    # ---- trackers built on other things -------------------------------------------------------------------
+    def weight_free_trackers(self) -> dict[str, Tracker]:
+        """A new instance of every tracker that needs no weights, by name (always served)."""
+        found = {}
+        for name, backend in BACKENDS.items():
+            if backend.serves is None:
+                model = backend.build(name, name, None, self.config, self.device)
+                assert isinstance(model, Tracker)
+                found[name] = model
+        return found
 
-        configure_offline(self.config.data_dir / "ultralytics")
-        model = load_yolo(checkpoint or f"{source}.yaml")
-        device = "cpu" if self.device.type == "cpu" else "0"
-        return UltralyticsDetector(record.name, model, device, lambda: apply_thread_count(self.config))
+    def propagation_tracker(self, model: str, embed: Embed) -> Tracker:
+        """SAM mask propagation ("<model>-propagate") on the loaded segmenter `model`; `embed` gives a frame's
+        embedding through the server's cache."""
+        return SamPropagationTracker(self.segmenter(model), embed)
 
     # ---- lookup -------------------------------------------------------------------------------------------
     def record(self, name: str) -> ModelRecord:

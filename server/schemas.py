@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from models.detector import TILE_DESCRIPTION, TILE_OVERLAP_DESCRIPTION
 from server.formats.api_json import MASK_FORMATS
-from server.sources import ImageRef
+from server.inputs.urls import ImageRef
 
 
 class MaskPrompt(BaseModel):

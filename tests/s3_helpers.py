@@ -19,8 +19,8 @@ import boto3
 from botocore.config import Config
 from moto.server import ThreadedMotoServer
 
-from server.objectstore.clients import Purpose
-from server.objectstore.store import store_for
+from server.inputs.objectstore.clients import Purpose
+from server.inputs.objectstore.store import store_for
 from server.settings import Settings
 
 REGION = "eu-central-003"  # a B2 region: outside us-east-1, buckets need a LocationConstraint

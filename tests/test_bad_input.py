@@ -13,7 +13,7 @@ from PIL import Image
 
 from server.app import create_app
 from server.errors import ApiError
-from server.images import decode_image
+from server.inputs.images import decode_image
 
 from .conftest import encode_image, make_settings, synthetic_scene
 

@@ -33,11 +33,12 @@ from models.detector import Detector, DetectorInfo, DetectParams
 from models.shapes import Keypoint, Shape
 from server.api.errors import install_error_handlers
 from server.api.routes.jobs import router
+from server.cli import prelabel as cli
 from server.cvat.agent_functions import cvat_annotation, label_spec
 from server.errors import ApiError
 from server.formats.api_json import render_shape
 from server.formats.stored import shape_from_dict
-from server.jobs import cli, cvat_upload
+from server.jobs import cvat_upload
 from server.jobs.engine import LocalEngine
 from server.jobs.spec import JobSpec
 from server.settings import Settings

@@ -18,7 +18,7 @@ from ultralytics.utils import ops
 
 from models.detector import DetectorInfo
 from models.yolo import shapes_from_result
-from server.images import decode_image
+from server.inputs.images import decode_image
 
 from .conftest import encode_image, fall_checkpoint, synthetic_scene, ultralytics_asset
 

@@ -30,11 +30,11 @@ from models.detector import DetectorInfo
 from models.shapes import Keypoint, RegionMask, Shape
 from server.api.errors import install_error_handlers
 from server.api.routes.jobs import router
+from server.cli import prelabel as cli
 from server.errors import ApiError
 from server.formats.datasets import write_output
 from server.formats.files import ImageResult
 from server.formats.stored import shape_from_dict, shape_to_dict
-from server.jobs import cli
 from server.jobs.engine import LocalEngine
 from server.jobs.spec import JobSpec
 from server.settings import Settings

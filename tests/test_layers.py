@@ -1,11 +1,17 @@
 """The direction of imports, written down once: LAYERS lists the project's packages lowest first, and a module
 may import only from its own layer and the layers before it. Every import counts, also one inside a function.
 
-    weights <- models <- settings, errors, lru, ops <- formats <- inputs, cvat, schemas <- jobs <- services
-    <- api <- app, cli
+    weights <- models <- settings, errors, lru, ops <- formats <- inputs <- cvat <- schemas <- services
+            <- jobs <- api <- app, cli
 
-`models/` imports nothing from `server/`: the shape vocabulary (models/shapes.py) and the models' own
-configuration (models/config.py, built by Settings.models_config()) live in the lowest package.
+- `models/` imports nothing from `server/`: the shape vocabulary (models/shapes.py) and the models' own
+  configuration (models/config.py, built by Settings.models_config()) live in the lowest package.
+- settings, errors (no FastAPI), lru and ops/ are shared by every server layer.
+- formats/ is the one place a shape becomes bytes; inputs/ is where bytes come from (images, URLs, object
+  storage, video); cvat/ calls CVAT and reads task frames through inputs/ (a task's bucket).
+- schemas holds request documents that embed inputs' ImageRef and formats' mask encodings.
+- services/ has no FastAPI; its collections.py (a job's Source) lists CVAT tasks' frames, hence above cvat/.
+- jobs/ runs on services' collections; api/ is HTTP only; app.py composes, cli/ commands.
 """
 
 from __future__ import annotations
@@ -19,25 +25,13 @@ LAYERS: list[tuple[str, ...]] = [
     ("models",),
     ("server.settings", "server.errors", "server.lru", "server.ops"),
     ("server.formats",),
-    (
-        "server.images",
-        "server.sources",
-        "server.video",
-        "server.objectstore",
-        "server.cvat",
-        "server.schemas",
-    ),
-    ("server.jobs",),
+    ("server.inputs",),
+    ("server.cvat",),
+    ("server.schemas",),
     ("server.services",),
+    ("server.jobs",),
     ("server.api",),
-    (
-        "server.app",
-        "server.cli",
-        "server.serving",
-        "server.entrypoint",
-        "server.keys_cli",
-        "server.cvat.webhook_cli",
-    ),
+    ("server.app", "server.cli"),
 ]
 PACKAGES = ("weights", "models", "server")
 

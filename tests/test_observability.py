@@ -18,12 +18,12 @@ from server.api.auth import hash_key, new_key
 from server.api.metrics import cache_metrics, job_metrics
 from server.api.routes.jobs import source_reference
 from server.app import create_app
-from server.jobs.spec import Source
 from server.jobs.store import JobStore
 from server.ops.audit import audit_log
 from server.ops.logs import JsonFormatter, RequestIdFilter
 from server.ops.metrics import Metrics
 from server.ops.request_context import begin, end, note_image_bytes, redact_url
+from server.services.collections import Source
 
 from .conftest import encode_image, fall_checkpoint, make_settings, synthetic_scene
 

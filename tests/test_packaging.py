@@ -25,7 +25,7 @@ import yaml
 from dockerfile_parse import DockerfileParser
 from dockerfile_parse.util import get_key_val_dictionary
 
-from server import entrypoint
+from server.cli import entrypoint
 from server.settings import Settings
 from weights import store
 
@@ -127,7 +127,7 @@ def test_runtime_has_healthcheck_port_volumes_and_entrypoint(stages: dict[str, S
     (command,) = runtime.values("ENTRYPOINT")
     assert json.loads(command) == ["/usr/local/bin/labelserve-entrypoint"]
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["labelserve-entrypoint"] == "server.entrypoint:main"
+    assert scripts["labelserve-entrypoint"] == "server.cli.entrypoint:main"
     assert any("/opt/venv/bin/labelserve-entrypoint /usr/local/bin/" in run for run in runtime.values("RUN"))
 
 
@@ -282,7 +282,7 @@ def entrypoint_env(tmp: Path, **extra: str) -> dict[str, str]:
 
 def run_entrypoint(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "server.entrypoint", *args],
+        [sys.executable, "-m", "server.cli.entrypoint", *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
 
@@ -293,7 +293,7 @@ def served(tmp_path: Path) -> Iterator[tuple[subprocess.Popen, dict[str, str]]]:
     # The log goes to a file, never to an unread pipe that would fill up and block the server.
     with open(tmp_path / "server.log", "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "server.entrypoint"],
+            [sys.executable, "-m", "server.cli.entrypoint"],
             cwd=ROOT,
             env=env,
             stdout=log,

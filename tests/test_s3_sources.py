@@ -23,17 +23,17 @@ from botocore.config import Config
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from server import sources
 from server.app import create_app
+from server.cli import prelabel as cli
 from server.errors import ApiError
-from server.jobs import cli
+from server.inputs import urls as sources
+from server.inputs.manifest import manifest_names
+from server.inputs.objectstore.store import store_for
+from server.inputs.urls import READERS
 from server.jobs.engine import LocalEngine
-from server.jobs.manifest import manifest_names
 from server.jobs.outputs import STAGING_DIR
 from server.jobs.spec import JobSpec
-from server.objectstore.store import store_for
 from server.settings import Settings, get_settings
-from server.sources import READERS
 from tests.conftest import encode_image, fall_checkpoint, make_settings, synthetic_scene
 from tests.jobs_helpers import RectDetector, wait_for, write_dataset
 from tests.s3_helpers import REGION, FaultyS3, HeaderContract, MotoS3, moto_s3

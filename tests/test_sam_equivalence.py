@@ -14,7 +14,7 @@ from skimage import data as skdata
 from models.base import ImageEmbedding
 from models.sam import SamSegmenter
 from server.formats.rle import cvat_rle_decode
-from server.images import decode_image
+from server.inputs.images import decode_image
 
 from .conftest import encode_image, synthetic_scene
 

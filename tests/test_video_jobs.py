@@ -23,16 +23,16 @@ from models.detector import DetectorInfo
 from models.shapes import RegionMask, Shape
 from server.api.errors import install_error_handlers
 from server.api.routes.jobs import router
+from server.cli import prelabel as cli
 from server.errors import ApiError
 from server.formats.cvat_video import write_cvat_video
 from server.formats.mot import write_mot
 from server.formats.rle import cvat_rle_decode
 from server.formats.stored import shape_from_dict
 from server.formats.tracks import FrameTracks, VideoMeta
-from server.jobs import cli
+from server.inputs.video import copy_path
 from server.jobs.engine import LocalEngine
 from server.jobs.spec import JobSpec
-from server.jobs.video_source import copy_path
 from server.settings import Settings
 
 from .conftest import make_settings

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import cv2
 import numpy as np
 
-from server.images import decode_image
+from server.inputs.images import decode_image
 
 from .conftest import ultralytics_asset
 from .synthetic_video import Box, box_iou

@@ -10,10 +10,10 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
 from server.errors import ApiError
+from server.inputs.urls import read_image_ref
 from server.ops.request_context import note_image_bytes
 from server.schemas import EmbedRequest
 from server.settings import Settings
-from server.sources import read_image_ref
 
 M = TypeVar("M", bound=BaseModel)
 

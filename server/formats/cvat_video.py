@@ -11,9 +11,8 @@ from pathlib import Path
 
 from models.detector import DetectorInfo
 from models.shapes import Shape
-from server.formats.cvat_xml import Xml, cvat_label
+from server.formats.cvat_xml import Xml, cvat_label, mask_attributes
 from server.formats.files import LabelTable, atomic, f2, label_of
-from server.formats.rle import cvat_rle
 from server.formats.stored import shape_from_dict, shape_to_dict
 from server.formats.tracks import Numbering, TrackResults, VideoMeta
 
@@ -97,15 +96,8 @@ def _cvat_track_shapes(xml: Xml, seen: list[tuple[int, Shape]], meta: VideoMeta)
 def _cvat_track_shape(xml: Xml, frame: int, shape: Shape, outside: bool) -> None:
     attrs = {"frame": str(frame), "keyframe": "1", "outside": str(int(outside)), "occluded": "0"}
     if shape.kind == "mask" and shape.mask is not None and not shape.mask.is_empty:
-        *runs, xtl, ytl, xbr, ybr = cvat_rle(shape.mask)
         tag = "mask"
-        attrs |= {
-            "rle": ", ".join(map(str, runs)),
-            "left": str(xtl),
-            "top": str(ytl),
-            "width": str(xbr - xtl + 1),
-            "height": str(ybr - ytl + 1),
-        }
+        attrs |= mask_attributes(shape.mask)
     else:
         bounds = shape.bounds()
         assert bounds is not None

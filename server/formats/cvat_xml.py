@@ -7,7 +7,7 @@ from typing import IO
 from xml.sax.saxutils import XMLGenerator
 
 from models.detector import DetectorInfo
-from models.shapes import Shape
+from models.shapes import RegionMask, Shape
 from server.formats.files import LabelTable, Results, atomic, f2, label_of
 from server.formats.rle import cvat_rle
 
@@ -129,16 +129,8 @@ def _cvat_shape(xml: Xml, shape: Shape) -> None:
         assert shape.mask is not None
         if shape.mask.is_empty:  # CVAT cannot hold a mask without pixels
             return
-        *runs, xtl, ytl, xbr, ybr = cvat_rle(shape.mask)
         tag = "mask"
-        attrs = base | {
-            "occluded": "0",
-            "rle": ", ".join(map(str, runs)),  # CVAT's exporter writes str(list)[1:-1]
-            "left": str(xtl),
-            "top": str(ytl),
-            "width": str(xbr - xtl + 1),
-            "height": str(ybr - ytl + 1),
-        }
+        attrs = base | {"occluded": "0"} | mask_attributes(shape.mask)
     else:  # keypoints
         assert shape.keypoints is not None
         xml.open("skeleton", base | {"z_order": "0"})
@@ -152,6 +144,18 @@ def _cvat_shape(xml: Xml, shape: Shape) -> None:
     xml.open(tag, attrs | {"z_order": "0"})
     _cvat_attributes(xml, shape)
     xml.close(tag)
+
+
+def mask_attributes(mask: RegionMask) -> dict[str, str]:
+    """A <mask>'s geometry as CVAT's exporter writes it: RLE runs over the mask's own inclusive box."""
+    *runs, xtl, ytl, xbr, ybr = cvat_rle(mask)
+    return {
+        "rle": ", ".join(map(str, runs)),  # CVAT's exporter writes str(list)[1:-1]
+        "left": str(xtl),
+        "top": str(ytl),
+        "width": str(xbr - xtl + 1),
+        "height": str(ybr - ytl + 1),
+    }
 
 
 def _cvat_points(flat: list[float]) -> str:

@@ -23,11 +23,11 @@ from typing import Any
 
 from models.shapes import Shape
 from server.cvat.agent_functions import cvat_annotation
+from server.cvat.tasks import Frame, LabelPlan, TaskInfo, cvat_errors, fits, match_frames
 from server.errors import ApiError
 from server.formats.api_json import render_shape
 from server.formats.files import label_of
 from server.formats.stored import shape_from_dict
-from server.jobs.cvat_task import Frame, LabelPlan, TaskInfo, cvat_errors, fits, match_frames
 from server.jobs.store import ItemRow, JobStore, UploadRow
 
 log = logging.getLogger("labelserve.jobs.cvat")

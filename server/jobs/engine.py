@@ -26,9 +26,11 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from models.detector import Detector
+from server.cvat import tasks as cvat
 from server.errors import ApiError
 from server.formats.files import check_names
-from server.jobs import cvat_task as cvat
+from server.inputs.urls import read
+from server.inputs.video import copy_path, local_path
 from server.jobs.control import JobControl, JobFailed
 from server.jobs.image_job import ImageRun, Read, Refine
 from server.jobs.outputs import output_locations, upload_to_cvat, write_files
@@ -44,9 +46,7 @@ from server.jobs.validate import (
     model_call,
 )
 from server.jobs.video_job import process_video
-from server.jobs.video_source import copy_path, local_path
 from server.settings import Settings, get_settings
-from server.sources import read
 
 log = logging.getLogger("labelserve.jobs")
 

@@ -19,7 +19,7 @@ from models.detector import Detector, DetectParams, run_detection
 from models.shapes import Shape
 from server.errors import ApiError
 from server.formats.stored import shape_to_dict
-from server.images import decode_image
+from server.inputs.images import decode_image
 from server.jobs.control import JobControl, JobFailed
 from server.jobs.handoff import Handoff, lower_priority
 from server.jobs.spec import JobSpec

@@ -11,18 +11,18 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
 from models.detector import DetectorInfo
+from server.cvat import tasks as cvat
 from server.errors import ApiError
 from server.formats.datasets import write_output, write_video_output
 from server.formats.files import ImageResult, output_paths
 from server.formats.stored import shape_from_dict
 from server.formats.tracks import FrameTracks, VideoMeta
-from server.jobs import cvat_task as cvat
+from server.inputs.objectstore.locations import is_s3_url, parse_s3_url
+from server.inputs.objectstore.store import store_for
+from server.inputs.video import fetch, probe
 from server.jobs.control import JobControl, JobFailed
 from server.jobs.spec import VIDEO_FORMATS, JobSpec
 from server.jobs.store import JobStore
-from server.jobs.video_source import fetch, probe
-from server.objectstore.locations import is_s3_url, parse_s3_url
-from server.objectstore.store import store_for
 from server.settings import Settings
 
 STAGING_DIR = "job-outputs"  # under data_dir: the files of s3:// outputs, until they are uploaded

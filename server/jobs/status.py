@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 from pydantic import BaseModel, Field
 
-from server.jobs.cvat_spec import CvatTaskOutput
+from server.cvat.spec import CvatTaskOutput
 from server.jobs.outputs import output_locations
 from server.jobs.spec import JobSpec
 from server.jobs.store import JobRow, JobState, JobStore

@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import TypeVar
 
 from models.detector import DetectorInfo, tiling_problem
+from models.multi_tracker import TRACKED_TASKS
+from server.cvat import tasks as cvat
 from server.errors import ApiError
-from server.jobs import cvat_task as cvat
+from server.inputs.objectstore.locations import is_s3_url, parse_s3_url
+from server.inputs.objectstore.store import store_for
 from server.jobs.spec import JobSpec
 from server.jobs.store import ACTIVE_STATES, JobStore
-from server.jobs.tracking import TRACKED_TASKS
-from server.objectstore.locations import is_s3_url, parse_s3_url
-from server.objectstore.store import store_for
 from server.settings import Settings
 
 T = TypeVar("T")

@@ -25,15 +25,15 @@ from typing import Protocol
 import numpy as np
 
 from models.detector import Detector, run_detection
+from models.multi_tracker import TRACKED_TASKS, MultiTracker
 from models.yolo import configure_offline
 from server.errors import ApiError
 from server.formats.stored import shape_to_dict
+from server.inputs.video import Position, VideoDecodeError, decode, fetch
 from server.jobs.control import JobControl, JobFailed
 from server.jobs.handoff import Handoff, lower_priority
 from server.jobs.spec import JobSpec
 from server.jobs.store import Checkpoint, JobStore, Outcome
-from server.jobs.tracking import TRACKED_TASKS, MultiTracker
-from server.jobs.video_source import Position, VideoDecodeError, decode, fetch
 from server.settings import Settings
 
 CHECKPOINT_SECONDS = 2.0
@@ -132,8 +132,10 @@ def run_video_job(
         )
     elif first[0][0] != 0:
         raise VideoJobFailed("frames were labelled but no tracker checkpoint was kept; submit the job again")
+    from models.registry import multi_tracker  # imports torch: only once a video job runs
+
     try:
-        tracker = MultiTracker(spec.tracker, detector.info, state)
+        tracker = multi_tracker(spec.tracker, detector.info, state)
     except Exception as exc:  # an ultralytics upgrade can make an old pickle unreadable
         raise VideoJobFailed(
             f"the tracker checkpoint cannot be restored ({exc}); submit the job again"

@@ -13,7 +13,7 @@ from models.registry import ModelRegistry
 from models.shapes import Shape
 from models.tiling import TooManyTiles, check_tile_count
 from server.errors import ApiError
-from server.images import decode_image
+from server.inputs.images import decode_image
 from server.ops.timing import Timings
 from server.schemas import SegmentRequest
 from server.services.batching import MicroBatcher

@@ -33,13 +33,13 @@ from urllib.parse import unquote, urlsplit
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from server.errors import ApiError
-from server.jobs.spec import Source
+from server.inputs.urls import READERS, ImageRef, read_image_ref
 from server.lru import ByteLRU
 from server.ops.timing import Timings
+from server.services.collections import Source
 from server.services.embeddings.scheduler import Priority
 from server.services.sam import SamService
 from server.settings import Settings
-from server.sources import READERS, ImageRef, read_image_ref
 
 log = logging.getLogger("labelserve.prefetch")
 

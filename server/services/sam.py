@@ -13,7 +13,7 @@ from models.shapes import RegionMask
 from server.errors import ApiError
 from server.formats.api_json import render_mask
 from server.formats.rle import coco_rle_decode, cvat_rle_decode
-from server.images import image_id
+from server.inputs.images import image_id
 from server.ops.timing import Timings
 from server.schemas import MaskPrompt, SegmentRequest
 from server.services.embeddings import Tier, TieredEmbeddings

@@ -15,13 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from models.box_tracker import MedianFlowTracker
 from models.registry import ModelRegistry
-from models.sam_tracker import SamPropagationTracker
 from models.shapes import Shape
 from models.tracker import Frame, Tracker, TrackerInputError
 from server.errors import ApiError
-from server.images import decode_image, image_id
+from server.inputs.images import decode_image, image_id
 from server.services.sam import SamService
 from server.settings import Settings
 
@@ -116,7 +114,7 @@ class TrackService:
         self.sam = sam
         self.settings = settings
         self.store = TrackStateStore(settings.track_state_bytes, settings.track_state_ttl_s)
-        self._weight_free: dict[str, Tracker] = {"medianflow": MedianFlowTracker()}
+        self._weight_free: dict[str, Tracker] = registry.weight_free_trackers()
         self._sam: dict[str, Tracker] = {}
         self._lock = threading.Lock()
 
@@ -134,12 +132,12 @@ class TrackService:
             model = name.removesuffix(PROPAGATE_SUFFIX)
             with self._lock:
                 if name not in self._sam:
-                    segmenter = self.registry.segmenter(model)  # unknown or unavailable: its own 4xx/503
 
                     def embed(frame: Frame, model: str = model) -> Any:
                         return self.sam.embed_decoded(model, frame.content_id, frame.image)
 
-                    self._sam[name] = SamPropagationTracker(segmenter, embed)
+                    # An unknown or unavailable segmenter: the registry's own 4xx/503.
+                    self._sam[name] = self.registry.propagation_tracker(model, embed)
                 return self._sam[name]
         if name in self.registry.enabled or self._is_known_tracker_model(name):
             return self.registry.tracker(name)  # loading or unavailable: the registry's own 503

@@ -1,6 +1,6 @@
 """Warm embeddings before the annotator arrives: CVAT says which job someone starts (webhooks), and an AI
 agent's click says which frame they are on (look-ahead). Both become prefetch runs (prefetch.py here) over
-a CVAT task's frames, read from the task's bucket or through CVAT (server/jobs/cvat_task.py).
+a CVAT task's frames, read from the task's bucket or through CVAT (server/cvat/tasks.py).
 
 Webhooks: CVAT signs each delivery with the profile's webhook secret (X-Signature-256: sha256=HMAC of the
 body). `update:job` starts a run over the job's frames in frame order when the job gets an assignee or goes
@@ -22,9 +22,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from server.cvat.spec import CvatTaskSource
+from server.cvat.tasks import FRAME_REF, Connections
 from server.errors import ApiError
-from server.jobs.cvat_spec import CvatTaskSource
-from server.jobs.cvat_task import FRAME_REF, Connections
 from server.lru import ByteLRU
 from server.services.prefetch import PrefetchItem, PrefetchManager, PrefetchStatus, Prepared, Urgency
 from server.settings import Settings

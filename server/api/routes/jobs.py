@@ -9,10 +9,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Query
 
 from server.api.deps import JobsDep
-from server.jobs.spec import JobSpec, Source
+from server.jobs.spec import JobSpec
 from server.jobs.status import JobStatus
 from server.jobs.store import JobState
 from server.ops.request_context import note_image_reference, redact_url
+from server.services.collections import Source
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 

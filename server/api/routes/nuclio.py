@@ -23,10 +23,10 @@ from server.api.body import read_limited_body
 from server.api.deps import Services, ServicesDep
 from server.errors import ApiError
 from server.formats import cvat_json as render
+from server.inputs.urls import decode_base64
 from server.ops import request_context
 from server.ops.timing import Timings
 from server.schemas import SegmentRequest
-from server.sources import decode_base64
 
 router = APIRouter(tags=["cvat"])
 

@@ -16,10 +16,10 @@ from server.api.deps import Services, ServicesDep
 from server.api.replies import ERRORS, body_doc
 from server.errors import ApiError
 from server.formats.cvat_json import shape_to_trackable, trackable_to_shape
-from server.images import image_id
+from server.inputs.images import image_id
+from server.inputs.urls import read_image_ref
+from server.inputs.video import iter_frames
 from server.schemas import PropagateRequest, TrackShape, TrackStartRequest, TrackStepRequest
-from server.sources import read_image_ref
-from server.video import iter_frames
 
 router = APIRouter(prefix="/v1", tags=["track"])
 

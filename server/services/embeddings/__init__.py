@@ -23,7 +23,7 @@ from typing import Any, Literal
 import numpy as np
 
 from models.base import ImageEmbedding, Segmenter, unloaded
-from server.images import decode_image, pixel_id
+from server.inputs.images import decode_image, pixel_id
 from server.lru import ByteLRU
 from server.ops.timing import Timings
 from server.services.embeddings.l1 import EmbeddingCache

@@ -9,8 +9,8 @@ from pathlib import Path
 
 def _serve(args: argparse.Namespace) -> int:
     from server.app import create_app
+    from server.cli.serve import serve
     from server.ops.logs import configure_logging
-    from server.serving import serve
     from server.settings import Settings
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port}.items() if v is not None}
@@ -65,9 +65,9 @@ def _preload_allocator(argv: list[str]) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     # Imported here, not at the top: `serve` may re-execute itself before anything imports torch.
-    from server.cvat.webhook_cli import add_cvat_commands
-    from server.jobs.cli import add_prelabel_command
-    from server.keys_cli import add_keys_commands
+    from server.cli.cvat_webhook import add_cvat_commands
+    from server.cli.keys import add_keys_commands
+    from server.cli.prelabel import add_prelabel_command
     from weights.cli import add_weights_commands
 
     parser = argparse.ArgumentParser(prog="labelserve", description=__doc__)
@@ -95,7 +95,3 @@ def main(argv: list[str] | None = None) -> int:
         _preload_allocator(argv)
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

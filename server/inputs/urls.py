@@ -1,5 +1,5 @@
 """Where image bytes come from: inline base64, or a URL whose scheme picks a reader in READERS: http/https
-(guarded against SSRF) and s3 (server.objectstore, through the operator's storage profiles)."""
+(guarded against SSRF) and s3 (server.inputs.objectstore, through the operator's storage profiles)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ import pybase64
 from pydantic import BaseModel, Field, model_validator
 
 from server.errors import ApiError
-from server.objectstore.clients import Purpose
-from server.objectstore.store import read_s3
+from server.inputs.objectstore.clients import Purpose
+from server.inputs.objectstore.store import read_s3
 from server.ops.request_context import note_image_bytes, note_image_url
 from server.settings import Settings
 

@@ -1,6 +1,7 @@
-"""Video files for jobs, through PyAV: probing at submit (a clear 4xx for anything that cannot be decoded),
-streaming decode in frame order (one decoded frame at a time), resuming after a given frame, and local copies
-of remote videos.
+"""Video, through PyAV (its one home): uploaded bytes streamed to RGB frames (the tracking API's propagate),
+and video files for jobs: probing at submit (a clear 4xx for anything that cannot be decoded), streaming
+decode in frame order (one decoded frame at a time), resuming after a given frame, and local copies of
+remote videos. One frame in memory at a time, however long the video.
 
 Frames are numbered 0, 1, 2... in presentation order, as CVAT numbers the frames of a video task.
 PyAV is imported where a video is opened: it loads FFmpeg's libraries, which a server that never reads a
@@ -10,6 +11,7 @@ video does not need.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,8 +23,8 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 
 from server.errors import ApiError
+from server.inputs.urls import READERS, read
 from server.settings import Settings
-from server.sources import READERS, read
 
 VIDEO_EXTENSIONS: tuple[str, ...] = (
     ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".wmv", ".flv", ".3gp",
@@ -217,6 +219,41 @@ def _frames(
         container.close()
 
 
+# -- uploaded bytes ------------------------------------------------------------------------------------
+
+
+def iter_frames(data: bytes, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """(index, RGB frame) for frames start..stop-1 of the first video stream, in order."""
+    import av
+
+    try:
+        container = av.open(io.BytesIO(data), mode="r")
+    except (av.error.FFmpegError, ValueError) as exc:
+        raise ApiError(
+            400, "bad_video", f"The video cannot be opened ({exc}); send an mp4, mkv, webm or avi file."
+        ) from None
+    with container:
+        if not container.streams.video:
+            raise ApiError(400, "no_video_stream", "The file has no video stream (audio only?).")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        index = -1
+        try:
+            for frame in container.decode(stream):
+                index += 1
+                if index < start:
+                    continue
+                if stop is not None and index >= stop:
+                    return
+                yield index, frame.to_ndarray(format="rgb24")
+        except av.error.FFmpegError as exc:
+            raise ApiError(400, "bad_video", f"The video is corrupt at frame {index + 1}: {exc}.") from None
+        if index < start:
+            raise ApiError(
+                422, "frame_out_of_range", f"The video has {index + 1} frames; start {start} is past its end."
+            )
+
+
 # -- local copies of remote videos -----------------------------------------------------------------------
 
 
@@ -269,9 +306,9 @@ def _download_s3(url: str, target: Path, settings: Settings) -> None:
     """Streamed to disk by boto3 (ranged, in parallel): a video may be far larger than an image."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from server.objectstore.clients import api_error
-    from server.objectstore.locations import parse_s3_url, profile_for
-    from server.objectstore.store import store_for
+    from server.inputs.objectstore.clients import api_error
+    from server.inputs.objectstore.locations import parse_s3_url, profile_for
+    from server.inputs.objectstore.store import store_for
 
     location = parse_s3_url(url)
     profile, _ = profile_for(location, settings)

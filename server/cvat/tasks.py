@@ -24,11 +24,11 @@ from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
 from models.detector import DetectorInfo
+from server.cvat.spec import CvatConnection, CvatTaskOutput, CvatTaskSource
 from server.errors import ApiError
 from server.formats.cvat_json import LABEL_TYPES
-from server.jobs.cvat_spec import CvatConnection, CvatTaskOutput, CvatTaskSource
-from server.objectstore.locations import S3Url, profile_for
-from server.objectstore.store import store_for
+from server.inputs.objectstore.locations import S3Url, profile_for
+from server.inputs.objectstore.store import store_for
 from server.settings import Settings
 
 log = logging.getLogger("labelserve.jobs.cvat")

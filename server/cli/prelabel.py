@@ -32,13 +32,14 @@ from pydantic import ValidationError
 
 from models.base import ModelError
 from server.errors import ApiError
+from server.inputs.objectstore.locations import is_s3_url
+from server.inputs.video import is_video_path
 from server.jobs.engine import GetDetector, LocalEngine
 from server.jobs.image_job import Refine
-from server.jobs.spec import IMAGE_EXTENSIONS, JobSpec
+from server.jobs.spec import JobSpec
 from server.jobs.status import JobStatus
 from server.jobs.store import ACTIVE_STATES
-from server.jobs.video_source import is_video_path
-from server.objectstore.locations import is_s3_url
+from server.services.collections import IMAGE_EXTENSIONS
 from server.settings import get_settings
 
 Runtime = Callable[[str, str | None], tuple[GetDetector, Refine | None]]

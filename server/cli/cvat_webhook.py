@@ -62,8 +62,8 @@ def cmd_register(args: argparse.Namespace) -> int:
     # Imported here: `labelserve serve` builds this parser before anything may import torch.
     from pydantic import ValidationError
 
+    from server.cvat.tasks import Connections, cvat_errors
     from server.errors import ApiError
-    from server.jobs.cvat_task import Connections, cvat_errors
     from server.settings import Settings
 
     try:

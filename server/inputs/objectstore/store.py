@@ -21,9 +21,9 @@ from botocore.exceptions import BotoCoreError, ClientError
 from starlette.concurrency import run_in_threadpool
 
 from server.errors import ApiError
+from server.inputs.objectstore.clients import Purpose, api_error, make_client
+from server.inputs.objectstore.locations import S3Url, parse_s3_url, profile_for
 from server.lru import ByteLRU
-from server.objectstore.clients import Purpose, api_error, make_client
-from server.objectstore.locations import S3Url, parse_s3_url, profile_for
 from server.settings import Settings
 
 MULTIPART_THRESHOLD = 64 * 1024**2  # B2 takes single PUTs up to 5 GB; parts must be 5 MB or more

@@ -2,7 +2,8 @@
 
 The tracker gets what ultralytics' own `model.track` gives it: each frame's boxes, scores and class ids as
 float32, in the detector's order, so on the same detections its tracks are model.track's. Detection itself
-runs batched through the Detector interface (server.jobs.video_job), which model.track cannot do.
+runs batched through the Detector interface (the server's video jobs), which model.track cannot do. The
+registry builds it (models.registry.multi_tracker), as every tracker.
 
 A tracker's state is a few Python objects (Kalman states, the lost and removed tracks); `snapshot()` pickles
 it whole and `MultiTracker(..., state=...)` restores it, for checkpoints in the job store (the server's own
@@ -13,16 +14,28 @@ from __future__ import annotations
 
 import pickle
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import cv2
 import numpy as np
 
 from models.detector import DetectorInfo
 from models.shapes import Shape
-from server.jobs.spec import TrackerSpec
 
 TRACKED_TASKS = ("detect", "segment")  # detectors whose shapes are boxes or masks
+
+
+class TrackerParams(Protocol):
+    """What ultralytics reads from its tracker YAML (a video job's TrackerSpec: server/jobs/spec.py)."""
+
+    type: Literal["bytetrack", "botsort"]
+    track_high_thresh: float
+    track_low_thresh: float
+    new_track_thresh: float
+    track_buffer: int
+    match_thresh: float
+    fuse_score: bool
+    gmc_method: str
 
 
 @dataclass(frozen=True)
@@ -32,7 +45,7 @@ class TrackedShape:
 
 
 class MultiTracker:
-    def __init__(self, spec: TrackerSpec, info: DetectorInfo, state: bytes | None = None) -> None:
+    def __init__(self, spec: TrackerParams, info: DetectorInfo, state: bytes | None = None) -> None:
         self.spec = spec
         self.info = info
         self._class_ids: dict[str, int] = {}
@@ -76,7 +89,7 @@ def _clip(value: float, limit: int) -> float:
     return min(max(value, 0.0), float(limit))
 
 
-def tracker_args(spec: TrackerSpec) -> Any:
+def tracker_args(spec: TrackerParams) -> Any:
     """What ultralytics reads from its tracker YAML; ReID stays off (it needs another model)."""
     from ultralytics.utils import IterableSimpleNamespace
 
@@ -96,7 +109,7 @@ def tracker_args(spec: TrackerSpec) -> Any:
     )
 
 
-def _new_tracker(spec: TrackerSpec) -> Any:
+def _new_tracker(spec: TrackerParams) -> Any:
     from ultralytics.trackers import BOTSORT, BYTETracker
 
     return (BOTSORT if spec.type == "botsort" else BYTETracker)(args=tracker_args(spec))
