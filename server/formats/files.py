@@ -1,4 +1,5 @@
-"""Stored results → dataset files: CVAT for images 1.1 XML, COCO JSON, YOLO txt (ultralytics layout).
+"""What the dataset writers share (stored results → CVAT for images 1.1 XML, COCO JSON, YOLO txt, and a
+video job's CVAT for video and MOT): file names and paths, the label table, atomic writes, number formats.
 
 Writers stream: they take a callable returning a fresh iterator of ImageResult (in item order), so millions
 of images never sit in memory. Every file is written to a temporary name and renamed into place, and

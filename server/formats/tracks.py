@@ -1,4 +1,5 @@
-"""A video job's tracks → CVAT for video 1.1 XML, or MOTChallenge files as CVAT's "MOT 1.1" imports them.
+"""A video job's tracks as its writers read them: CVAT for video 1.1 XML (cvat_video.py), or MOTChallenge
+files as CVAT's "MOT 1.1" imports them (mot.py).
 
 Both number the tracks in order of first appearance (frame, then the tracker's own id): CVAT track ids from 0,
 MOT ids from 1. Every frame on which a track was seen is a keyframe. A track that is lost gets an `outside`

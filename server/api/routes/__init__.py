@@ -1,0 +1,1 @@
+"""One module per HTTP surface; server/api/routers.py lists them in the order they are included."""
