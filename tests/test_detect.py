@@ -175,8 +175,8 @@ def test_a_jobs_sam_refinement_encodes_behind_clicks(detect_client: TestClient, 
     images = tmp_path / "images"
     images.mkdir()
     bus = decode_image(ultralytics_asset("bus.jpg").read_bytes(), 10**8)
-    for i in range(2):  # distinct bytes, so neither embedding is in the cache yet
-        (images / f"bus{i}.png").write_bytes(encode_image(np.ascontiguousarray(bus[:, i:])))
+    for i in range(2):  # distinct pixels (not bus.jpg's own), so neither embedding is in the cache yet
+        (images / f"bus{i}.png").write_bytes(encode_image(np.ascontiguousarray(bus[:, i + 1 :])))
 
     def done() -> dict[str, int]:
         encoders = detect_client.get("/v1/cache/stats").json()["encoders"]
