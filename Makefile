@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install serve serve-random test lint bench
+.PHONY: install serve serve-random test lint bench docs
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -36,6 +36,12 @@ test: install
 
 lint: install
 	$(PY) -m ruff check .
+
+# The docs site, strict (a broken link or anchor fails), after regenerating the configuration page.
+docs: install
+	$(PY) docs/gen_configuration.py
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+	@echo "docs: build/site/index.html"
 
 bench: install
 	$(PY) bench/bench_sam.py

@@ -53,11 +53,16 @@ class CvatProfile(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    url: str
-    token: SecretStr | None = None
-    username: str | None = None
-    password: SecretStr | None = None
-    organization: str | None = None
+    url: str = Field(description="CVAT's address, e.g. https://app.cvat.ai.")
+    token: SecretStr | None = Field(
+        default=None, description="A CVAT personal access token (or username+password)."
+    )
+    username: str | None = Field(default=None, description="With password, instead of a token.")
+    password: SecretStr | None = Field(default=None, description="The username's password.")
+    organization: str | None = Field(
+        default=None,
+        description="Organization slug whose tasks the profile works on (CVAT's X-Organization).",
+    )
     webhook_secret: SecretStr | None = Field(
         default=None,
         description="The secret of this CVAT's webhooks (POST /v1/cvat/webhooks/NAME): CVAT signs each "
@@ -92,8 +97,10 @@ class Settings(BaseSettings):
         env_prefix="LABELSERVE_", env_file=".env", extra="ignore", env_nested_delimiter="__"
     )
 
-    host: str = "127.0.0.1"
-    port: int = 8080
+    host: str = Field(
+        default="127.0.0.1", description="Address `labelserve serve` listens on (0.0.0.0: all)."
+    )
+    port: int = Field(default=8080, description="Port of the API (and of CVAT's Nuclio routes).")
     keep_alive_s: float = Field(
         default=75,
         gt=0,
@@ -107,7 +114,10 @@ class Settings(BaseSettings):
         default=["mobile_sam", "yolo11n"],
         description="Models loaded at start-up (comma-separated or JSON list).",
     )
-    weights_dir: Path = Field(default_factory=default_weights_dir)
+    weights_dir: Path = Field(
+        default_factory=default_weights_dir,
+        description="Where checkpoints are fetched to and looked up (default ~/.cache/labelserve/weights).",
+    )
     detector_paths: dict[str, Path] = Field(
         default={},
         description='Extra detectors from local Ultralytics checkpoints, as JSON {"name": "/path/model.pt"}; '
@@ -121,8 +131,12 @@ class Settings(BaseSettings):
         default=False,
         description="Build models whose weights are missing with seeded random weights (tests, benchmarks).",
     )
-    random_seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    random_seed: int = Field(
+        default=0, description="torch's seed before building a model with random weights."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="Where models run; auto takes CUDA when torch sees a GPU."
+    )
     encoder_dtype: Literal["float16", "bfloat16", "float32"] = Field(
         default="float16", description="Autocast dtype of the image encoder on CUDA (ignored on CPU)."
     )
@@ -136,7 +150,9 @@ class Settings(BaseSettings):
 
     # Embedding cache
     cache_bytes: int = Field(default=2 * 1024**3, description="Byte cap of the in-process embedding cache.")
-    cache_dtype: Literal["float16", "float32"] = "float16"
+    cache_dtype: Literal["float16", "float32"] = Field(
+        default="float16", description="Precision of cached embeddings (float16: 2 MiB per SAM image)."
+    )
     cache_device: Literal["cpu", "model"] = Field(
         default="cpu", description="Keep cached embeddings on the CPU, or on the model's device (GPU)."
     )
@@ -211,6 +227,13 @@ class Settings(BaseSettings):
         default=512 * 1024**2, ge=1, description="Byte cap of all tracking states; the least recent go first."
     )
     track_max_objects: int = Field(default=64, ge=1, description="Most objects one tracking call may start.")
+    sam2_memory_frames: int = Field(
+        default=6,
+        ge=1,
+        le=6,
+        description="Recent frames whose memory a SAM 2 track keeps besides the prompted one (SAM 2 reads 6);"
+        " fewer saves memory per tracked object, at some accuracy.",
+    )
 
     # Encoder micro-batching: first clicks and prefetches that arrive together share one encoder pass.
     encode_max_batch: int | None = Field(
@@ -241,7 +264,7 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(
         default=64 * 1024**2, description="Larger request bodies are refused (413)."
     )
-    url_timeout_s: float = 20.0
+    url_timeout_s: float = Field(default=20.0, description="Timeout of fetching an image URL (http, https).")
     url_allow_private: bool = Field(
         default=False, description="Allow image URLs that resolve to private/loopback addresses."
     )
@@ -274,7 +297,10 @@ class Settings(BaseSettings):
     s3_max_connections: int = Field(default=32, ge=1, description="Connection pool size per profile.")
 
     # Output
-    polygon_tolerance: float = 1.0
+    polygon_tolerance: float = Field(
+        default=1.0,
+        description="Default Douglas-Peucker tolerance of polygon outputs, in pixels (0: every vertex).",
+    )
 
     # CVAT
     cvat_detect_tile: int | None = Field(
@@ -355,15 +381,6 @@ class Settings(BaseSettings):
         default=None,
         description="Also append the audit log (one JSON line per request) to this file, which may be "
         "rotated by renaming it.",
-    )
-
-    # Tracking
-    sam2_memory_frames: int = Field(
-        default=6,
-        ge=1,
-        le=6,
-        description="Recent frames whose memory a SAM 2 track keeps besides the prompted one (SAM 2 reads 6);"
-        " fewer saves memory per tracked object, at some accuracy.",
     )
 
     @field_validator("models", "url_allow_hosts", "cvat_allow_ips", "cvat_prefetch_models", mode="before")

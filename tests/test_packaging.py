@@ -248,7 +248,7 @@ def test_compose_gpu_reservation_and_redis(compose: dict) -> None:
 
 
 def test_cvat_override_reaches_the_compose_deployment(compose: dict) -> None:
-    override = load_yaml(ROOT / "docs" / "cvat" / "docker-compose.labelserve.yml")
+    override = load_yaml(ROOT / "deploy" / "cvat" / "docker-compose.labelserve.yml")
     network = compose["networks"]["labelserve"]["name"]
     assert override["networks"]["labelserve"] == {"external": True}
     for service in ("cvat_server", "cvat_worker_annotation"):
