@@ -15,7 +15,6 @@ no encode, and under 50 ms waiting for the embedding). Prints a table; writes be
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
@@ -28,7 +27,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_memory import stamped_jpeg  # noqa: E402
-from bench.common import ROOT, compare_published  # noqa: E402
+from bench.common import report  # noqa: E402
 from tests.conftest import ultralytics_asset  # noqa: E402
 from tests.cvat_bucket import cvat_bucket  # noqa: E402
 
@@ -103,13 +102,7 @@ def main() -> None:
         with cvat_bucket(frames, args.frames, webhook=webhook) as world:
             results["runs"][name] = annotate(world, plan, (base.shape[1], base.shape[0]), assign=webhook)
         print(f"{name}: done", flush=True)
-    out = ROOT / "bench" / "out"
-    out.mkdir(exist_ok=True)
-    (out / "annotator.json").write_text(json.dumps(results, indent=1))
-    table = render(results)
-    print(table)
-    for warning in compare_published("bench_annotator", table):
-        print(f"WARNING: {warning}")
+    report("annotator", results, {"bench_annotator": render(results)})
 
 
 def render(results: dict) -> str:

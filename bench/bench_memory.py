@@ -7,19 +7,17 @@ For every candidate allocator (LABELSERVE_ALLOCATOR, plus the environment a cand
 - latency: cold embed of bus.jpg (the L1 cache cleared before each) and a warm click on it, p50;
 - memory: RSS after the first image, then after each checkpoint of distinct 810x1080 JPEGs (bus.jpg with a
   unique stamp), once per L1 cache cap.
-The reference is segment-anything's SamPredictor in a bare process (bench/bare_sam.py), run at the start and
-at the end of the same run. Prints one markdown table and writes bench/out/memory.json.
+The reference is segment-anything's SamPredictor in a bare process (bench/bare_sam.py), run right before each
+candidate's latency phase. Prints one markdown table and writes bench/out/memory.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +25,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import ROOT, SamServer, bare_reference  # noqa: E402
+from bench.bench_sam import cold_embeds, warm_clicks  # noqa: E402
+from bench.common import SamServer, bare_reference, report  # noqa: E402
 from tests.conftest import ultralytics_asset  # noqa: E402
 
 MODEL = "mobile_sam"
@@ -41,6 +40,10 @@ CANDIDATES: dict[str, dict[str, str]] = {
         "LABELSERVE_ALLOCATOR": "jemalloc",
         "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1",
     },
+    "jemalloc-nodecay-narenas2": {
+        "LABELSERVE_ALLOCATOR": "jemalloc",
+        "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1,narenas:2",
+    },
     "tcmalloc": {"LABELSERVE_ALLOCATOR": "tcmalloc"},
 }
 DESCRIPTIONS = {
@@ -50,6 +53,7 @@ DESCRIPTIONS = {
     "glibc-tuned-arena2": "the same + `MALLOC_ARENA_MAX=2`",
     "jemalloc": "jemalloc 5.3 (libjemalloc2), defaults",
     "jemalloc-nodecay": "jemalloc, `MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1`",
+    "jemalloc-nodecay-narenas2": "the same + `narenas:2`",
     "tcmalloc": "tcmalloc (libtcmalloc-minimal4), defaults",
 }
 
@@ -65,23 +69,8 @@ def stamped_jpeg(base: np.ndarray, index: int) -> bytes:
 
 
 def latency(server: SamServer, bus: bytes, point: list[float], cold: int, clicks: int) -> dict:
-    embeds = []
-    for _ in range(cold):
-        server.http.delete("/v1/cache")
-        start = time.perf_counter()
-        reply = server.http.post(
-            f"/v1/sam/{MODEL}/embed", content=bus, headers={"content-type": "image/jpeg"}
-        )
-        embeds.append((time.perf_counter() - start) * 1000)
-        reply.raise_for_status()
-    body = {"image_id": reply.json()["image_id"], "points": [point], "refine": False}
-    server.http.post(f"/v1/sam/{MODEL}/segment", json=body).raise_for_status()  # warm-up
-    times = []
-    for _ in range(clicks):
-        start = time.perf_counter()
-        server.http.post(f"/v1/sam/{MODEL}/segment", json=body).raise_for_status()
-        times.append((time.perf_counter() - start) * 1000)
-    return {"embed_ms": embeds, "click_ms": times}
+    embeds, _, image_id = cold_embeds(server, MODEL, bus, cold)
+    return {"embed_ms": embeds, "click_ms": warm_clicks(server, MODEL, image_id, point, clicks)[0]}
 
 
 def rss_series(server: SamServer, base: np.ndarray, checkpoints: list[int]) -> dict[str, float]:
@@ -91,7 +80,7 @@ def rss_series(server: SamServer, base: np.ndarray, checkpoints: list[int]) -> d
         server.http.post(
             f"/v1/sam/{MODEL}/embed", content=data, headers={"content-type": "image/jpeg"}
         ).raise_for_status()
-        if index + 1 == 1 or index + 1 in checkpoints:
+        if index + 1 == 1 or index + 1 in checkpoints or (index + 1) % 50 == 0:
             out[str(index + 1)] = round(server.rss_mib(), 1)
     return out
 
@@ -102,6 +91,10 @@ def run_candidate(
     env = CANDIDATES[name]
     result: dict = {"env": env}
     if args.clicks:
+        # The reference right before each candidate's latency: both see the machine in the same state.
+        result["reference"] = bare_reference(
+            ultralytics_asset("bus.jpg"), point, cold=args.cold, clicks=args.clicks
+        )
         with SamServer(MODEL, **env) as server:
             result["allocator"] = server.allocator()
             result.update(latency(server, bus, point, args.cold, args.clicks))
@@ -114,12 +107,11 @@ def run_candidate(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
     parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), choices=list(CANDIDATES))
     parser.add_argument("--images", type=int, nargs="+", default=[120, 500])
-    parser.add_argument("--caps", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--caps", type=int, nargs="*", default=[64, 256])
     parser.add_argument("--cold", type=int, default=3)
     parser.add_argument("--clicks", type=int, default=30, help="0 skips the latency phase")
     args = parser.parse_args()
@@ -127,48 +119,36 @@ def main() -> None:
     bus = ultralytics_asset("bus.jpg").read_bytes()
     base = np.asarray(Image.open(ultralytics_asset("bus.jpg")).convert("RGB"))
     point = [base.shape[1] * 0.45, base.shape[0] * 0.6]
-    results: dict = {"machine": f"{os.cpu_count()} cores", "images": args.images, "caps": args.caps,
-                     "reference": {}, "candidates": {}}  # fmt: skip
-    if args.clicks:
-        results["reference"]["start"] = bare_reference(
-            ultralytics_asset("bus.jpg"), point, cold=args.cold, clicks=args.clicks
-        )
+    results: dict = {
+        "machine": f"{os.cpu_count()} cores",
+        "images": args.images,
+        "caps": args.caps,
+        "candidates": {},
+    }
     for name in args.candidates:
         print(f"{name} ...", flush=True)
         results["candidates"][name] = run_candidate(name, args, bus, base, point)
-    if args.clicks:
-        results["reference"]["end"] = bare_reference(
-            ultralytics_asset("bus.jpg"), point, cold=args.cold, clicks=args.clicks
-        )
-    out = ROOT / "bench" / "out"
-    out.mkdir(exist_ok=True)
-    (out / "memory.json").write_text(json.dumps(results, indent=1))
-    print_table(results)
+    report("memory", results, {"bench_memory": render(results)})
 
 
-def print_table(results: dict) -> None:
+def render(results: dict) -> str:
     med = statistics.median
-    ref = results["reference"]
-    if ref:
-        predict = med([med(r["predict"]) for r in ref.values()])
-        set_image = med([med(r["set_image"]) for r in ref.values()])
-        print(
-            f"\nBare process (SamPredictor, glibc defaults), median of the runs at start and end: set_image "
-            f"{set_image:.0f} ms, predict {predict:.1f} ms.\n"
-        )
     caps, images = results["caps"], results["images"]
-    rss_heads = " | ".join(f"RSS {cap} MiB cap: first → {' → '.join(map(str, images))}" for cap in caps)
-    print(
-        f"| allocator | warm click p50 (× bare predict) | cold embed p50 (× bare set_image) | {rss_heads} |"
+    heads = " | ".join(
+        f"RSS, {cap} MiB cap: first → {' → '.join(map(str, images))} images (growth)" for cap in caps
     )
-    print("|---|---|---|" + "---|" * len(caps))
+    lines = [
+        f"| allocator | warm click p50 / bare predict | cold embed p50 / bare set_image | {heads} |",
+        "|---|---|---|" + "---|" * len(caps),
+    ]
     for name, r in results["candidates"].items():
         cells = [DESCRIPTIONS[name]]
-        if ref and "click_ms" in r:
+        if "click_ms" in r:
             click, embed = med(r["click_ms"]), med(r["embed_ms"])
+            predict, set_image = med(r["reference"]["predict"]), med(r["reference"]["set_image"])
             cells += [
-                f"{click:.0f} ms ({click / predict:.2f}×)",
-                f"{embed:.0f} ms ({embed / set_image:.2f}×)",
+                f"{click:.0f} / {predict:.0f} ms = **{click / predict:.2f}×**",
+                f"{embed:.0f} / {set_image:.0f} ms = **{embed / set_image:.2f}×**",
             ]
         else:
             cells += ["—", "—"]
@@ -176,9 +156,10 @@ def print_table(results: dict) -> None:
             series = r.get(f"rss_cap{cap}", {})
             first = series.get("1")
             points = [series.get(str(n)) for n in images]
-            growth = f" (+{points[-1] - first:.0f})" if first and points[-1] else ""
+            growth = f" (+{points[-1] - first:.0f}, budget +{cap + 64})" if first and points[-1] else ""
             cells.append(" → ".join(f"{v:.0f}" if v else "?" for v in [first, *points]) + growth)
-        print("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import base64
 import io
-import json
 import os
 import platform
 import statistics
@@ -29,7 +28,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import ROOT, SamServer, bare_reference, compare_published  # noqa: E402
+from bench.common import SamServer, bare_reference, report  # noqa: E402
 from server.formats.rle import cvat_rle_decode  # noqa: E402
 from tests.conftest import ultralytics_asset  # noqa: E402
 
@@ -54,32 +53,46 @@ def test_images() -> dict[str, bytes]:
     return {"bus.jpg 810x1080": bus, "4000x3000 (12 MP)": big.getvalue()}
 
 
-def server_side(
-    server: SamServer, model: str, data: bytes, point: list[float], clicks: int, cold: int
-) -> dict:
-    cold_ms, server_encode = [], []
+def cold_embeds(
+    server: SamServer, model: str, data: bytes, cold: int
+) -> tuple[list[float], list[float], str]:
+    """Wall ms of `cold` embeds (L1 cleared before each), the server's encoder stage of each, the image id."""
+    wall, encoder = [], []
     for _ in range(cold):
         server.http.delete("/v1/cache")
         start = time.perf_counter()
         response = server.http.post(
             f"/v1/sam/{model}/embed", content=data, headers={"content-type": "image/jpeg"}
         )
-        cold_ms.append((time.perf_counter() - start) * 1000)
+        wall.append((time.perf_counter() - start) * 1000)
         response.raise_for_status()
-        server_encode.append(response.json()["timings_ms"]["encode"])
-    body = {"image_id": response.json()["image_id"], "points": [point], "refine": False}
-    server.http.post(f"/v1/sam/{model}/segment", json=body).raise_for_status()  # warm-up
-    warm, sizes = [], []
+        encoder.append(response.json()["timings_ms"]["encode"])
+    return wall, encoder, response.json()["image_id"]
+
+
+def warm_clicks(server: SamServer, model: str, image_id: str, point: list[float], clicks: int) -> list:
+    """Wall ms of `clicks` clicks on an embedded image (after a warm-up click), and the last reply."""
+    body = {"image_id": image_id, "points": [point], "refine": False}
+    server.http.post(f"/v1/sam/{model}/segment", json=body).raise_for_status()
+    times = []
     for _ in range(clicks):
         start = time.perf_counter()
         reply = server.http.post(f"/v1/sam/{model}/segment", json=body)
-        warm.append((time.perf_counter() - start) * 1000)
-        sizes.append(len(reply.content))
+        times.append((time.perf_counter() - start) * 1000)
+        reply.raise_for_status()
+    return [times, reply]
+
+
+def server_side(
+    server: SamServer, model: str, data: bytes, point: list[float], clicks: int, cold: int
+) -> dict:
+    cold_ms, server_encode, image_id = cold_embeds(server, model, data, cold)
+    warm, reply = warm_clicks(server, model, image_id, point, clicks)
     return {
         "cold": cold_ms,
         "cold_encode": server_encode,
         "warm": warm,
-        "reply_bytes": p50(sizes),
+        "reply_bytes": len(reply.content),
         "last_stages": reply.json()["timings_ms"],
         **cvat_clicks(server, model, data, point, clicks),
     }
@@ -143,15 +156,7 @@ def main() -> None:
             ours = server_side(server, args.model, data, point, args.clicks, args.cold)
             results["images"][name] = {"reference": reference, "labelserve": ours}
         results["allocator"] = server.allocator()
-    out = ROOT / "bench" / "out"
-    out.mkdir(exist_ok=True)
-    (out / "sam.json").write_text(json.dumps(results, indent=1))
-    tables = render(results)
-    print("\n\n".join(tables.values()))
-    print()
-    for name, table in tables.items():
-        for warning in compare_published(f"bench_sam:{name}", table):
-            print(f"WARNING: {warning}")
+    report("sam", results, {f"bench_sam:{name}": table for name, table in render(results).items()})
 
 
 def render(results: dict) -> dict[str, str]:

@@ -25,7 +25,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_memory import stamped_jpeg  # noqa: E402
-from bench.common import ROOT, SamServer, compare_published  # noqa: E402
+from bench.common import SamServer, report  # noqa: E402
 from tests.conftest import ultralytics_asset  # noqa: E402
 from tests.s3_helpers import moto_s3  # noqa: E402
 
@@ -88,13 +88,7 @@ def main() -> None:
                     runs["prefetched"].append(annotate(server, model, urls["prefetched"][r], size))
             results["models"][model] = runs
             print(f"{model}: {runs}", flush=True)
-    out = ROOT / "bench" / "out"
-    out.mkdir(exist_ok=True)
-    (out / "ttm.json").write_text(json.dumps(results, indent=1))
-    table = render(results)
-    print(table)
-    for warning in compare_published("bench_time_to_mask", table):
-        print(f"WARNING: {warning}")
+    report("ttm", results, {"bench_time_to_mask": render(results)})
 
 
 def render(results: dict) -> str:

@@ -79,6 +79,18 @@ class SamServer(ServerProcess):
         return "unknown"
 
 
+def report(name: str, results: dict, tables: dict[str, str]) -> None:
+    """Write bench/out/NAME.json, print the tables, and warn where one drifted from its published copy (the
+    table after `<!-- MARKER -->` in the docs, MARKER being each key of `tables`)."""
+    out = ROOT / "bench" / "out"
+    out.mkdir(exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(results, indent=1))
+    print("\n\n".join(tables.values()))
+    for marker, table in tables.items():
+        for warning in compare_published(marker, table):
+            print(f"WARNING: {warning}")
+
+
 def published_table(marker: str) -> str | None:
     """The markdown table right after `<!-- MARKER -->` in the README or the docs, if one is there."""
     for doc in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
