@@ -35,6 +35,7 @@ CANDIDATES: dict[str, dict[str, str]] = {
     "glibc-pin-1mib": {"LABELSERVE_ALLOCATOR": "untuned", "MALLOC_MMAP_THRESHOLD_": str(1 << 20)},
     "glibc-tuned": {"LABELSERVE_ALLOCATOR": "glibc"},
     "glibc-tuned-arena2": {"LABELSERVE_ALLOCATOR": "glibc", "MALLOC_ARENA_MAX": "2"},
+    "glibc-tuned-trim2s": {"LABELSERVE_ALLOCATOR": "glibc", "LABELSERVE_MEMORY_TRIM_S": "2"},
     "jemalloc": {"LABELSERVE_ALLOCATOR": "jemalloc"},
     "jemalloc-nodecay": {
         "LABELSERVE_ALLOCATOR": "jemalloc",
@@ -51,6 +52,7 @@ DESCRIPTIONS = {
     "glibc-pin-1mib": "glibc, mmap threshold pinned at 1 MiB (the policy before #11)",
     "glibc-tuned": "glibc, mmap threshold 32 MiB + trim threshold 512 MiB (`LABELSERVE_ALLOCATOR=glibc`)",
     "glibc-tuned-arena2": "the same + `MALLOC_ARENA_MAX=2`",
+    "glibc-tuned-trim2s": "glibc tuned + `malloc_trim(0)` every 2 s on its own thread (`MEMORY_TRIM_S=2`)",
     "jemalloc": "jemalloc 5.3 (libjemalloc2), defaults",
     "jemalloc-nodecay": "jemalloc, `MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1`",
     "jemalloc-nodecay-narenas2": "the same + `narenas:2`",

@@ -33,6 +33,7 @@ log = logging.getLogger("labelserve")
 def create_app(settings: Settings | None = None, *, load_models_in_background: bool = True) -> FastAPI:
     settings = settings or get_settings()
     log.info("allocator: %s", allocator.apply(settings.allocator))
+    allocator.start_trimming(allocator.loaded() or "glibc", settings.memory_trim_s)
     registry = ModelRegistry(settings)
     sam_service = SamService(registry, settings)
     detect_service = DetectService(registry, settings, sam_service)

@@ -147,6 +147,13 @@ class Settings(BaseSettings):
         "auto takes tcmalloc (Debian: libtcmalloc-minimal4), else jemalloc (libjemalloc2), else tunes glibc "
         "to keep freed buffers; untuned leaves glibc as it comes (benchmarks). See docs: memory.",
     )
+    memory_trim_s: float = Field(
+        default=0,
+        ge=0,
+        description="Every this many seconds, return the allocator's free memory to the system (glibc's "
+        "malloc_trim, jemalloc's purge, tcmalloc's release) on a thread of its own; 0: never. Bounds RSS "
+        "more tightly, and the encodes and clicks after each trim pay page faults (docs: operations).",
+    )
 
     # Embedding cache
     cache_bytes: int = Field(default=2 * 1024**3, description="Byte cap of the in-process embedding cache.")

@@ -4,6 +4,10 @@ by default when installed, re-executing itself with LD_PRELOAD before torch load
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -62,3 +66,29 @@ def test_preload_never_loops(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(allocator.REEXEC_MARK, "tcmalloc")
     monkeypatch.setattr(allocator.os, "execve", lambda *a: pytest.fail("re-executed twice"))
     allocator.preload("auto", ["serve"])
+
+
+def test_trimming_calls_the_allocators_release_on_its_own_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert allocator.start_trimming("glibc", 0) is None  # off by default
+    calls: list[float] = []
+    monkeypatch.setattr(allocator, "release_function", lambda name: lambda: calls.append(time.monotonic()))
+    thread = allocator.start_trimming("glibc", 0.02)
+    assert thread is not None and thread.name == "memory-trim" and thread.daemon
+    deadline = time.monotonic() + 10
+    while len(calls) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(calls) >= 3
+
+
+@pytest.mark.parametrize("name", [*allocator.LIBRARIES, "glibc"])
+def test_the_release_function_runs_under_each_allocator(name: str) -> None:
+    if name != "glibc" and not INSTALLED[name]:
+        pytest.skip(f"lib{allocator.LIBRARIES[name]} is not installed (.ci/run installs it)")
+    preload = {"LD_PRELOAD": allocator.library_path(name)} if name != "glibc" else {}
+    script = (
+        "from server.ops import allocator as a; name = a.loaded() or 'glibc'; "
+        f"assert name == {name!r}, name; a.release_function(name)()"
+    )
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, **preload}, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0, done.stderr
