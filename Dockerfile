@@ -17,14 +17,14 @@ ENV DEBIAN_FRONTEND=noninteractive
 # hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3.11 python3.11-venv libgl1 libglib2.0-0 \
-        libtcmalloc-minimal4 \
+        libjemalloc2 \
     && rm -rf /var/lib/apt/lists/* \
     && ln -s /usr/bin/python3.11 /usr/local/bin/python
 
 FROM ${PYTHON_BASE} AS base-cpu
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends libgl1 libglib2.0-0 libtcmalloc-minimal4 \
+    && apt-get install -y --no-install-recommends libgl1 libglib2.0-0 libjemalloc2 \
     && rm -rf /var/lib/apt/lists/*
 
 # A stage, not an image (hadolint cannot tell, hence the pragma).

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import statistics
 import sys
@@ -26,7 +27,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_sam import cold_embeds, warm_clicks  # noqa: E402
-from bench.common import SamServer, bare_reference, report  # noqa: E402
+from bench.common import ROOT, SamServer, bare_reference, report  # noqa: E402
 from tests.conftest import ultralytics_asset  # noqa: E402
 
 MODEL = "mobile_sam"
@@ -36,15 +37,12 @@ CANDIDATES: dict[str, dict[str, str]] = {
     "glibc-tuned": {"LABELSERVE_ALLOCATOR": "glibc"},
     "glibc-tuned-arena2": {"LABELSERVE_ALLOCATOR": "glibc", "MALLOC_ARENA_MAX": "2"},
     "glibc-tuned-trim2s": {"LABELSERVE_ALLOCATOR": "glibc", "LABELSERVE_MEMORY_TRIM_S": "2"},
-    "jemalloc": {"LABELSERVE_ALLOCATOR": "jemalloc"},
+    "jemalloc": {"LABELSERVE_ALLOCATOR": "jemalloc", "MALLOC_CONF": ""},  # "": jemalloc's own defaults
     "jemalloc-nodecay": {
         "LABELSERVE_ALLOCATOR": "jemalloc",
         "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1",
     },
-    "jemalloc-nodecay-narenas2": {
-        "LABELSERVE_ALLOCATOR": "jemalloc",
-        "MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1,narenas:2",
-    },
+    "jemalloc-labelserve": {"LABELSERVE_ALLOCATOR": "auto"},  # the default: ops/allocator.JEMALLOC_CONF
     "tcmalloc": {"LABELSERVE_ALLOCATOR": "tcmalloc"},
 }
 DESCRIPTIONS = {
@@ -55,7 +53,7 @@ DESCRIPTIONS = {
     "glibc-tuned-trim2s": "glibc tuned + `malloc_trim(0)` every 2 s on its own thread (`MEMORY_TRIM_S=2`)",
     "jemalloc": "jemalloc 5.3 (libjemalloc2), defaults",
     "jemalloc-nodecay": "jemalloc, `MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1`",
-    "jemalloc-nodecay-narenas2": "the same + `narenas:2`",
+    "jemalloc-labelserve": "**the default**: the same + `narenas:2` (`LABELSERVE_ALLOCATOR=auto`)",
     "tcmalloc": "tcmalloc (libtcmalloc-minimal4), defaults",
 }
 
@@ -116,6 +114,11 @@ def main() -> None:
     parser.add_argument("--caps", type=int, nargs="*", default=[64, 256])
     parser.add_argument("--cold", type=int, default=3)
     parser.add_argument("--clicks", type=int, default=30, help="0 skips the latency phase")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="add to bench/out/memory.json instead of replacing it (a latency run and an RSS run, one table)",
+    )
     args = parser.parse_args()
 
     bus = ultralytics_asset("bus.jpg").read_bytes()
@@ -127,9 +130,14 @@ def main() -> None:
         "caps": args.caps,
         "candidates": {},
     }
+    saved = ROOT / "bench" / "out" / "memory.json"
+    if args.merge and saved.exists():
+        results = json.loads(saved.read_text())
+        results["caps"] = sorted(set(results["caps"]) | set(args.caps))
+        results["images"] = sorted(set(results["images"]) | set(args.images))
     for name in args.candidates:
         print(f"{name} ...", flush=True)
-        results["candidates"][name] = run_candidate(name, args, bus, base, point)
+        results["candidates"].setdefault(name, {}).update(run_candidate(name, args, bus, base, point))
     report("memory", results, {"bench_memory": render(results)})
 
 

@@ -144,8 +144,8 @@ class Settings(BaseSettings):
     allocator: Literal["auto", "tcmalloc", "jemalloc", "glibc", "untuned"] = Field(
         default="auto",
         description="The C allocator `labelserve serve` runs under (it re-executes itself with LD_PRELOAD): "
-        "auto takes tcmalloc (Debian: libtcmalloc-minimal4), else jemalloc (libjemalloc2), else tunes glibc "
-        "to keep freed buffers; untuned leaves glibc as it comes (benchmarks). See docs: memory.",
+        "auto takes jemalloc (Debian: libjemalloc2; freed pages kept for reuse, MALLOC_CONF), else tcmalloc "
+        "(libtcmalloc-minimal4), else glibc tuned to keep freed buffers; untuned leaves glibc as it comes.",
     )
     memory_trim_s: float = Field(
         default=0,

@@ -25,7 +25,7 @@ def mapped(pid: int) -> str:
 
 @pytest.mark.parametrize(
     ("choice", "library"),
-    [("auto", "tcmalloc"), ("tcmalloc", "tcmalloc"), ("jemalloc", "jemalloc"), ("glibc", None)],
+    [("auto", "jemalloc"), ("tcmalloc", "tcmalloc"), ("jemalloc", "jemalloc"), ("glibc", None)],
 )
 def test_serve_runs_under_the_chosen_allocator(tmp_path: Path, choice: str, library: str | None) -> None:
     if library is not None and not INSTALLED[library]:
@@ -33,19 +33,22 @@ def test_serve_runs_under_the_chosen_allocator(tmp_path: Path, choice: str, libr
     env = {"LABELSERVE_ALLOCATOR": choice, "LABELSERVE_MODELS": "[]", "LABELSERVE_DATA_DIR": str(tmp_path)}
     with ServerProcess(env, tmp_path / "server.log") as server:
         maps, log = mapped(server.process.pid), server.log.read_text()
+        environ = Path(f"/proc/{server.process.pid}/environ").read_bytes().split(b"\0")
         assert server.http.get("/healthz").status_code == 200  # the re-executed process serves
+    conf = f"MALLOC_CONF={allocator.JEMALLOC_CONF}".encode()
+    assert (conf in environ) == (library == "jemalloc" and "MALLOC_CONF" not in os.environ)
     for name, path in allocator.LIBRARIES.items():
         assert (f"lib{path}" in maps) == (name == library), name
     assert f"allocator: {library or 'glibc (tuned)'}" in log
 
 
-def test_auto_prefers_tcmalloc_then_jemalloc_then_glibc(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_prefers_jemalloc_then_tcmalloc_then_glibc(monkeypatch: pytest.MonkeyPatch) -> None:
     present = {"tcmalloc": "libtcmalloc_minimal.so.4", "jemalloc": "libjemalloc.so.2"}
     monkeypatch.setattr(allocator, "library_path", lambda name: present.get(name))
-    assert allocator.wanted("auto") == "tcmalloc"
-    del present["tcmalloc"]
     assert allocator.wanted("auto") == "jemalloc"
     del present["jemalloc"]
+    assert allocator.wanted("auto") == "tcmalloc"
+    del present["tcmalloc"]
     assert allocator.wanted("auto") is None
     assert allocator.wanted("glibc") is None and allocator.wanted("untuned") is None
 

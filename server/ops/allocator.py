@@ -2,14 +2,16 @@
 
 torch's CPU tensors come from malloc. glibc hands blocks above its mmap threshold straight to mmap and
 unmaps them on free, so every activation buffer of a SAM encode or decode is page-faulted in again on each
-call: measured with MobileSAM on 2 cores, `set_image` 1.9 s and `predict` 75-86 ms with glibc's defaults,
-against 0.9-1.1 s and 66-86 ms when freed pages are kept for reuse (tcmalloc, or glibc with mmap held back).
-An allocator that keeps freed pages must still not let RSS grow with the number of images served: the
-benchmark behind the choice (docs: bench/bench_memory.py) measures both, per allocator.
+call. Measured with MobileSAM on 2 cores (bench/bench_memory.py, docs: benchmarks), jemalloc configured
+never to return freed pages on its own (dirty and muzzy decay off) runs `set_image` in 0.9-1.0 s against
+1.6-1.9 s under glibc's defaults, and keeps RSS flat: after 500 distinct images it stood 88-93 MiB above the
+first image with a 64 MiB cache, 298 MiB with a 256 MiB one. tcmalloc is as fast but grew by 151 MiB in 120
+images with the 64 MiB cache, over what the cache explains.
 
 `labelserve serve` calls `preload()` first thing: when the chosen library is not in this process yet, it
-re-executes itself with LD_PRELOAD set (a malloc cannot be swapped once the process runs). The Docker image
-sets nothing itself; its entrypoint becomes `labelserve serve`, which does the same.
+re-executes itself with LD_PRELOAD set (a malloc cannot be swapped once the process runs), and for jemalloc
+with MALLOC_CONF set to JEMALLOC_CONF unless the operator set it. The Docker image sets nothing itself: its
+entrypoint becomes `labelserve serve`, which does the same.
 """
 
 from __future__ import annotations
@@ -30,7 +32,11 @@ Allocator = Literal["auto", "tcmalloc", "jemalloc", "glibc", "untuned"]
 
 # Debian/Ubuntu packages: libtcmalloc-minimal4, libjemalloc2. ldconfig's cache finds them on any architecture.
 LIBRARIES = {"tcmalloc": "tcmalloc_minimal", "jemalloc": "jemalloc"}
-AUTO_ORDER = ("tcmalloc", "jemalloc")
+AUTO_ORDER = ("jemalloc", "tcmalloc")
+# Freed pages stay with jemalloc for the next encode instead of being returned and faulted in again; RSS stays
+# bounded by the largest working set (LABELSERVE_MEMORY_TRIM_S returns them periodically, at a cost). Two
+# arenas: each keeps its own freed pages, and jemalloc's default is four per core.
+JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1,narenas:2"
 REEXEC_MARK = "LABELSERVE_ALLOCATOR_REEXEC"  # set on the re-executed process: never loop
 
 # glibc, when neither library is installed: keep blocks up to 32 MiB (glibc's ceiling on 64-bit) in the heap
@@ -80,6 +86,8 @@ def preload(choice: Allocator, argv: Sequence[str]) -> None:
     env = dict(os.environ)
     env[REEXEC_MARK] = name
     env["LD_PRELOAD"] = " ".join(filter(None, [library_path(name), env.get("LD_PRELOAD", "")]))
+    if name == "jemalloc":
+        env.setdefault("MALLOC_CONF", JEMALLOC_CONF)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, "-m", "server.cli", *argv], env)
