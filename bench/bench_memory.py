@@ -138,6 +138,8 @@ def main() -> None:
     for name in args.candidates:
         print(f"{name} ...", flush=True)
         results["candidates"].setdefault(name, {}).update(run_candidate(name, args, bus, base, point))
+        saved.parent.mkdir(exist_ok=True)
+        saved.write_text(json.dumps(results, indent=1))  # after each candidate: hours of work are not lost
     report("memory", results, {"bench_memory": render(results)})
 
 
