@@ -219,6 +219,12 @@ class Settings(BaseSettings):
         " Default: 4 with CUDA; 0 on a CPU-only host, where inference fills every core and readers slow it.",
     )
     job_concurrency: int = Field(default=1, ge=1, description="Jobs that run at the same time.")
+    job_checkpoint_s: float = Field(
+        default=2.0,
+        ge=0,
+        description="A video job commits its results and its tracker's state about this often (after a whole "
+        "batch): a crash redoes at most this much work. 0 commits after every batch.",
+    )
     job_retention_days: float = Field(
         default=30,
         ge=0,

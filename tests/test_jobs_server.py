@@ -42,17 +42,19 @@ class Server(ServerProcess):
             "LABELSERVE_WEIGHTS_DIR": str(weights),
             "LABELSERVE_MODELS": "",
             "LABELSERVE_DETECTOR_PATHS": json.dumps({"fall": str(fall_checkpoint())}),
+            # A video job commits after every batch, so that a kill lands mid-job however fast the host is.
+            "LABELSERVE_JOB_CHECKPOINT_S": "0",
         }
         data_dir.mkdir(parents=True, exist_ok=True)
         super().__init__(env, data_dir.parent / f"{data_dir.name}-{time.monotonic_ns()}.log")
 
-    def wait(self, job_id: str, until, timeout: float = 240) -> dict:
+    def wait(self, job_id: str, until, timeout: float = 240, poll: float = 0.2) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             status = self.http.get(f"/v1/jobs/{job_id}").json()
             if until(status):
                 return status
-            time.sleep(0.2)
+            time.sleep(poll)
         raise TimeoutError(status)
 
 

@@ -49,7 +49,7 @@ def test_kill_9_mid_video_then_restart_resumes_with_identical_output(
     created = first.http.post("/v1/jobs", json=job(clip, tmp_path / "out"))
     assert created.status_code == 201, created.text
     job_id = created.json()["id"]
-    seen = first.wait(job_id, lambda s: s["done"] >= 20 or finished(s))
+    seen = first.wait(job_id, lambda s: s["done"] >= 2 * BATCH or finished(s), poll=0.02)
     assert seen["state"] == "running" and seen["done"] < FRAMES, seen  # still mid-video
     first.stop(signal.SIGKILL)  # no shutdown hook runs
 

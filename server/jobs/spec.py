@@ -21,6 +21,7 @@ OutputFormat = Literal["cvat_images", "coco", "yolo", "cvat_video", "mot"]
 VIDEO_FORMATS: tuple[str, ...] = ("cvat_video", "mot")  # tracks: video sources only
 TRACK_CONF = 0.1  # detector confidence of video jobs unless given: ByteTrack matches low scores too
 
+
 class Params(BaseModel):
     """Detector parameters; the same meaning as models.detector.DetectParams."""
 

@@ -2,10 +2,11 @@
 
 Frames are decoded in order (by a reader thread when the engine has readers, else inline), detected
 `batch_size` at a time, and fed to the tracker one by one. Results and the tracker's state are committed in
-one transaction about every CHECKPOINT_SECONDS, always after a whole batch: a crash loses at most that much
-work, and resuming restores the tracker as it stood after the last committed frame and decodes on from just
-after that frame. Batches are counted from the job's first frame, so a resumed job forms the same batches,
-gets the same detections and the same tracks as an uninterrupted run: the same output, byte for byte.
+one transaction about every `job_checkpoint_s` seconds, always after a whole batch: a crash loses at most
+that much work, and resuming restores the tracker as it stood after the last committed frame and decodes on
+from just after that frame. Batches are counted from the job's first frame, so a resumed job forms the same
+batches, gets the same detections and the same tracks as an uninterrupted run: the same output, byte for
+byte.
 
 A frame that cannot be decoded stops decoding: it and the frames after it fail with the decoder's reason.
 """
@@ -35,8 +36,6 @@ from server.jobs.handoff import Handoff, lower_priority
 from server.jobs.spec import JobSpec
 from server.jobs.store import Checkpoint, JobStore, Outcome
 from server.settings import Settings
-
-CHECKPOINT_SECONDS = 2.0
 
 log = logging.getLogger("labelserve.jobs")
 
@@ -94,7 +93,7 @@ def process_video(
         raise JobFailed(f"the video {spec.source.video} no longer exists")
     control.started = time.monotonic()
     try:
-        run_video_job(store, job_id, spec, detector, video, control, read_ahead)
+        run_video_job(store, job_id, spec, detector, video, control, read_ahead, settings.job_checkpoint_s)
     except VideoJobFailed as exc:
         raise JobFailed(str(exc)) from None
 
@@ -107,9 +106,11 @@ def run_video_job(
     video: Path,
     control: Control,
     read_ahead: int,
+    checkpoint_s: float = 2.0,
 ) -> None:
     """Process the job's pending frames; returns when none is left, or when stopped (after a checkpoint).
-    `read_ahead` > 0 decodes in a thread, that many frames ahead of detection."""
+    `read_ahead` > 0 decodes in a thread, that many frames ahead of detection; results are committed with a
+    checkpoint about every `checkpoint_s` seconds (0: after every batch)."""
     assert spec.tracker is not None
     first = store.pending(job_id, -1, 1)
     if not first:
@@ -144,7 +145,7 @@ def run_video_job(
     frames = _paired(_pending(store, job_id), video, after)
     ahead = _ReadAhead(frames, read_ahead, control.stop) if read_ahead > 0 else contextlib.nullcontext(frames)
     with ahead as source:
-        _Run(store, job_id, spec, detector, tracker, control).consume(source)
+        _Run(store, job_id, spec, detector, tracker, control, checkpoint_s).consume(source)
 
 
 class _Run:
@@ -156,8 +157,9 @@ class _Run:
         detector: Detector,
         tracker: MultiTracker,
         control: Control,
+        checkpoint_s: float,
     ) -> None:
-        self.store, self.job_id, self.spec = store, job_id, spec
+        self.store, self.job_id, self.spec, self.checkpoint_s = store, job_id, spec, checkpoint_s
         self.detector, self.tracker, self.control = detector, tracker, control
         self.params = spec.params.detect_params()
         self.held: list[Outcome] = []  # results since the last checkpoint
@@ -178,7 +180,7 @@ class _Run:
                 continue
             self._label(batch)
             batch = []
-            if self.control.stop.is_set() or time.monotonic() - self.committed_at >= CHECKPOINT_SECONDS:
+            if self.control.stop.is_set() or time.monotonic() - self.committed_at >= self.checkpoint_s:
                 self._commit()
             if self.control.stop.is_set():
                 return

@@ -15,6 +15,7 @@ router = APIRouter(prefix="/v1/sam", tags=["sam"])
 
 CLIENT_HEADER = "x-client-id"  # one annotator's session (a browser tab); enables "latest wins" for clicks
 
+
 @router.post(
     "/{model}/embed",
     response_model=EmbedResponse,
