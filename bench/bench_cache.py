@@ -37,12 +37,15 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import timed_ms  # noqa: E402
 from models.base import ImageEmbedding  # noqa: E402
+from server.services.embeddings.l2.blob import VERSION  # noqa: E402
 from server.services.embeddings.l2.breaker import Breaker  # noqa: E402
 from server.services.embeddings.l2.disk_tier import DiskTier  # noqa: E402
 from server.services.embeddings.l2.redis_tier import RedisTier  # noqa: E402
 from tests.conftest import encode_image, synthetic_scene, ultralytics_asset  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402
 from tests.server_process import ServerProcess  # noqa: E402
+
+ARCHITECTURE = "sam_vit_b"  # the tag the tier's blobs carry
 
 MODEL = "mobile_sam"
 
@@ -76,25 +79,29 @@ def clicks(server: ServerProcess, image: bytes, count: int) -> dict:
 def fetches(redis_url: str, count: int) -> dict:
     generator = torch.Generator().manual_seed(0)
     features = (torch.randn((1, 256, 64, 64), generator=generator) * 0.3).to(torch.float16)
-    embedding = ImageEmbedding(features, (1080, 810), (1024, 768))
+    embedding = ImageEmbedding({"image_embed": features}, (1080, 810), (1024, 768))
     tier = RedisTier(redis_url, namespace="bench", ttl_s=600, timeout_s=1.0, breaker=Breaker(1, 30))
-    tier.put("fetch", embedding)
+    tier.put("fetch", embedding, ARCHITECTURE)
     client = redis.Redis.from_url(redis_url)
-    raw = client.get("bench:emb1:fetch")
-    tier.get("fetch")
+    raw = client.get(f"bench:emb{VERSION}:fetch")
+    tier.get("fetch", ARCHITECTURE)
     results = {
         "blob_bytes": len(raw),
-        "redis_raw_get": summary(timed_ms(lambda: client.get("bench:emb1:fetch"), count)),
-        "redis_tier_get": summary(timed_ms(lambda: tier.get("fetch"), count)),
+        "redis_raw_get": summary(timed_ms(lambda: client.get(f"bench:emb{VERSION}:fetch"), count)),
+        "redis_tier_get": summary(timed_ms(lambda: tier.get("fetch", ARCHITECTURE), count)),
     }
     with tempfile.TemporaryDirectory() as directory:
         disk = DiskTier(Path(directory), namespace="bench", max_bytes=2**30, breaker=Breaker(1, 30))
-        disk.put("fetch", embedding)
-        disk.get("fetch")
-        results["disk_tier_get"] = summary(timed_ms(lambda: disk.get("fetch"), count))
-        results["disk_tier_put"] = summary(timed_ms(lambda: disk.put("fetch", embedding), min(count, 50)))
+        disk.put("fetch", embedding, ARCHITECTURE)
+        disk.get("fetch", ARCHITECTURE)
+        results["disk_tier_get"] = summary(timed_ms(lambda: disk.get("fetch", ARCHITECTURE), count))
+        results["disk_tier_put"] = summary(
+            timed_ms(lambda: disk.put("fetch", embedding, ARCHITECTURE), min(count, 50))
+        )
         disk.close()
-    results["redis_tier_put"] = summary(timed_ms(lambda: tier.put("fetch", embedding), min(count, 50)))
+    results["redis_tier_put"] = summary(
+        timed_ms(lambda: tier.put("fetch", embedding, ARCHITECTURE), min(count, 50))
+    )
     tier.close()
     return results
 

@@ -70,10 +70,10 @@ def encoder_rows(name: str, image: np.ndarray, repeat: int) -> list[dict]:
     ref_masks, _, _ = predictor.predict(click, np.array([1]), multimask_output=False)
     rows = []
     for dtype_name, dtype in DTYPES.items():
-        segmenter = SamSegmenter(name, sam, torch.device(DEVICE), encoder_autocast=dtype)
+        segmenter = SamSegmenter(name, name, sam, torch.device(DEVICE), encoder_autocast=dtype)
         ms = median_ms(lambda s=segmenter: s.encode(image), repeat)
         embedding = segmenter.encode(image)
-        features = embedding.features.to(DEVICE).float()
+        features = embedding["image_embed"].to(DEVICE).float()
         error = float((features - reference).norm() / reference.norm())
         decoded = segmenter.decode(embedding, Prompt(points=click, labels=np.array([1])), multimask=False)
         mask = segmenter.upsample(embedding, decoded.low_res_logits[0]).to_full()
@@ -115,7 +115,7 @@ def click_rows(name: str, images: dict[str, np.ndarray], repeat: int) -> list[di
     torch.manual_seed(0)
     sam = build_sam(name, None).to(DEVICE)
     predictor = SamPredictor(sam)
-    segmenter = SamSegmenter(name, sam, torch.device(DEVICE), encoder_autocast=torch.float16)
+    segmenter = SamSegmenter(name, name, sam, torch.device(DEVICE), encoder_autocast=torch.float16)
     rows = []
     for label, image in images.items():
         height, width = image.shape[:2]
@@ -148,7 +148,7 @@ def scheduler_rows(name: str, image: np.ndarray, clients: int, batches: list[int
     from server.settings import Settings
 
     torch.manual_seed(0)
-    segmenter = SamSegmenter(name, build_sam(name, None).to(DEVICE), torch.device(DEVICE),
+    segmenter = SamSegmenter(name, name, build_sam(name, None).to(DEVICE), torch.device(DEVICE),
                              encoder_autocast=torch.float16)  # fmt: skip
     segmenter.warm_up(max(batches))  # as the registry does when it loads a model on CUDA
     ids = itertools.count()  # a new image id for every request: no cache hit, no shared encode

@@ -60,7 +60,8 @@ def main() -> None:
     rows["medianflow"] = statistics.median(flow)
 
     torch.manual_seed(0)
-    segmenter = SamSegmenter("mobile_sam", build_sam("mobile_sam", None), torch.device(args.device),
+    sam = build_sam("mobile_sam", None)
+    segmenter = SamSegmenter("mobile_sam", "mobile_sam", sam, torch.device(args.device),
                              encoder_autocast=torch.float16)  # fmt: skip
     cache: dict[str, object] = {}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,15 +47,47 @@ def load_command(model: str) -> str:
 
 @dataclass(frozen=True)
 class ImageEmbedding:
-    """What the image encoder produced for one image; immutable so the cache can share it across threads."""
+    """What the image encoder produced for one image: a named set of tensors (SAM: one; SAM 2: three), each
+    [1, C, h, w] on the cache's device. Immutable, so the cache can share it across threads: nothing writes
+    the tensors, and `tensors` is never changed after construction."""
 
-    features: torch.Tensor  # [1, C, h, w] in the cache's dtype and device
+    tensors: Mapping[str, torch.Tensor]
     original_size: tuple[int, int]  # (H, W) of the decoded image
-    input_size: tuple[int, int]  # (h, w) after resizing the longest side to the encoder's size
+    input_size: tuple[int, int]  # (h, w) of the image inside the encoder's input (SAM 2 stretches: its size)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
 
     @property
     def nbytes(self) -> int:
-        return self.features.numel() * self.features.element_size()
+        """What L1 and the disk tier count: every tensor's bytes."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.tensors.values())).device
+
+    def to(self, device: torch.device) -> ImageEmbedding:
+        """The same embedding on `device` (itself when it is there already)."""
+        if all(t.device == device for t in self.tensors.values()):
+            return self
+        moved = {name: t.to(device) for name, t in self.tensors.items()}
+        return ImageEmbedding(moved, self.original_size, self.input_size)
+
+
+def to_cache(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`tensor` in the cache's `dtype` on `device`; float32 instead where float16 would overflow to inf (a
+    finite activation beyond 65504): a cached inf would turn every later decode of the image into NaNs."""
+    cached = tensor.to(device, dtype)
+    if (
+        dtype == torch.float16
+        and not bool(torch.isfinite(cached).all())
+        and bool(torch.isfinite(tensor).all())
+    ):
+        cached = tensor.to(device, torch.float32)
+    if cached.untyped_storage().nbytes() > cached.numel() * cached.element_size():
+        cached = cached.clone()  # one image of a batch, not a view that keeps the whole batch alive
+    return cached
 
 
 @dataclass(frozen=True)
@@ -69,7 +102,7 @@ class Prompt:
 
 @dataclass(frozen=True)
 class Decoded:
-    low_res_logits: torch.Tensor  # [M, 256, 256] float32 on the CPU
+    low_res_logits: torch.Tensor  # [M, 256, 256] float32 on the CPU (SAM at 1024 px: 256 = 1024 / 4)
     scores: np.ndarray  # [M] predicted IoU
 
 
@@ -77,9 +110,13 @@ class Segmenter(ABC):
     """A promptable segmenter split into an expensive encode and a cheap decode (SAM's design)."""
 
     name: str
+    # The architecture tag of its cached embeddings (weights/manifest.json): an L2 entry written under
+    # another tag is never read, whatever its key.
+    architecture: str = ""
     # Bumped whenever preprocessing changes, so stale cached embeddings are never reused.
     preprocessing_version: str
-    # What encode() returns its features as; embeddings read back from a shared cache tier are put there too.
+    # What encode() returns its tensors as (to_cache: float32 where float16 would overflow); embeddings read
+    # back from a shared cache tier are put on `cache_device` too.
     cache_dtype: torch.dtype = torch.float16
     cache_device: torch.device = torch.device("cpu")
 

@@ -49,6 +49,7 @@ def _build_sam(name: str, architecture: str, checkpoint: Path | None, config: Mo
                device: torch.device) -> Segmenter:  # fmt: skip
     segmenter = SamSegmenter(
         name,
+        architecture,
         build_sam(architecture, checkpoint),
         device,
         cache_dtype=getattr(torch, config.cache_dtype),

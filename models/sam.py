@@ -18,13 +18,12 @@ import torch
 import torch.nn.functional as F
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from models.base import Decoded, ImageEmbedding, Prompt, Segmenter
+from models.base import Decoded, ImageEmbedding, Prompt, Segmenter, to_cache
 from models.shapes import RegionMask
+from models.upsample import upsample_region
 
 # Logit magnitude given to a binary mask used as a prompt (SAM's own logits are of this order).
 MASK_PROMPT_LOGIT = 10.0
-# cv2.warpAffine cannot write images wider or taller than this.
-_CV2_MAX_SIDE = 32766
 
 SAM_ARCHITECTURES = ("sam_vit_b", "sam_vit_l", "sam_vit_h", "mobile_sam")
 
@@ -70,6 +69,7 @@ class SamSegmenter(Segmenter):
     def __init__(
         self,
         name: str,
+        architecture: str,
         sam: torch.nn.Module,
         device: torch.device,
         cache_dtype: torch.dtype = torch.float16,
@@ -77,6 +77,7 @@ class SamSegmenter(Segmenter):
         encoder_autocast: torch.dtype | None = None,
     ) -> None:
         self.name = name
+        self.architecture = architecture
         self.sam = sam.to(device)
         self.device = device
         self.cache_dtype = cache_dtype
@@ -120,7 +121,7 @@ class SamSegmenter(Segmenter):
             features = self.sam.image_encoder(inputs[0] if len(inputs) == 1 else torch.cat(inputs))
         return [
             ImageEmbedding(
-                features=features[i : i + 1].to(self.cache_device, self.cache_dtype),
+                {"image_embed": to_cache(features[i : i + 1], self.cache_dtype, self.cache_device)},
                 original_size=p.original_size,
                 input_size=(int(p.image.shape[0]), int(p.image.shape[1])),
             )
@@ -151,7 +152,7 @@ class SamSegmenter(Segmenter):
         with torch.inference_mode():
             sparse, dense = self.sam.prompt_encoder(points=points, boxes=boxes, masks=masks)
             low_res, iou = self.sam.mask_decoder(
-                image_embeddings=embedding.features.to(self.device, torch.float),
+                image_embeddings=embedding["image_embed"].to(self.device, torch.float),
                 image_pe=self._dense_pe,
                 sparse_prompt_embeddings=sparse,
                 dense_prompt_embeddings=dense,
@@ -171,38 +172,8 @@ class SamSegmenter(Segmenter):
             low_res_logits[None, None].float(), (size, size), mode="bilinear", align_corners=False
         )
         mid = mid[0, 0, :in_h, :in_w].contiguous().numpy()
-        positive = mid > self.sam.mask_threshold
-        rows = np.flatnonzero(positive.any(axis=1))
-        if rows.size == 0:
-            return RegionMask(np.zeros((0, 0), bool), 0, 0, width, height)
-        cols = np.flatnonzero(positive.any(axis=0))
-        # Step 2, bilinear to the original size, computed only where a positive source pixel is a neighbour:
-        # elsewhere every interpolated value is a mix of non-positive values, hence background.
-        sy, sx = in_h / height, in_w / width
-        r0, r1 = _output_span(rows[0], rows[-1], sy, height)
-        c0, c1 = _output_span(cols[0], cols[-1], sx, width)
-        if (r1 - r0) * (c1 - c0) > 0.5 * height * width and max(height, width) <= _CV2_MAX_SIDE:
-            # A mask spanning most of the frame: cv2.resize samples at the same points and is faster.
-            full = cv2.resize(mid, (width, height), interpolation=cv2.INTER_LINEAR)
-            return RegionMask(full > self.sam.mask_threshold, 0, 0, width, height)
-        if max(r1 - r0, c1 - c0) > _CV2_MAX_SIDE:
-            full = F.interpolate(
-                torch.from_numpy(mid)[None, None], (height, width), mode="bilinear", align_corners=False
-            )[0, 0].numpy()
-            return RegionMask(full > self.sam.mask_threshold, 0, 0, width, height)
-        # Output pixel (x, y) samples the source at ((x + 0.5) * s - 0.5), the same half-pixel convention
-        # as torch's align_corners=False; border replication equals torch's clamping.
-        affine = np.array(
-            [[sx, 0.0, sx * (c0 + 0.5) - 0.5], [0.0, sy, sy * (r0 + 0.5) - 0.5]], dtype=np.float64
-        )
-        region = cv2.warpAffine(
-            mid,
-            affine,
-            (c1 - c0, r1 - r0),
-            flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-            borderMode=cv2.BORDER_REPLICATE,
-        )
-        return RegionMask(region > self.sam.mask_threshold, c0, r0, width, height)
+        # Step 2, bilinear to the original size, only where the mask can be positive.
+        return upsample_region(mid, height, width, self.sam.mask_threshold)
 
     def upsample_full(self, embedding: ImageEmbedding, low_res_logits: torch.Tensor) -> RegionMask:
         """Sam.postprocess_masks itself, on the model's device; only the mask's bounding box is copied back.
@@ -236,10 +207,3 @@ class SamSegmenter(Segmenter):
         low = size // 4
         small = cv2.resize(padded, (low, low), interpolation=cv2.INTER_AREA)
         return torch.from_numpy((small * 2.0 - 1.0) * MASK_PROMPT_LOGIT)[None]
-
-
-def _output_span(first: int, last: int, scale: float, limit: int) -> tuple[int, int]:
-    """Output pixels [start, stop) whose bilinear neighbours can include source pixels first..last."""
-    start = int(np.floor((first - 0.5) / scale - 0.5)) - 1
-    stop = int(np.ceil((last + 1.5) / scale - 0.5)) + 2
-    return max(start, 0), min(stop, limit)

@@ -17,7 +17,7 @@ from .redis_server import RedisServer
 from .server_process import ServerProcess
 
 MODEL = "mobile_sam"
-L2_KEY = "labelserve:emb1:mobile_sam:sam-rls1024-v1:float16:{}"
+L2_KEY = "labelserve:emb2:mobile_sam:sam-rls1024-v1:float16:{}"
 
 
 def embed(client: TestClient | object, data: bytes) -> dict:
@@ -35,7 +35,7 @@ def click(client: TestClient, image_id: str) -> dict:
 def l1_features(client: TestClient, image_id: str) -> torch.Tensor:
     embedded = client.app.state.services.sam.cached_embedding(MODEL, image_id)
     assert embedded.tier == "l1"
-    return embedded.embedding.features
+    return embedded.embedding["image_embed"]
 
 
 def bits(features: torch.Tensor) -> torch.Tensor:
@@ -52,8 +52,8 @@ def test_l1_hit_then_l2_hit_fills_l1_and_a_miss_encodes_into_both(tmp_path: Path
         assert first["cache_tier"] == "encode" and "l2_put" in first["timings_ms"]
         assert store.exists(key)  # the encode filled L2...
         l1 = l1_features(client, first["image_id"])  # ...and L1
-        stored = decode_blob(store.get(key))
-        assert torch.equal(bits(stored.features), bits(l1))  # fp16 in L2 is L1's fp16, bit for bit
+        stored = decode_blob(store.get(key), "mobile_sam")
+        assert torch.equal(bits(stored["image_embed"]), bits(l1))  # fp16 in L2 is L1's fp16, bit for bit
         assert (stored.original_size, stored.input_size) == ((64, 96), (683, 1024))
 
         second = embed(client, image)

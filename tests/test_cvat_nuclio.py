@@ -147,7 +147,7 @@ def test_browser_plugin_gets_the_float32_embedding(browser_client: TestClient) -
     image_id = browser_client.post(
         "/v1/sam/mobile_sam/embed", content=FRAME, headers={"content-type": "image/png"}
     ).json()["image_id"]
-    cached = services.sam.cached_embedding("mobile_sam", image_id).embedding.features.float().numpy()
+    cached = services.sam.cached_embedding("mobile_sam", image_id).embedding["image_embed"].float().numpy()
     assert np.array_equal(blob.reshape(1, 256, 64, 64), cached)
 
 

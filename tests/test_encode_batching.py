@@ -13,7 +13,7 @@ from .conftest import synthetic_scene
 
 def test_queued_encodes_share_a_pass_and_match_single_encodes() -> None:
     torch.manual_seed(0)
-    segmenter = SamSegmenter("mobile_sam", build_sam("mobile_sam", None), torch.device("cpu"),
+    segmenter = SamSegmenter("mobile_sam", "mobile_sam", build_sam("mobile_sam", None), torch.device("cpu"),
                              cache_dtype=torch.float32)  # fmt: skip
     scheduler = EncodeScheduler(
         segmenter.encode, "t", encode_batch=segmenter.encode_batch, max_batch=3, max_wait_ms=0
@@ -29,7 +29,7 @@ def test_queued_encodes_share_a_pass_and_match_single_encodes() -> None:
     assert scheduler.snapshot()["batch_sizes"] == {3: 1}
     assert all(c.started <= background.started for c in clicks)  # type: ignore[operator]
     for image, embedding in zip(images[:1] + images[1:2] + images[2:], results, strict=True):
-        single = segmenter.encode(image).features
-        error = (embedding.features - single).norm() / single.norm()
+        single = segmenter.encode(image)["image_embed"]
+        error = (embedding["image_embed"] - single).norm() / single.norm()
         assert float(error) < 1e-4
     scheduler.close()

@@ -34,7 +34,7 @@ class GatedEncoder:
         if label == 255:
             raise RuntimeError("encoder exploded")
         self.order.append(label)
-        return ImageEmbedding(torch.zeros(1, 1, 1, 1), (1, 1), (1, 1))
+        return ImageEmbedding({"image_embed": torch.zeros(1, 1, 1, 1)}, (1, 1), (1, 1))
 
 
 def image(label: int) -> np.ndarray:

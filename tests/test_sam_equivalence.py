@@ -178,7 +178,7 @@ def test_region_upsampling_equals_full_postprocess(exact_client: TestClient, siz
     height, width = size
     scale = 1024 / max(height, width)
     input_size = (int(height * scale + 0.5), int(width * scale + 0.5))
-    embedding = ImageEmbedding(torch.zeros(1), (height, width), input_size)
+    embedding = ImageEmbedding({"image_embed": torch.zeros(1)}, (height, width), input_size)
     generator = torch.Generator().manual_seed(height * 7 + width)
     smooth = torch.nn.functional.interpolate(
         torch.randn(4, 1, 16, 16, generator=generator), (256, 256), mode="bilinear", align_corners=False
@@ -201,5 +201,6 @@ def test_batched_encode_equals_one_by_one(exact_client: TestClient) -> None:
     for image, embedding in zip(images, batched, strict=True):
         single = segmenter.encode(image)
         assert embedding.original_size == single.original_size and embedding.input_size == single.input_size
-        error = (embedding.features.float() - single.features.float()).norm() / single.features.float().norm()
+        ours, theirs = embedding["image_embed"].float(), single["image_embed"].float()
+        error = (ours - theirs).norm() / theirs.norm()
         assert float(error) < 1e-4

@@ -82,7 +82,7 @@ def test_sam_propagation_step_is_sampredictor_with_the_same_prompts() -> None:
 
     torch.manual_seed(0)
     sam = build_sam("mobile_sam", None)
-    segmenter = SamSegmenter("mobile_sam", sam, torch.device("cpu"), cache_dtype=torch.float32)
+    segmenter = SamSegmenter("mobile_sam", "mobile_sam", sam, torch.device("cpu"), cache_dtype=torch.float32)
     tracker = SamPropagationTracker(segmenter, lambda frame: segmenter.encode(frame.image))
     video = SyntheticVideo(frames=2, width=320, height=240)
     (first, truth), (second, _) = video.frame(0), video.frame(1)

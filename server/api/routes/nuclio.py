@@ -240,7 +240,7 @@ def _browser_embedding(svc: Services, model: str, payload: dict[str, Any]) -> di
         raise ApiError(422, "invalid_request", "The request has no 'image' (base64 of the frame).")
     embedded = svc.sam.embed(model, decode_base64(image), Timings())
     # CVAT's decoder reads float32 [1, 256, 64, 64], C order, little-endian.
-    features = embedded.embedding.features.float().cpu().numpy().astype("<f4", copy=False)
+    features = embedded.embedding["image_embed"].float().cpu().numpy().astype("<f4", copy=False)
     return {"blob": base64.b64encode(np.ascontiguousarray(features).tobytes()).decode()}
 
 

@@ -126,7 +126,7 @@ class TieredEmbeddings:
         if tier == "encode" and self.l2 is not None:
             # After the L1 fill: requests waiting for this encode do not wait for the L2 write as well.
             with timings.stage("l2_put"):
-                self.l2.put(_l2_key(segmenter, content_id), embedding)
+                self.l2.put(_l2_key(segmenter, content_id), embedding, segmenter.architecture)
         return Found(embedding, tier)
 
     def _encode(self, segmenter: Segmenter, key: Hashable, prepared: Any, priority: Priority) -> EncodeTicket:
@@ -183,11 +183,9 @@ class TieredEmbeddings:
         if self.l2 is None:
             return None
         with timings.stage("l2_get"):
-            stored = self.l2.get(_l2_key(segmenter, content_id))
-        if stored is None or stored.features.device == segmenter.cache_device:
-            return stored
-        features = stored.features.to(segmenter.cache_device)  # a GPU-resident L1 (cache_device=model)
-        return ImageEmbedding(features, stored.original_size, stored.input_size)
+            stored = self.l2.get(_l2_key(segmenter, content_id), segmenter.architecture)
+        # To a GPU-resident L1 (cache_device=model); on the CPU it is the stored embedding itself.
+        return None if stored is None else stored.to(segmenter.cache_device)
 
     def clear(self, l2_too: bool) -> dict:
         """L1 always; L2 (this namespace, shared with other replicas) only when asked. May raise

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import TypeVar
 
 from models.base import ImageEmbedding
-from server.services.embeddings.l2.blob import CorruptBlob, decode_blob, encode_blob
+from server.services.embeddings.l2.blob import CorruptBlob, ForeignBlob, decode_blob, encode_blob
 from server.services.embeddings.l2.breaker import Breaker
 
 log = logging.getLogger("labelserve.cache")
@@ -30,6 +30,7 @@ class TierCounters:
     misses: int = 0
     writes: int = 0
     corrupt: int = 0  # entries that failed validation: counted as misses too, and deleted
+    foreign: int = 0  # whole entries of another architecture under the key: counted as misses too, kept
     errors: int = 0  # backend calls that failed (timeouts, refused connections, I/O errors)
     skipped: int = 0  # calls not made because the breaker was open
     read_ms_total: float = 0.0
@@ -37,7 +38,8 @@ class TierCounters:
 
 class L2Tier(ABC):
     """get/put never raise: a cache that fails answers "miss" and the caller encodes. Keys are
-    `model:preprocessing:dtype:content-sha256`; each backend prefixes its namespace and blob version."""
+    `model:preprocessing:dtype:content-sha256`; each backend prefixes its namespace and blob version. Every
+    entry carries the architecture that wrote it, and is read only by that architecture (blob.py)."""
 
     kind: str
 
@@ -65,7 +67,7 @@ class L2Tier(ABC):
     def _describe(self) -> dict: ...
 
     # -- the interface -------------------------------------------------------------------------------------
-    def get(self, key: str) -> ImageEmbedding | None:
+    def get(self, key: str, architecture: str) -> ImageEmbedding | None:
         started = time.perf_counter()
         reached, blob = self._call(self._read, key)
         if not reached:
@@ -74,7 +76,13 @@ class L2Tier(ABC):
             self._count(misses=1)
             return None
         try:
-            embedding = decode_blob(blob)
+            embedding = decode_blob(blob, architecture)
+        except ForeignBlob as exc:
+            # Not damage: another replica's model of this name is another architecture (a misconfiguration);
+            # deleting the entry would only make the two overwrite each other's entries faster.
+            log.warning("%s cache: entry %s not read (%s)", self.kind, key, exc)
+            self._count(foreign=1, misses=1)
+            return None
         except CorruptBlob as exc:
             log.warning("%s cache: corrupt entry %s deleted (%s)", self.kind, key, exc)
             self._count(corrupt=1, misses=1)
@@ -83,8 +91,8 @@ class L2Tier(ABC):
         self._count(hits=1, read_ms_total=(time.perf_counter() - started) * 1000)
         return embedding
 
-    def put(self, key: str, embedding: ImageEmbedding) -> bool:
-        _, stored = self._call(self._write, key, encode_blob(embedding))
+    def put(self, key: str, embedding: ImageEmbedding, architecture: str) -> bool:
+        _, stored = self._call(self._write, key, encode_blob(embedding, architecture))
         if stored:
             self._count(writes=1)
         return bool(stored)
