@@ -141,6 +141,12 @@ class Segmenter(ABC):
     def decode(self, embedding: ImageEmbedding, prompt: Prompt, multimask: bool) -> Decoded:
         """Run the prompt encoder and mask decoder on a cached embedding."""
 
+    def decode_boxes(self, embedding: ImageEmbedding, boxes: np.ndarray, multimask: bool) -> list[Decoded]:
+        """One Decoded per box of `boxes` ([B, 4] float32 x1, y1, x2, y2, original pixels), each box alone as
+        the prompt. Backends whose decoder takes a batch of prompts override this with one pass per chunk."""
+        no_points = np.zeros((0, 2), np.float32), np.zeros(0, np.int32)
+        return [self.decode(embedding, Prompt(*no_points, box=box), multimask) for box in boxes]
+
     @abstractmethod
     def upsample(self, embedding: ImageEmbedding, low_res_logits: torch.Tensor) -> RegionMask:
         """Full-resolution binary mask of one [256, 256] logit map."""

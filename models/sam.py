@@ -24,6 +24,8 @@ from models.upsample import upsample_region
 
 # Logit magnitude given to a binary mask used as a prompt (SAM's own logits are of this order).
 MASK_PROMPT_LOGIT = 10.0
+# Boxes decoded in one pass of the mask decoder: its upscaling holds 8 MiB of activations per box.
+BOX_CHUNK = 16
 
 SAM_ARCHITECTURES = ("sam_vit_b", "sam_vit_l", "sam_vit_h", "mobile_sam")
 
@@ -159,6 +161,30 @@ class SamSegmenter(Segmenter):
                 multimask_output=multimask,
             )
         return Decoded(low_res_logits=low_res[0].float().cpu(), scores=iou[0].float().cpu().numpy())
+
+    def decode_boxes(self, embedding: ImageEmbedding, boxes: np.ndarray, multimask: bool) -> list[Decoded]:
+        """SamPredictor.predict_torch's batch of boxes: the decoder repeats the image embedding per box."""
+        image = embedding["image_embed"].to(self.device, torch.float)
+        out: list[Decoded] = []
+        for start in range(0, len(boxes), BOX_CHUNK):
+            chunk = boxes[start : start + BOX_CHUNK].astype(np.float32)
+            scaled = self.transform.apply_boxes(chunk, embedding.original_size)
+            with torch.inference_mode():
+                sparse, dense = self.sam.prompt_encoder(
+                    points=None,
+                    boxes=torch.as_tensor(scaled, dtype=torch.float, device=self.device),
+                    masks=None,
+                )
+                low_res, iou = self.sam.mask_decoder(
+                    image_embeddings=image,
+                    image_pe=self._dense_pe,
+                    sparse_prompt_embeddings=sparse,
+                    dense_prompt_embeddings=dense,
+                    multimask_output=multimask,
+                )
+            low_res, iou = low_res.float().cpu(), iou.float().cpu().numpy()
+            out.extend(Decoded(low_res_logits=low_res[i], scores=iou[i]) for i in range(len(chunk)))
+        return out
 
     # ---- post-processing ----------------------------------------------------------------------------------
     def upsample(self, embedding: ImageEmbedding, low_res_logits: torch.Tensor) -> RegionMask:

@@ -49,6 +49,13 @@ class SegmentRequest(BaseModel):
     box: tuple[float, float, float, float] | None = Field(
         default=None, description="[x1, y1, x2, y2] in pixels."
     )
+    boxes: list[tuple[float, float, float, float]] | None = Field(
+        default=None,
+        description="Several boxes [[x1, y1, x2, y2], ...], decoded in one batch against the image's one "
+        "embedding: `masks` holds one mask per box, in their order (each box's best when "
+        "multimask_output is true). Alone: not with points, box or mask_input; at most "
+        "LABELSERVE_SAM_MAX_BOXES.",
+    )
     mask_input: MaskPrompt | None = None
     multimask_output: bool | None = Field(
         default=None,

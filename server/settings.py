@@ -277,6 +277,13 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(
         default=64 * 1024**2, description="Larger request bodies are refused (413)."
     )
+    sam_max_boxes: int = Field(
+        default=64,
+        ge=1,
+        le=4096,
+        description="Most boxes one /segment request may give in `boxes` (more: 422); the decoder runs 16 "
+        "boxes per pass, so this bounds a request's decode time.",
+    )
     url_timeout_s: float = Field(default=20.0, description="Timeout of fetching an image URL (http, https).")
     url_allow_private: bool = Field(
         default=False, description="Allow image URLs that resolve to private/loopback addresses."

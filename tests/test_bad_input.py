@@ -163,6 +163,22 @@ def test_unknown_model(client: TestClient) -> None:
     )
 
 
+@pytest.mark.parametrize(("model", "kind"), [("yolo11n", "detector"), ("medianflow", None)])
+def test_click_on_a_model_without_a_click_head(client: TestClient, model: str, kind: str | None) -> None:
+    """A detector, or a tracker that is no model: a 404 saying what the name is, before the image is read."""
+    for path in (f"/v1/sam/{model}/segment", f"/v1/sam/{model}/embed"):
+        error = assert_error(client.post(path, json={"image_id": "0" * 64}), 404, "unknown_model")
+        assert (f"is a {kind}, not a segmenter" if kind else "GET /v1/models lists them") in error["message"]
+
+
+def test_too_many_boxes_are_refused_before_an_encode(client: TestClient) -> None:
+    data = encode_image(synthetic_scene(70, 50, seed=99))  # never embedded by any other test
+    payload = {"image": {"base64": base64.b64encode(data).decode()}, "boxes": [[1, 1, 5, 5]] * 65}
+    before = client.get("/v1/cache/stats").json()["embeddings"]["entries"]
+    assert_error(segment(client, payload), 422, "too_many_boxes")
+    assert client.get("/v1/cache/stats").json()["embeddings"]["entries"] == before
+
+
 def test_unknown_image_id_says_to_send_the_image(client: TestClient) -> None:
     error = assert_error(segment(client, {"image_id": "0" * 64, "points": [[1, 1]]}), 404, "image_not_cached")
     assert "send the image" in error["message"]
@@ -213,6 +229,17 @@ def test_oversized_body_is_refused(tmp_path) -> None:
         ),
         ({"points": [[1]]}, 422, "invalid_request"),
         ({"points": [[1, 1]], "unexpected": True}, 422, "invalid_request"),
+        # several boxes in one call: each checked as `box` is, capped, and alone
+        ({"boxes": []}, 422, "no_prompt"),
+        ({"boxes": [[1, 1, 5, 5], [30, 30, 10, 10]]}, 422, "bad_prompt"),
+        ({"boxes": [[10, 10, 10, 20]]}, 422, "bad_prompt"),
+        ({"boxes": [[1, 1, 5, 5], [100, 100, 200, 200]]}, 422, "prompt_outside_image"),
+        ({"boxes": [[1, 1, 5, 5]] * 65}, 422, "too_many_boxes"),
+        ({"boxes": [[1, 1, 5, 5]], "points": [[1, 1]]}, 422, "bad_prompt"),
+        ({"boxes": [[1, 1, 5, 5]], "box": [1, 1, 5, 5]}, 422, "bad_prompt"),
+        ({"boxes": [[1, 1, 5, 5]], "max_masks": 2}, 422, "bad_prompt"),
+        ({"boxes": [[1, 1, 5]]}, 422, "invalid_request"),
+        ({"boxes": [1, 1, 5, 5]}, 422, "invalid_request"),
     ],
 )
 def test_bad_prompts(client: TestClient, image_id: str, payload: dict, status: int, code: str) -> None:

@@ -148,6 +148,28 @@ def test_second_click_reuses_first_click_logits_like_sam_authors_recommend(
     assert abs(float(plain_scores[0]) - float(ref_scores[0])) > 1e-4
 
 
+@pytest.mark.parametrize("multimask", [False, True])
+def test_boxes_in_one_batch_equal_predict_torch(exact_client: TestClient, references, multimask: bool):
+    """`boxes`: one mask per box (its best when multimask), equal to SamPredictor.predict_torch's batch of
+    boxes; 20 boxes, more than one decoder pass takes (16)."""
+    predictor, image_id = references["bus.jpg"]
+    height, width = predictor.original_size
+    corners = np.random.default_rng(5).uniform(0, 1, (20, 2, 2)) * [width - 8, height - 8]
+    boxes = np.concatenate([corners.min(axis=1), corners.max(axis=1) + 8], axis=1).astype(np.float32)
+    with torch.inference_mode():
+        scaled = predictor.transform.apply_boxes_torch(torch.from_numpy(boxes), predictor.original_size)
+        ref_masks, ref_scores, _ = predictor.predict_torch(None, None, scaled, multimask_output=multimask)
+    body = exact_client.post(
+        "/v1/sam/mobile_sam/segment",
+        json={"image_id": image_id, "boxes": boxes.tolist(), "multimask_output": multimask},
+    ).json()
+    assert len(body["masks"]) == len(boxes)
+    for i, (mask, out) in enumerate(zip(masks_of(body), body["masks"], strict=True)):
+        best = int(np.argsort(-ref_scores[i].numpy(), kind="stable")[0])
+        assert abs(out["score"] - float(ref_scores[i][best])) < 1e-3
+        assert iou(mask, ref_masks[i][best].numpy()) >= 0.999, i
+
+
 def test_default_fp16_cache_matches_reference(client: TestClient, references, images) -> None:
     predictor, _ = references["bus.jpg"]
     segmenter = segmenter_of(client)

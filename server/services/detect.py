@@ -15,10 +15,9 @@ from models.tiling import TooManyTiles, check_tile_count
 from server.errors import ApiError
 from server.inputs.images import decode_image
 from server.ops.timing import Timings
-from server.schemas import SegmentRequest
 from server.services.batching import MicroBatcher
 from server.services.embeddings.scheduler import Priority
-from server.services.sam import SamService
+from server.services.sam import SamService, check_box
 from server.settings import Settings
 
 
@@ -99,20 +98,26 @@ class DetectService:
         decoded: np.ndarray | None = None,
     ) -> list[Shape]:
         """Box → mask with SAM (the "detector + SAM" recipe): the image is hashed and embedded once, through
-        the cache, and every box is decoded against that embedding."""
+        the cache, and its boxes are decoded in batches against that embedding. A box SAM cannot take (empty
+        or outside the image once clipped), or whose mask is empty, stays a box."""
         if not any(shape.kind == "box" for shape in shapes):
             return shapes
         embedded = self.sam.embed(model, data, timings, priority, decoded)
-        refined = []
-        for shape in shapes:
-            if shape.kind != "box" or shape.box is None:
-                refined.append(shape)
-                continue
-            request = SegmentRequest.model_validate(
-                {"box": list(shape.box), "multimask_output": False, "refine": False}, context={"upload": True}
-            )
-            mask, _ = self.sam.predict_on(model, embedded, request, timings).masks[0]
-            refined.append(replace(shape, kind="mask", box=None, mask=mask) if not mask.is_empty else shape)
+        height, width = embedded.embedding.original_size
+        boxes: dict[int, np.ndarray] = {}
+        for index, shape in enumerate(shapes):
+            if shape.kind == "box" and shape.box is not None:
+                try:
+                    boxes[index] = check_box(shape.box, width, height)
+                except ApiError:
+                    continue
+        if not boxes:
+            return shapes
+        masks = self.sam.segment_boxes(model, embedded, np.stack(list(boxes.values())), False, timings)
+        refined = list(shapes)
+        for index, (mask, _) in zip(boxes, masks, strict=True):
+            if not mask.is_empty:
+                refined[index] = replace(shapes[index], kind="mask", box=None, mask=mask)
         return refined
 
     def refine_for_job(self, model: str, data: bytes, image: np.ndarray, shapes: list[Shape]) -> list[Shape]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,6 +93,8 @@ class SamService:
     def predict(
         self, model: str, data: bytes | None, request: SegmentRequest, timings: Timings
     ) -> Prediction:
+        if request.boxes is not None:  # refused before an encode, where it can be
+            check_boxes_request(request, self.settings.sam_max_boxes)
         if data is not None:
             embedded = self.embed(model, data, timings)
         else:
@@ -106,6 +109,10 @@ class SamService:
         segmenter = self.registry.segmenter(model)
         embedding = embedded.embedding
         height, width = embedding.original_size
+        if request.boxes is not None:
+            boxes = build_boxes(request, width, height, self.settings.sam_max_boxes)
+            masks = self.segment_boxes(model, embedded, boxes, bool(request.multimask_output), timings)
+            return Prediction(embedded, masks, None)
         prompt = build_prompt(request, width, height)
         if request.mask_input is not None:
             with timings.stage("mask_prompt"):
@@ -139,6 +146,24 @@ class SamService:
                     )
                 )
         return Prediction(embedded, masks, refined_from)
+
+    def segment_boxes(
+        self, model: str, embedded: Embedded, boxes: np.ndarray, multimask: bool, timings: Timings
+    ) -> list[tuple[RegionMask, float]]:
+        """One mask per box ([B, 4], valid and inside the image: build_boxes, check_box), the boxes decoded in
+        batches against the one embedding (the detector → SAM path); each box's best mask when `multimask`.
+        Not recorded for refinement: a later click extends a prompt set of its own."""
+        segmenter = self.registry.segmenter(model)
+        embedding = embedded.embedding
+        with timings.stage("decode_mask"):
+            decoded = segmenter.decode_boxes(embedding, boxes, multimask)
+        masks = []
+        for one in decoded:
+            best = int(np.argsort(-one.scores, kind="stable")[0])
+            with timings.stage("upsample"):
+                mask = segmenter.upsample(embedding, one.low_res_logits[best])
+            masks.append((mask, float(one.scores[best])))
+        return masks
 
     def segment(self, model: str, data: bytes | None, request: SegmentRequest, timings: Timings) -> dict:
         prediction = self.predict(model, data, request, timings)
@@ -207,32 +232,61 @@ def build_prompt(request: SegmentRequest, width: int, height: int) -> Prompt:
             f"points {outside[:3]} lie outside the {width}x{height} image; "
             f"clicks must be within 0..{width} × 0..{height}.",
         )
-    box = None
-    if request.box is not None:
-        _finite(list(request.box), "box")
-        x1, y1, x2, y2 = request.box
-        if x2 <= x1 or y2 <= y1:
-            raise ApiError(
-                422,
-                "bad_prompt",
-                f"box {list(request.box)} is empty or reversed; "
-                "send [x1, y1, x2, y2] with x1 < x2 and y1 < y2.",
-            )
-        if x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
-            raise ApiError(
-                422,
-                "prompt_outside_image",
-                f"box {list(request.box)} lies outside the {width}x{height} image.",
-            )
-        # A box dragged past the image edge is clipped, as CVAT clips shapes.
-        box = np.array([max(x1, 0), max(y1, 0), min(x2, width), min(y2, height)], dtype=np.float32)
-        if box[2] <= box[0] or box[3] <= box[1]:  # [0, 0, 10, 1e-50] is empty once in float32
-            raise ApiError(
-                422, "bad_prompt", f"box {list(request.box)} is empty at float32 precision; widen it."
-            )
+    box = None if request.box is None else check_box(request.box, width, height)
     if not len(points) and box is None and request.mask_input is None:
         raise ApiError(422, "no_prompt", "No prompt: give at least one point, a box or a mask_input.")
     return Prompt(points.astype(np.float32), np.asarray(labels, dtype=np.int32), box)
+
+
+def check_box(values: Sequence[float], width: int, height: int, what: str = "box") -> np.ndarray:
+    """A box [x1, y1, x2, y2] as float32, clipped into the image as CVAT clips shapes; 422 when it is not
+    finite, empty or reversed, or wholly outside the image."""
+    _finite(list(values), what)
+    x1, y1, x2, y2 = values
+    if x2 <= x1 or y2 <= y1:
+        raise ApiError(
+            422,
+            "bad_prompt",
+            f"{what} {list(values)} is empty or reversed; send [x1, y1, x2, y2] with x1 < x2 and y1 < y2.",
+        )
+    if x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:
+        raise ApiError(
+            422, "prompt_outside_image", f"{what} {list(values)} lies outside the {width}x{height} image."
+        )
+    box = np.array([max(x1, 0), max(y1, 0), min(x2, width), min(y2, height)], dtype=np.float32)
+    if box[2] <= box[0] or box[3] <= box[1]:  # [0, 0, 10, 1e-50] is empty once in float32
+        raise ApiError(422, "bad_prompt", f"{what} {list(values)} is empty at float32 precision; widen it.")
+    return box
+
+
+def check_boxes_request(request: SegmentRequest, max_boxes: int) -> None:
+    """What can be said of `boxes` before the image is embedded: alone, one mask each, not empty, capped."""
+    assert request.boxes is not None
+    if len(request.points) or request.box is not None or request.mask_input is not None:
+        raise ApiError(
+            422,
+            "bad_prompt",
+            "'boxes' is a batch of box-only prompts, one mask per box; send points, 'box' or mask_input in "
+            "a request without 'boxes'.",
+        )
+    if request.max_masks != 1:
+        raise ApiError(422, "bad_prompt", "With 'boxes' the reply has one mask per box: max_masks must be 1.")
+    if not request.boxes:
+        raise ApiError(422, "no_prompt", "'boxes' is empty; give at least one [x1, y1, x2, y2], or omit it.")
+    if len(request.boxes) > max_boxes:
+        raise ApiError(
+            422,
+            "too_many_boxes",
+            f"{len(request.boxes)} boxes in one request; at most {max_boxes} (LABELSERVE_SAM_MAX_BOXES): "
+            "split them over several requests with the same image_id.",
+        )
+
+
+def build_boxes(request: SegmentRequest, width: int, height: int, max_boxes: int) -> np.ndarray:
+    """`boxes` as [B, 4] float32, each checked and clipped as `box` is."""
+    check_boxes_request(request, max_boxes)
+    assert request.boxes is not None
+    return np.stack([check_box(box, width, height, f"boxes[{i}]") for i, box in enumerate(request.boxes)])
 
 
 def _decode_mask_prompt(prompt: MaskPrompt, width: int, height: int) -> RegionMask:
