@@ -1,4 +1,5 @@
-"""The reference side of every SAM benchmark: segment-anything's SamPredictor in a bare process.
+"""The reference side of every SAM benchmark: segment-anything's SamPredictor (or, for a SAM 2 model such as
+`sam2.1_hiera_tiny`, sam2's SAM2ImagePredictor) in a bare process.
 
     python bench/bare_sam.py IMAGE --point X Y [--model mobile_sam] [--cold 3] [--clicks 30]
 
@@ -20,9 +21,21 @@ import numpy as np
 import torch
 from PIL import Image
 
+# SAM 2 model name -> the config inside Meta's sam2 package (as models/sam2.py SAM2_CONFIGS)
+_SAM2_SIZES = {"tiny": "t", "small": "s", "base_plus": "b+", "large": "l"}
+
+
+def sam2_config(model: str) -> str:
+    version, _, size = model.partition("_hiera_")
+    return f"configs/{version}/{version}_hiera_{_SAM2_SIZES[size]}.yaml"
+
 
 def build(model: str, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
+    if model.startswith("sam2"):
+        from sam2.build_sam import build_sam2
+
+        return build_sam2(sam2_config(model), None, device="cpu").eval()
     if model == "mobile_sam":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -43,10 +56,15 @@ def main() -> None:
     parser.add_argument("--clicks", type=int, default=30)
     args = parser.parse_args()
 
-    from segment_anything import SamPredictor
-
     sam = build(args.model, args.seed)
-    predictor = SamPredictor(sam)
+    if args.model.startswith("sam2"):
+        from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+        predictor = SAM2ImagePredictor(sam)
+    else:
+        from segment_anything import SamPredictor
+
+        predictor = SamPredictor(sam)
     image = np.asarray(Image.open(args.image).convert("RGB"))
     point, label = np.array([args.point]), np.array([1])
     out: dict[str, list[float]] = {
@@ -66,20 +84,49 @@ def main() -> None:
             predictor.predict(point, label, multimask_output=True)
             out["predict"].append((time.perf_counter() - start) * 1000)
         # The floor: prompt encoder and mask decoder alone on the cached features, no pre- or post-processing.
-        coords = predictor.transform.apply_coords(point.astype(np.float32), predictor.original_size)
-        points = (torch.as_tensor(coords)[None], torch.ones(1, 1, dtype=torch.int))
+        decode = floor_decoder(args.model, sam, predictor, point)
         for _ in range(args.clicks):
             start = time.perf_counter()
-            sparse, dense = sam.prompt_encoder(points=points, boxes=None, masks=None)
-            sam.mask_decoder(
-                image_embeddings=predictor.features,
-                image_pe=sam.prompt_encoder.get_dense_pe(),
+            decode()
+            out["floor"].append((time.perf_counter() - start) * 1000)
+    print(json.dumps(out))
+
+
+def floor_decoder(model: str, sam: torch.nn.Module, predictor, point: np.ndarray):
+    """The prompt encoder and mask decoder of one positive click, as each predictor calls them."""
+    if model.startswith("sam2"):
+        coords = torch.as_tensor(point, dtype=torch.float)
+        coords = predictor._transforms.transform_coords(coords, normalize=True, orig_hw=predictor._orig_hw[0])
+        points = (coords[None], torch.ones(1, 1, dtype=torch.int))
+        features = predictor._features
+
+        def decode_sam2() -> None:
+            sparse, dense = sam.sam_prompt_encoder(points=points, boxes=None, masks=None)
+            sam.sam_mask_decoder(
+                image_embeddings=features["image_embed"],
+                image_pe=sam.sam_prompt_encoder.get_dense_pe(),
                 sparse_prompt_embeddings=sparse,
                 dense_prompt_embeddings=dense,
                 multimask_output=True,
+                repeat_image=False,
+                high_res_features=features["high_res_feats"],
             )
-            out["floor"].append((time.perf_counter() - start) * 1000)
-    print(json.dumps(out))
+
+        return decode_sam2
+    coords = predictor.transform.apply_coords(point.astype(np.float32), predictor.original_size)
+    points = (torch.as_tensor(coords)[None], torch.ones(1, 1, dtype=torch.int))
+
+    def decode_sam() -> None:
+        sparse, dense = sam.prompt_encoder(points=points, boxes=None, masks=None)
+        sam.mask_decoder(
+            image_embeddings=predictor.features,
+            image_pe=sam.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=True,
+        )
+
+    return decode_sam
 
 
 if __name__ == "__main__":

@@ -147,6 +147,11 @@ class Segmenter(ABC):
         no_points = np.zeros((0, 2), np.float32), np.zeros(0, np.int32)
         return [self.decode(embedding, Prompt(*no_points, box=box), multimask) for box in boxes]
 
+    def as_mask_prompt(self, low_res_logits: torch.Tensor) -> torch.Tensor:
+        """Decoded logits as a later decode's mask prompt (refinement); SAM 2 clamps them, as its predictor
+        does. Masks are always upsampled from the unchanged logits."""
+        return low_res_logits
+
     @abstractmethod
     def upsample(self, embedding: ImageEmbedding, low_res_logits: torch.Tensor) -> RegionMask:
         """Full-resolution binary mask of one [256, 256] logit map."""

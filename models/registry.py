@@ -4,6 +4,8 @@ a segmenter, a video job's multi-object tracker).
 
 To add a backend: write its builder (name, architecture, checkpoint or what to build randomly, config,
 device) -> model, and add a row; a manifest entry (weights/manifest.json) it `serves` then becomes a model.
+A backend may serve several kinds from one set of weights (SAM 2: clicks and video tracking): its builder
+returns one object per kind, and the model is listed once, under its first kind, with all of them in `kinds`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from models.config import HasModelsConfig, ModelsConfig
 from models.detector import Detector, DetectorInfo
 from models.multi_tracker import MultiTracker, TrackerParams
 from models.sam import SAM_ARCHITECTURES, SamSegmenter, build_sam, encoder_autocast
+from models.sam2 import SAM2_CONFIGS
 from models.sam_tracker import Embed, SamPropagationTracker
 from models.tracker import Tracker
 from weights import store
@@ -33,8 +36,9 @@ log = logging.getLogger("labelserve.models")
 State = Literal["loaded", "loading", "unavailable", "failed", "disabled"]
 Kind = Literal["segmenter", "detector", "tracker"]
 Model = Segmenter | Detector | Tracker
-# (model name, architecture, its checkpoint or None for seeded random weights, config, device) -> the model
-Build = Callable[[str, str, Path | None, ModelsConfig, torch.device], Model]
+# (model name, architecture, its checkpoint or None for seeded random weights, config, device) -> the model,
+# or for a backend of several kinds one object per kind (sharing weights)
+Build = Callable[[str, str, Path | None, ModelsConfig, torch.device], Model | dict[Kind, Model]]
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,11 @@ class Backend:
     build: Build
     # The manifest entries (weights/manifest.json) it builds; None: a weight-free tracker, always served.
     serves: Callable[[store.WeightEntry], bool] | None = None
+    also: tuple[Kind, ...] = ()  # further kinds the same built model serves
+
+    @property
+    def kinds(self) -> tuple[Kind, ...]:
+        return (self.kind, *self.also)
 
 
 def _build_sam(name: str, architecture: str, checkpoint: Path | None, config: ModelsConfig,
@@ -73,10 +82,24 @@ def _build_ultralytics(name: str, architecture: str, checkpoint: Path | None, co
 
 
 def _build_sam2(name: str, architecture: str, checkpoint: Path | None, config: ModelsConfig,
-                device: torch.device) -> Tracker:  # fmt: skip
-    from models.sam2_tracker import build_sam2_tracker
+                device: torch.device) -> dict[Kind, Model]:  # fmt: skip
+    """One SAM 2 model, two faces: clicks (Sam2Segmenter) and video tracking (Sam2Tracker) share its weights,
+    and the tracker can read the clicks' cached embeddings (TrackService)."""
+    from models.sam2 import Sam2Segmenter
+    from models.sam2_tracker import Sam2Tracker, build_sam2
 
-    return build_sam2_tracker(name, architecture, checkpoint, config.sam2_memory_frames, device)
+    model = build_sam2(architecture, checkpoint, device)
+    segmenter = Sam2Segmenter(
+        name,
+        architecture,
+        model,
+        cache_dtype=getattr(torch, config.cache_dtype),
+        cache_on_model_device=config.cache_device == "model",
+        encoder_autocast=encoder_autocast(config.encoder_dtype),
+    )
+    if device.type == "cuda":
+        segmenter.warm_up(config.warm_up_batch)
+    return {"segmenter": segmenter, "tracker": Sam2Tracker(name, model, config.sam2_memory_frames)}
 
 
 def _build_medianflow(name: str, architecture: str, checkpoint: Path | None, config: ModelsConfig,
@@ -90,7 +113,9 @@ def _build_medianflow(name: str, architecture: str, checkpoint: Path | None, con
 BACKENDS: dict[str, Backend] = {
     "sam": Backend("segmenter", _build_sam, serves=lambda entry: entry.architecture in SAM_ARCHITECTURES),
     "ultralytics": Backend("detector", _build_ultralytics, serves=lambda entry: entry.kind == "detector"),
-    "sam2": Backend("tracker", _build_sam2, serves=lambda entry: entry.kind == "tracker"),
+    "sam2": Backend(
+        "segmenter", _build_sam2, serves=lambda e: e.architecture in SAM2_CONFIGS, also=("tracker",)
+    ),
     "medianflow": Backend("tracker", _build_medianflow),
 }
 LOCAL_CHECKPOINTS = "ultralytics"  # the backend of LABELSERVE_DETECTOR_PATHS' checkpoints
@@ -110,7 +135,7 @@ def multi_tracker(params: TrackerParams, info: DetectorInfo, state: bytes | None
 @dataclass
 class ModelRecord:
     name: str
-    kind: str
+    kind: str  # its first kind; `kinds` lists every kind it serves
     architecture: str
     state: State = "disabled"
     weights: Literal["checkpoint", "random-init"] | None = None
@@ -119,12 +144,22 @@ class ModelRecord:
     load_seconds: float | None = None
     path: Path | None = None  # a local checkpoint the operator configured (not in the manifest)
     backend: str = LOCAL_CHECKPOINTS  # its row in BACKENDS
-    model: Segmenter | Detector | Tracker | None = field(default=None, repr=False)
+    kinds: tuple[str, ...] = ()
+    parts: dict[str, Model] = field(default_factory=dict, repr=False)  # the loaded model, by kind
+
+    def __post_init__(self) -> None:
+        self.kinds = self.kinds or (self.kind,)
+
+    @property
+    def model(self) -> Model | None:
+        """The loaded model (of its first kind), or None."""
+        return self.parts.get(self.kind)
 
     def describe(self) -> dict:
         return {
             "name": self.name,
             "kind": self.kind,
+            "kinds": list(self.kinds),
             "architecture": self.architecture,
             "state": self.state,
             "available": self.state == "loaded",
@@ -165,8 +200,10 @@ class ModelRegistry:
         for entry in store.load_manifest().values():
             backend = backend_of(entry)
             if backend is not None:
-                kind = BACKENDS[backend].kind
-                self._records[entry.name] = ModelRecord(entry.name, kind, entry.architecture, backend=backend)
+                kinds = BACKENDS[backend].kinds
+                self._records[entry.name] = ModelRecord(
+                    entry.name, kinds[0], entry.architecture, backend=backend, kinds=kinds
+                )
         for name, path in self.config.detector_paths.items():
             kind = BACKENDS[LOCAL_CHECKPOINTS].kind
             self._records[name] = ModelRecord(name, kind, LOCAL_CHECKPOINTS, path=Path(path))
@@ -194,7 +231,7 @@ class ModelRegistry:
 
     def names_of(self, kind: str) -> list[str]:
         """The enabled models of a kind ("segmenter", "detector", "tracker"), loaded or not."""
-        return [name for name in self.enabled if self._records[name].kind == kind]
+        return [name for name in self.enabled if kind in self._records[name].kinds]
 
     # ---- loading ------------------------------------------------------------------------------------------
     def load_enabled(self) -> None:
@@ -227,7 +264,7 @@ class ModelRegistry:
         with self._lock:
             before, model = record.state, record.model
             if before == "loaded":
-                record.model = None
+                record.parts = {}
                 record.state, record.weights, record.load_seconds = "disabled", None, None
                 record.message, record.fix = UNLOADED, load_command(name)
         return before, model
@@ -240,7 +277,7 @@ class ModelRegistry:
         try:
             if record.weights == "random-init":
                 torch.manual_seed(self.config.random_seed)
-            record.model = self._build(record, source)
+            record.parts = self._build(record, source)
         except Exception as exc:  # a corrupt checkpoint must not take the server down
             record.state, record.message = "failed", f"loading failed: {exc}"
             record.fix = f"labelserve weights verify {record.name} --dir {self.config.weights_dir}"
@@ -297,11 +334,14 @@ class ModelRegistry:
             log.error("model %s refused: %s", record.name, bad)
             return None
 
-    def _build(self, record: ModelRecord, source: Path | str) -> Segmenter | Detector | Tracker:
-        """`source`: the checkpoint, or (seeded random weights) the architecture to build."""
+    def _build(self, record: ModelRecord, source: Path | str) -> dict[str, Model]:
+        """The built model by kind; `source`: the checkpoint, or (seeded random weights) the architecture."""
         checkpoint = source if isinstance(source, Path) else None
         architecture = source if isinstance(source, str) else record.architecture
-        return BACKENDS[record.backend].build(record.name, architecture, checkpoint, self.config, self.device)
+        built = BACKENDS[record.backend].build(
+            record.name, architecture, checkpoint, self.config, self.device
+        )
+        return dict(built) if isinstance(built, dict) else {record.kind: built}
 
     # ---- trackers built on other things -------------------------------------------------------------------
     def weight_free_trackers(self) -> dict[str, Tracker]:
@@ -343,10 +383,11 @@ class ModelRegistry:
 
     def _loaded(self, name: str, kind: str) -> Segmenter | Detector | Tracker:
         record = self.record(name)
-        if record.kind != kind:
+        if kind not in record.kinds:
             raise UnknownModel(f"{name!r} is a {record.kind}, not a {kind}; GET /v1/models lists the {kind}s")
-        if record.state == "loaded" and record.model is not None:
-            return record.model
+        model = record.parts.get(kind)
+        if record.state == "loaded" and model is not None:
+            return model
         if record.state == "loading":
             raise ModelLoading(f"model {name!r} is still loading; retry in a few seconds")
         raise ModelUnavailable(f"model {name!r} is {record.state}: {record.message}", record.fix)

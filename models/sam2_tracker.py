@@ -6,13 +6,21 @@ keeps only what that step can read: the conditioning frame's memory, the memorie
 (SAM 2 reads `num_maskmem - 1` = 6) and the object pointers of the last `max_obj_ptrs_in_encoder - 1` = 15
 frames. So a state's size does not grow with the video, and for the same frames and prompt its masks are the
 reference's (tests/test_sam2_tracker.py checks that against `propagate_in_video`).
+
+A tracker made by `on_embeddings` reads each frame's features from the click path's cached embedding instead
+of encoding the frame itself (models/sam2.py: the same backbone levels), so a frame that is clicked on and
+tracked through, or prefetched, is encoded once. Its frames are then preprocessed as SAM2ImagePredictor
+preprocesses images (a bilinear, antialiased stretch) rather than as the video predictor loads frames (PIL's
+bicubic resize), and its features have the cache's precision.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,20 +29,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from models.base import ImageEmbedding
+from models.sam2 import SAM2_CONFIGS, TENSORS
 from models.shapes import RegionMask, Shape, mask_from_polygon
 from models.tracker import Frame, Tracker, TrackerInputError
 
-# Manifest architecture -> the config shipped inside Meta's `sam2` package.
-SAM2_CONFIGS = {
-    "sam2.1_hiera_tiny": "configs/sam2.1/sam2.1_hiera_t.yaml",
-    "sam2.1_hiera_small": "configs/sam2.1/sam2.1_hiera_s.yaml",
-    "sam2.1_hiera_base_plus": "configs/sam2.1/sam2.1_hiera_b+.yaml",
-    "sam2.1_hiera_large": "configs/sam2.1/sam2.1_hiera_l.yaml",
-    "sam2_hiera_tiny": "configs/sam2/sam2_hiera_t.yaml",
-    "sam2_hiera_small": "configs/sam2/sam2_hiera_s.yaml",
-    "sam2_hiera_base_plus": "configs/sam2/sam2_hiera_b+.yaml",
-    "sam2_hiera_large": "configs/sam2/sam2_hiera_l.yaml",
-}
+Embed = Callable[[Frame], ImageEmbedding]  # a frame's embedding by a Sam2Segmenter of the same model
 
 # ImageNet statistics, as sam2.utils.misc.load_video_frames normalises frames.
 _MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
@@ -66,13 +66,6 @@ def build_sam2(
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         model.load_state_dict(state.get("model", state), strict=True)
     return model.eval()
-
-
-def build_sam2_tracker(
-    name: str, architecture: str, checkpoint: Path | None, memory_frames: int, device: torch.device
-) -> Sam2Tracker:
-    """The registry's constructor for a manifest entry of kind "tracker"."""
-    return Sam2Tracker(name, build_sam2(architecture, checkpoint, device), memory_frames)
 
 
 @dataclass
@@ -115,13 +108,21 @@ class Sam2Tracker(Tracker):
         self._lock = threading.Lock()  # one model, shared by every state; parallel steps only fight for cores
         self._cache: OrderedDict[str, _Features] = OrderedDict()
         self._maskmem_pos_enc: list[torch.Tensor] | None = None  # the same for every frame and object
+        self._embed: Embed | None = None
+        self._vision_pos: list[torch.Tensor] | None = None  # likewise, for features read from embeddings
+
+    def on_embeddings(self, embed: Embed) -> Sam2Tracker:
+        """This tracker (same model, lock and settings) taking each frame's features from `embed`."""
+        view = copy.copy(self)
+        view._embed, view._cache = embed, OrderedDict()
+        return view
 
     # ---- the Tracker interface ----------------------------------------------------------------------------
     def init(self, frame: Frame, shape: Shape) -> Sam2State:
         height, width = _check_frame(frame)
         points, mask = self._prompt(shape, width, height)
+        features = self._features(frame)
         with self._lock, torch.inference_mode():
-            features = self._features(frame)
             out = self.model.track_step(
                 frame_idx=0,
                 is_init_cond_frame=True,
@@ -156,8 +157,8 @@ class Sam2Tracker(Tracker):
                 f"{state.size[1]}x{state.size[0]}; start a new track for another video"
             )
         index = state.frame_index + 1
+        features = self._features(frame)
         with self._lock, torch.inference_mode():
-            features = self._features(frame)
             out = self.model.track_step(
                 frame_idx=index,
                 is_init_cond_frame=False,
@@ -252,22 +253,36 @@ class Sam2Tracker(Tracker):
         return None, (resized >= 0.5).float()
 
     def _features(self, frame: Frame) -> _Features:
-        """The backbone's features of `frame`, from the small per-tracker cache when seen just before."""
-        cached = self._cache.get(frame.content_id)
-        if cached is not None:
-            self._cache.move_to_end(frame.content_id)
-            return cached
-        # As load_video_frames: PIL's default (bicubic) resize to a square, [0, 1], then normalised.
-        resized = np.array(Image.fromarray(frame.image).resize((self.size, self.size)))
-        image = _UNIT[torch.from_numpy(resized).long()].permute(2, 0, 1)
-        image = ((image - _MEAN) / _STD)[None].to(self.device)
-        backbone = self.model.forward_image(image)
-        _, feats, pos, sizes = self.model._prepare_backbone_features(backbone)
-        features = _Features(feats, pos, sizes)
-        self._cache[frame.content_id] = features
-        while len(self._cache) > _CACHED_FRAMES:
-            self._cache.popitem(last=False)
-        return features
+        """The backbone's features of `frame`: from its embedding (on_embeddings), else from the small
+        per-tracker cache when seen just before, else encoded here."""
+        if self._embed is not None:
+            return self._from_embedding(self._embed(frame))
+        with self._lock, torch.inference_mode():
+            cached = self._cache.get(frame.content_id)
+            if cached is not None:
+                self._cache.move_to_end(frame.content_id)
+                return cached
+            # As load_video_frames: PIL's default (bicubic) resize to a square, [0, 1], then normalised.
+            resized = np.array(Image.fromarray(frame.image).resize((self.size, self.size)))
+            image = _UNIT[torch.from_numpy(resized).long()].permute(2, 0, 1)
+            image = ((image - _MEAN) / _STD)[None].to(self.device)
+            backbone = self.model.forward_image(image)
+            _, feats, pos, sizes = self.model._prepare_backbone_features(backbone)
+            features = _Features(feats, pos, sizes)
+            self._cache[frame.content_id] = features
+            while len(self._cache) > _CACHED_FRAMES:
+                self._cache.popitem(last=False)
+            return features
+
+    def _from_embedding(self, embedding: ImageEmbedding) -> _Features:
+        """What _prepare_backbone_features makes of the backbone's output, from the cached maps."""
+        maps = [embedding[name].to(self.device, torch.float32) for name in TENSORS]
+        with torch.inference_mode():
+            if self._vision_pos is None:  # sine tables of the level sizes: the same for every frame
+                encode = self.model.image_encoder.neck.position_encoding
+                self._vision_pos = [encode(m).to(m.dtype).flatten(2).permute(2, 0, 1) for m in maps]
+            feats = [m.flatten(2).permute(2, 0, 1) for m in maps]
+        return _Features(feats, self._vision_pos, [(m.shape[-2], m.shape[-1]) for m in maps])
 
     def _fill_holes(self, logits: torch.Tensor) -> torch.Tensor:
         if _HOLE_FILLING and self.model.fill_hole_area > 0:

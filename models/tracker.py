@@ -8,11 +8,13 @@ state belongs to one object of one video, and frames are fed to it in order.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from models.base import ImageEmbedding
 from models.shapes import Shape
 
 
@@ -49,3 +51,8 @@ class Tracker(ABC):
     def state_bytes(self, state: Any) -> int:
         """Rough memory held by one state, for the server-side store's byte cap."""
         return 64 * 1024
+
+    def on_embeddings(self, embed: Callable[[Frame], ImageEmbedding]) -> Tracker | None:
+        """This tracker taking each frame's features from `embed` (the cached embeddings of the segmenter
+        of the same model), or None when it encodes frames in its own way."""
+        return None

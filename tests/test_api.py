@@ -141,12 +141,11 @@ def test_byte_cap_evicts_and_evicted_id_gets_404(tmp_path) -> None:
 
 def test_models_health_and_cache_endpoints(client: TestClient) -> None:
     models = {m["name"]: m for m in client.get("/v1/models").json()["models"]}
-    assert {n for n, m in models.items() if m["kind"] == "segmenter"} == {
-        "sam_vit_b",
-        "sam_vit_l",
-        "sam_vit_h",
-        "mobile_sam",
-    }
+    segmenters = {n: m["kinds"] for n, m in models.items() if m["kind"] == "segmenter"}
+    sam2 = {n for n in segmenters if n.startswith("sam2")}
+    assert set(segmenters) - sam2 == {"sam_vit_b", "sam_vit_l", "sam_vit_h", "mobile_sam"}
+    assert {"sam2.1_hiera_tiny", "sam2.1_hiera_large", "sam2_hiera_tiny"} <= sam2  # clicks, and tracking:
+    assert all(segmenters[n] == ["segmenter", "tracker"] for n in sam2)
     assert models["yolo11n"]["kind"] == "detector" and models["yolo11n"]["state"] == "disabled"
     assert models["mobile_sam"]["state"] == "loaded" and models["mobile_sam"]["weights"] == "random-init"
     assert "RANDOM" in models["mobile_sam"]["message"]

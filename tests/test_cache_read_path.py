@@ -10,6 +10,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from server.app import create_app
+from server.services.embeddings import _l2_key
 from server.services.embeddings.l2.blob import decode_blob
 
 from .conftest import encode_image, make_settings, synthetic_scene
@@ -113,6 +114,39 @@ def test_disk_tier_gives_a_restarted_app_its_embeddings_bit_exact(tmp_path: Path
         stats = restarted.get("/v1/cache/stats").json()
         assert stats["l2"]["kind"] == "disk" and stats["l2"]["hits"] == 1
         assert stats["l2"]["bytes"] <= 64 * 2**20 and stats["encoders"] == {}
+
+
+def test_l2_entries_are_per_model_and_a_sam2_embedding_round_trips(tmp_path: Path):
+    """One image, two models: each encodes and writes its own entry, neither reads the other's, not even
+    an entry put under its own key (the blob's architecture tag); SAM 2's three tensors come back from L2
+    bit for bit, and give the same masks."""
+    settings = make_settings(tmp_path, models=[MODEL, "sam2.1_hiera_tiny"], cache_disk_dir=tmp_path / "l2")
+    image = encode_image(synthetic_scene(96, 64, seed=35))
+    click = {"points": [[30, 30]], "max_masks": 3, "refine": False}
+    with TestClient(create_app(settings, load_models_in_background=False)) as client:
+        services = client.app.state.services
+        tiers = [embed(client, image)["cache_tier"]]
+        png = {"content-type": "image/png"}
+        response = client.post("/v1/sam/sam2.1_hiera_tiny/embed", content=image, headers=png)
+        image_id, tiers = response.json()["image_id"], [*tiers, response.json()["cache_tier"]]
+        assert tiers == ["encode", "encode"]  # no model found the other's entry of the same image
+        before = services.sam.cached_embedding("sam2.1_hiera_tiny", image_id).embedding
+        first = client.post("/v1/sam/sam2.1_hiera_tiny/segment", json={"image_id": image_id, **click}).json()
+        assert client.delete("/v1/cache").status_code == 200  # L1 only
+        second = client.post("/v1/sam/sam2.1_hiera_tiny/segment", json={"image_id": image_id, **click}).json()
+        assert second["cache_tier"] == "l2" and second["masks"] == first["masks"]
+        after = services.sam.cached_embedding("sam2.1_hiera_tiny", image_id).embedding
+        assert list(after.tensors) == ["high_res_0", "high_res_1", "vision_feat"]
+        assert all(torch.equal(bits(after[n]), bits(before[n])) for n in before.tensors)
+        # MobileSAM's entry copied under SAM 2's key is still MobileSAM's: a miss, not an embedding.
+        l2, registry = services.sam.embeddings.l2, services.registry
+        sam2_key = _l2_key(registry.segmenter("sam2.1_hiera_tiny"), image_id)
+        l2._path(sam2_key).write_bytes(l2._path(_l2_key(registry.segmenter(MODEL), image_id)).read_bytes())
+        assert client.delete("/v1/cache").status_code == 200
+        third = client.post("/v1/sam/sam2.1_hiera_tiny/segment", json={"image_id": image_id, **click})
+        assert third.status_code == 404 and third.json()["error"]["code"] == "image_not_cached"
+        stats = client.get("/v1/cache/stats").json()["l2"]
+        assert (stats["foreign"], stats["corrupt"]) == (1, 0)
 
 
 def test_restarted_server_process_gets_its_first_embedding_from_redis(

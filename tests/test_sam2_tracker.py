@@ -12,7 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
+from models.base import ImageEmbedding
 from models.registry import ModelRegistry
+from models.sam2 import Sam2Segmenter
 from models.sam2_tracker import Sam2State, Sam2Tracker, build_sam2
 from models.shapes import Keypoint, RegionMask, Shape
 from models.tracker import Frame, TrackerInputError
@@ -96,6 +98,58 @@ def test_matches_reference_propagation(
         assert torch.equal(state.recent[t].features, outputs["non_cond_frame_outputs"][t]["maskmem_features"])
     kept = [t for t, m in state.recent.items() if m.features is not None]
     assert list(state.recent) == list(range(1, tracked)) and kept == list(range(max(tracked - 6, 1), tracked))
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+@pytest.mark.filterwarnings("ignore:.*cannot import name '_C'.*:UserWarning")
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_tracker_on_click_embeddings_matches_reference(
+    model: torch.nn.Module, tmp_path: Path, cache_dtype: torch.dtype
+) -> None:
+    """Tracking on the click path's cached embeddings (one encode per frame serves clicks and tracking) gives
+    the reference propagation's masks when the reference reads the frames preprocessed as the clicks
+    preprocess them (SAM2Transforms): exactly from float32 embeddings, IoU ≥ 0.999 from float16 ones."""
+    # 16 frames, as above: the reference scales its object pointers' positions by the video's length (up to
+    # 16), which the streaming tracker takes as "at least 16"
+    video, tracked = SyntheticVideo(width=320, height=180, frames=16, seed=3), 8
+    for t in range(video.frames):
+        Image.fromarray(video.frame(t)[0]).save(tmp_path / f"{t:05d}.jpg", quality=95)
+    images = [np.asarray(Image.open(tmp_path / f"{t:05d}.jpg").convert("RGB")) for t in range(video.frames)]
+    box = video.frame(0)[1][0]
+    assert box is not None
+    segmenter = Sam2Segmenter("sam2.1_hiera_tiny", "sam2.1_hiera_tiny", model, cache_dtype=cache_dtype)
+    with torch.inference_mode():
+        reference = model.init_state(video_path=str(tmp_path))
+        reference["images"] = torch.stack([segmenter.prepare(image).image for image in images])
+        reference["cached_features"] = {}  # init_state encoded frame 0 from its own frames
+        model.add_new_points_or_box(reference, frame_idx=0, obj_id=1, box=np.array(box, np.float32))
+        expected = {
+            t: (masks[0, 0] > 0).numpy()
+            for t, _, masks in model.propagate_in_video(reference, max_frame_num_to_track=tracked - 1)
+        }
+    assert all(expected[t].any() for t in range(tracked))
+
+    encoded: list[str] = []
+
+    def embed(f: Frame) -> ImageEmbedding:
+        encoded.append(f.content_id)
+        return segmenter.encode(f.image)
+
+    tracker = Sam2Tracker("sam2.1_hiera_tiny", model).on_embeddings(embed)
+    state = tracker.init(frame(images[0], 0), box_shape(box))
+    worst = 1.0
+    for t in range(1, tracked):
+        result = tracker.step(state, frame(images[t], t))
+        got = np.zeros_like(expected[t]) if result is None else result.mask.to_full()
+        if cache_dtype == torch.float32:
+            assert np.array_equal(got, expected[t]), f"frame {t}"
+        worst = min(worst, iou(got, expected[t]))
+    assert worst >= 0.999, worst  # float16: 0.99988 at worst here
+    assert encoded == [f"frame-{t}" for t in range(tracked)]  # through `embed` only, once per frame
 
 
 # ---- the tracker protocol and bounded memory --------------------------------------------------------------
@@ -195,10 +249,14 @@ def test_registry_loads_a_manifest_tracker(tmp_path: Path) -> None:
     registry = ModelRegistry(settings)
     registry.load_enabled()
     record = registry.record("sam2.1_hiera_tiny")
-    assert record.kind == "tracker" and record.state == "loaded" and record.weights == "random-init"
+    assert record.kinds == ("segmenter", "tracker") and record.state == "loaded"
+    assert record.weights == "random-init"
     tracker = registry.tracker("sam2.1_hiera_tiny")
     assert isinstance(tracker, Sam2Tracker) and tracker.memory_frames == 4 and tracker.size == 1024
-    assert {r["name"]: r["kind"] for r in registry.describe()}["sam2_hiera_large"] == "tracker"
+    segmenter = registry.segmenter("sam2.1_hiera_tiny")
+    assert isinstance(segmenter, Sam2Segmenter) and segmenter.model is tracker.model  # one set of weights
+    described = {r["name"]: r for r in registry.describe()}["sam2_hiera_large"]
+    assert (described["kind"], described["kinds"]) == ("segmenter", ["segmenter", "tracker"])
 
 
 def test_checkpoint_in_meta_layout_loads(tmp_path: Path, model: torch.nn.Module) -> None:
@@ -212,8 +270,13 @@ def test_checkpoint_in_meta_layout_loads(tmp_path: Path, model: torch.nn.Module)
 
 
 def test_sam2_over_the_tracking_api_and_cvat(tmp_path: Path) -> None:
-    """A loaded SAM 2 model is a tracker of /v1/track and a CVAT tracker function like the others."""
+    """A loaded SAM 2 model is a tracker of /v1/track and a CVAT tracker function like the others, and its
+    tracking and its clicks share one embedding per frame."""
     import base64
+    import gc
+    import hashlib
+    import time
+    import weakref
 
     from fastapi.testclient import TestClient
 
@@ -228,7 +291,7 @@ def test_sam2_over_the_tracking_api_and_cvat(tmp_path: Path) -> None:
         assert "sam2.1_hiera_tiny" in trackers
         functions = client.get("/api/functions").json()
         assert functions["labelserve-track-sam2.1-hiera-tiny"]["metadata"]["annotations"]["type"] == "tracker"
-        assert "labelserve-sam2.1-hiera-tiny" not in functions  # not also offered as an interactor
+        assert functions["labelserve-sam2.1-hiera-tiny"]["metadata"]["annotations"]["type"] == "interactor"
         video = SyntheticVideo(frames=3, width=320, height=240)
         image, truth = video.frame(0)
         frame = base64.b64encode(encode_image(image)).decode()
@@ -242,3 +305,24 @@ def test_sam2_over_the_tracking_api_and_cvat(tmp_path: Path) -> None:
         assert step.status_code == 200, step.text
         (shape,) = step.json()["shapes"]
         assert shape is None or shape["type"] == "rectangle"  # random weights: the object may be lost
+        # Tracking encoded each frame once, into the clicks' cache: a click on the second frame is an L1 hit.
+        image_id = hashlib.sha256(base64.b64decode(following)).hexdigest()
+        click = {"image_id": image_id, "points": [[50, 50]]}
+        clicked = client.post("/v1/sam/sam2.1_hiera_tiny/segment", json=click)
+        assert clicked.status_code == 200 and clicked.json()["cache_tier"] == "l1"
+        encoders = client.get("/v1/cache/stats").json()["encoders"]
+        assert encoders["sam2.1_hiera_tiny"]["done"]["interactive"] == 2
+        # Unloading drops both faces: the embeddings, the tracking state, and the one model behind them.
+        weights = weakref.ref(client.app.state.services.registry.segmenter("sam2.1_hiera_tiny").model)
+        unloaded = client.post("/v1/models/sam2.1_hiera_tiny/unload")
+        assert unloaded.status_code == 200, unloaded.text
+        dropped = unloaded.json()["dropped"]
+        assert dropped["embeddings"] == 2 and dropped["track_states"] == 1
+        stepped = client.post("/v1/track/sam2.1_hiera_tiny/step", json=body)
+        assert stepped.status_code == 503 and stepped.json()["error"]["code"] == "model_unavailable"
+        for _ in range(200):  # the encoder thread lets go of the model once its queue is empty
+            gc.collect()
+            if weights() is None:
+                break
+            time.sleep(0.05)
+        assert weights() is None, "something still holds the unloaded SAM 2 model"

@@ -21,8 +21,8 @@ PART_SUFFIX = ".part"
 @dataclass(frozen=True)
 class WeightEntry:
     name: str
-    architecture: str  # sam_vit_b | sam_vit_l | sam_vit_h | mobile_sam; detectors to come
-    kind: str  # segmenter | detector | tracker
+    architecture: str  # what the registry builds: sam_vit_b, mobile_sam, sam2.1_hiera_tiny, yolo11n, ...
+    kind: str  # segmenter | detector | tracker: its first kind (SAM 2 segmenters also track)
     filename: str
     url: str
     size: int

@@ -135,7 +135,8 @@ class SamService:
         with timings.stage("decode_mask"):
             decoded = segmenter.decode(embedding, prompt, multimask)
         order = np.argsort(-decoded.scores, kind="stable")
-        self.history.record(model, embedded.image_id, key, decoded.low_res_logits[order[0]][None])
+        best = segmenter.as_mask_prompt(decoded.low_res_logits[order[0]][None])
+        self.history.record(model, embedded.image_id, key, best)
         masks = []
         for index in order[: request.max_masks]:
             with timings.stage("upsample"):

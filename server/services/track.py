@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from models.base import ImageEmbedding
 from models.registry import ModelRegistry
 from models.shapes import Shape
 from models.tracker import Frame, Tracker, TrackerInputError
@@ -116,13 +117,15 @@ class TrackService:
         self.store = TrackStateStore(settings.track_state_bytes, settings.track_state_ttl_s)
         self._weight_free: dict[str, Tracker] = registry.weight_free_trackers()
         self._sam: dict[str, Tracker] = {}
+        self._shared: dict[str, tuple[Tracker, Tracker]] = {}  # (the registry's tracker, it on the cache)
         self._lock = threading.Lock()
 
     def names(self) -> list[str]:
-        """Weight-free trackers, SAM propagation per loaded SAM model, and loaded tracker models (SAM 2)."""
+        """Weight-free trackers, SAM propagation per loaded SAM model, and loaded tracker models (SAM 2, whose
+        own tracker replaces propagation)."""
         loaded = [r for r in self.registry.describe() if r["state"] == "loaded"]
-        segmenters = [r["name"] + PROPAGATE_SUFFIX for r in loaded if r["kind"] == "segmenter"]
-        models = [r["name"] for r in loaded if r["kind"] == "tracker"]
+        models = [r["name"] for r in loaded if "tracker" in r["kinds"]]
+        segmenters = [r["name"] + PROPAGATE_SUFFIX for r in loaded if r["kinds"] == ["segmenter"]]
         return [*self._weight_free, *segmenters, *models]
 
     def tracker(self, name: str) -> Tracker:
@@ -140,10 +143,26 @@ class TrackService:
                     self._sam[name] = self.registry.propagation_tracker(model, embed)
                 return self._sam[name]
         if name in self.registry.enabled or self._is_known_tracker_model(name):
-            return self.registry.tracker(name)  # loading or unavailable: the registry's own 503
+            tracker = self.registry.tracker(name)  # loading or unavailable: the registry's own 503
+            if "segmenter" in self.registry.record(name).kinds:
+                return self._on_embeddings(name, tracker)
+            return tracker
         raise ApiError(
             404, "unknown_tracker", f"No tracker {name!r}; GET /v1/trackers lists the available ones."
         )
+
+    def _on_embeddings(self, name: str, tracker: Tracker) -> Tracker:
+        """A model's tracker reading frames' features from its clicks' cache (L1, L2, prefetch), when it can
+        (SAM 2): a frame clicked on, prefetched, or seen by several objects is encoded once."""
+        with self._lock:
+            shared = self._shared.get(name)
+            if shared is None or shared[0] is not tracker:  # first use, or the model was reloaded
+
+                def embed(frame: Frame, model: str = name) -> ImageEmbedding:
+                    return self.sam.embed_decoded(model, frame.content_id, frame.image)
+
+                shared = self._shared[name] = (tracker, tracker.on_embeddings(embed) or tracker)
+            return shared[1]
 
     def forget_model(self, model: str) -> int:
         """After `model` was unloaded: its propagation tracker and every object state built on it go (a
@@ -151,10 +170,11 @@ class TrackService:
         names = {model, model + PROPAGATE_SUFFIX}
         with self._lock:
             self._sam.pop(model + PROPAGATE_SUFFIX, None)
+            self._shared.pop(model, None)
         return self.store.remove_where(lambda entry: entry.tracker in names)
 
     def _is_known_tracker_model(self, name: str) -> bool:
-        return any(r["name"] == name and r["kind"] == "tracker" for r in self.registry.describe())
+        return any(r["name"] == name and "tracker" in r["kinds"] for r in self.registry.describe())
 
     def frame(self, data: bytes) -> Frame:
         return Frame(decode_image(data, self.settings.max_image_pixels), image_id(data))

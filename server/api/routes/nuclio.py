@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from models.detector import DetectParams
+from models.sam import SAM_ARCHITECTURES
 from server.api.body import read_limited_body
 from server.api.deps import Services, ServicesDep
 from server.errors import ApiError
@@ -113,8 +114,10 @@ _INTERACTOR = {
 
 
 def catalogue(svc: Services) -> dict[str, NuclioFunction]:
-    """One function per loaded model, plus CVAT's browser-SAM id when its model is loaded."""
-    loaded = {r["name"]: r["kind"] for r in svc.registry.describe() if r["state"] == "loaded"}
+    """One function per loaded model, plus CVAT's browser-SAM id when its model is loaded. A model of two
+    kinds (SAM 2: clicks and tracking) is an interactor here and a tracker among the trackers."""
+    records = [r for r in svc.registry.describe() if r["state"] == "loaded"]
+    loaded = {r["name"]: r["kind"] for r in records}
     functions = {
         function_id(model): NuclioFunction(
             function_id(model), "detector" if kind == "detector" else "interactor", model
@@ -126,7 +129,8 @@ def catalogue(svc: Services) -> dict[str, NuclioFunction]:
         fid = tracker_function_id(tracker)
         functions[fid] = NuclioFunction(fid, "tracker", tracker)
     browser_model = svc.settings.cvat_browser_sam_model
-    if loaded.get(browser_model) == "segmenter":
+    # CVAT's browser decoder reads one SAM [1, 256, 64, 64] embedding: SAM 2's three tensors are not that.
+    if any(r["name"] == browser_model and r["architecture"] in SAM_ARCHITECTURES for r in records):
         functions[BROWSER_SAM_ID] = NuclioFunction(BROWSER_SAM_ID, "interactor", browser_model, browser=True)
     return functions
 
