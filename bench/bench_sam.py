@@ -6,7 +6,8 @@ Every figure is a wall clock. The reference runs in a process of its own with a 
 (bench/bare_sam.py): what a user's script gets, with none of the server's settings, allocator or imports.
 Both sides hold the same seeded random weights (real compute; no checkpoint is obtainable here), run on the
 same machine one after the other, never concurrently. Prints markdown tables and the targets, warns where a
-figure moved more than 15 % from the table the docs publish, and writes bench/out/sam.json.
+figure moved more than 15 % from the table the docs publish, and writes bench/out/sam.json (sam-MODEL.json
+for a model other than MobileSAM, whose tables have markers `bench_sam:MODEL:…`).
 """
 
 from __future__ import annotations
@@ -156,7 +157,10 @@ def main() -> None:
             ours = server_side(server, args.model, data, point, args.clicks, args.cold)
             results["images"][name] = {"reference": reference, "labelserve": ours}
         results["allocator"] = server.allocator()
-    report("sam", results, {f"bench_sam:{name}": table for name, table in render(results).items()})
+    # MobileSAM's tables are the page's first; another model's have markers (and a JSON file) of their own.
+    suffix = "" if args.model == "mobile_sam" else f":{args.model}"
+    tables = {f"bench_sam{suffix}:{name}": table for name, table in render(results).items()}
+    report(f"sam{suffix.replace(':', '-')}", results, tables)
 
 
 def render(results: dict) -> dict[str, str]:
@@ -186,8 +190,9 @@ def render(results: dict) -> dict[str, str]:
             f"| {ours['cvat_reply_bytes'] / 1024:.0f} KiB "
             f"| {ours['legacy_reply_bytes'] / 2**20:.1f} MiB |"
         )
+    predictor = "SAM2ImagePredictor" if results["model"].startswith("sam2") else "SamPredictor"
     heads = {
-        "click": "| image | bare: prompt enc + mask dec (p50) | bare `SamPredictor.predict` (p50) "
+        "click": f"| image | bare: prompt enc + mask dec (p50) | bare `{predictor}.predict` (p50) "
         "| labelserve warm click over HTTP, p50 / p95 | click / bare predict | click / bare floor | reply |\n"
         "|---|---|---|---|---|---|---|",
         "embed": "| image | bare `set_image` (p50) | labelserve cold embed over HTTP (p50) "
