@@ -153,7 +153,8 @@ def render(results: dict) -> str:
         f"| allocator | warm click p50 / bare predict | cold embed p50 / bare set_image | {heads} |",
         "|---|---|---|" + "---|" * len(caps),
     ]
-    for name, r in results["candidates"].items():
+    for name in sorted(results["candidates"], key=list(CANDIDATES).index):
+        r = results["candidates"][name]
         cells = [DESCRIPTIONS[name]]
         if "click_ms" in r:
             click, embed = med(r["click_ms"]), med(r["embed_ms"])
@@ -168,7 +169,11 @@ def render(results: dict) -> str:
             series = r.get(f"rss_cap{cap}", {})
             first = series.get("1")
             points = [series.get(str(n)) for n in images]
-            growth = f" (+{points[-1] - first:.0f}, budget +{cap + 64})" if first and points[-1] else ""
+            known = [(n, v) for n, v in zip(images, points, strict=True) if v]
+            growth = ""
+            if first and known:  # growth at the last image count measured (a short run stops at 120)
+                n, last = known[-1]
+                growth = f" (+{last - first:.0f}{'' if n == images[-1] else f' at {n}'}, budget +{cap + 64})"
             cells.append(" → ".join(f"{v:.0f}" if v else "?" for v in [first, *points]) + growth)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
