@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -104,6 +105,13 @@ class Prompt:
 class Decoded:
     low_res_logits: torch.Tensor  # [M, 256, 256] float32 on the CPU (SAM at 1024 px: 256 = 1024 / 4)
     scores: np.ndarray  # [M] predicted IoU
+
+
+def cuda_autocast(dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """The encoders' autocast on CUDA (None: full precision, and always on the CPU)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda", dtype=dtype)
 
 
 class Segmenter(ABC):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from models.base import Decoded, ImageEmbedding, Prompt, Segmenter, to_cache
+from models.base import Decoded, ImageEmbedding, Prompt, Segmenter, cuda_autocast, to_cache
 from models.shapes import RegionMask
 from models.upsample import upsample_region
 
@@ -119,7 +119,7 @@ class SamSegmenter(Segmenter):
             )
             for p in prepared
         ]
-        with self.encoder_lock, torch.inference_mode(), self._autocast():
+        with self.encoder_lock, torch.inference_mode(), cuda_autocast(self.encoder_autocast):
             features = self.sam.image_encoder(inputs[0] if len(inputs) == 1 else torch.cat(inputs))
         return [
             ImageEmbedding(
@@ -129,11 +129,6 @@ class SamSegmenter(Segmenter):
             )
             for i, p in enumerate(prepared)
         ]
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.encoder_autocast is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type="cuda", dtype=self.encoder_autocast)
 
     # ---- decode -------------------------------------------------------------------------------------------
     def decode(self, embedding: ImageEmbedding, prompt: Prompt, multimask: bool) -> Decoded:

@@ -16,7 +16,6 @@ straight to the image (the predictor's default: no hole filling), computed only 
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from dataclasses import dataclass
 
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.base import Decoded, ImageEmbedding, Prompt, Segmenter, to_cache
+from models.base import Decoded, ImageEmbedding, Prompt, Segmenter, cuda_autocast, to_cache
 from models.sam import BOX_CHUNK, MASK_PROMPT_LOGIT
 from models.shapes import RegionMask
 from models.upsample import upsample_region
@@ -108,7 +107,7 @@ class Sam2Segmenter(Segmenter):
 
     def encode_prepared(self, prepared: list[Prepared]) -> list[ImageEmbedding]:
         batch = torch.stack([p.image for p in prepared]).to(self.device)
-        with self.encoder_lock, torch.inference_mode(), self._autocast():
+        with self.encoder_lock, torch.inference_mode(), cuda_autocast(self.encoder_autocast):
             backbone = self.model.forward_image(batch)
         # _prepare_backbone_features only flattens these maps: the values are the predictor's and tracker's.
         levels = backbone["backbone_fpn"][-self.model.num_feature_levels :]
@@ -123,11 +122,6 @@ class Sam2Segmenter(Segmenter):
             )
             for i, p in enumerate(prepared)
         ]
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.encoder_autocast is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type="cuda", dtype=self.encoder_autocast)
 
     # ---- decode -------------------------------------------------------------------------------------------
     def decode(self, embedding: ImageEmbedding, prompt: Prompt, multimask: bool) -> Decoded:
