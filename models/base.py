@@ -106,8 +106,9 @@ class Decoded:
     scores: np.ndarray  # [M] predicted IoU
 
 
-class Segmenter(ABC):
-    """A promptable segmenter split into an expensive encode and a cheap decode (SAM's design)."""
+class ImageEncoder(ABC):
+    """The expensive half of a model whose image features are cached (services/embeddings/): SAM's and SAM 2's
+    image encoder for clicks, SAM 3's vision backbone for concepts. Encoded once per image, kept in L1/L2."""
 
     name: str
     # The architecture tag of its cached embeddings (weights/manifest.json): an L2 entry written under
@@ -136,6 +137,10 @@ class Segmenter(ABC):
     def encode_prepared(self, prepared: list[Any]) -> list[ImageEmbedding]:
         """encode_batch() of what prepare() returned."""
         return self.encode_batch(prepared)
+
+
+class Segmenter(ImageEncoder):
+    """A promptable segmenter split into an expensive encode and a cheap decode (SAM's design)."""
 
     @abstractmethod
     def decode(self, embedding: ImageEmbedding, prompt: Prompt, multimask: bool) -> Decoded:

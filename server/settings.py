@@ -248,6 +248,13 @@ class Settings(BaseSettings):
         " fewer saves memory per tracked object, at some accuracy.",
     )
 
+    concept_text_cache_bytes: int = Field(
+        default=64 * 1024**2,
+        ge=0,
+        description="Byte cap, per concept model (SAM 3), of the text features kept per phrase (32 KiB a "
+        "phrase at full size); a cached phrase skips the text encoder.",
+    )
+
     # Encoder micro-batching: first clicks and prefetches that arrive together share one encoder pass.
     encode_max_batch: int | None = Field(
         default=None,
@@ -486,6 +493,7 @@ class Settings(BaseSettings):
             encoder_dtype=self.encoder_dtype,
             warm_up_batch=self.encode_batch_limit(cuda=True),
             sam2_memory_frames=self.sam2_memory_frames,
+            concept_text_cache_bytes=self.concept_text_cache_bytes,
         )
 
     def job_reader_threads(self, cuda: bool) -> int:
