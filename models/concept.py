@@ -17,12 +17,17 @@ import numpy as np
 
 from models.base import ImageEmbedding, ImageEncoder
 from models.shapes import RegionMask
+from models.vocabulary import MAX_EXEMPLARS, MAX_PHRASE_CHARS, MAX_PHRASES
 
-# Limits every caller applies (the API, the Nuclio and agent functions, jobs): the text encoder reads at most
-# 32 tokens, and a request's cost grows with its phrases and exemplars.
-MAX_PHRASE_CHARS = 200
-MAX_PHRASES = 32
-MAX_EXEMPLARS = 16
+__all__ = [
+    "MAX_EXEMPLARS",
+    "MAX_PHRASES",
+    "MAX_PHRASE_CHARS",
+    "ConceptModel",
+    "ConceptParams",
+    "Exemplars",
+    "Instance",
+]
 
 
 @dataclass(frozen=True)

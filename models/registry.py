@@ -120,9 +120,11 @@ def _build_sam2(name: str, architecture: str, checkpoint: Path | None, config: M
 
 
 def _build_sam3(name: str, architecture: str, checkpoint: Path | None, config: ModelsConfig,
-                device: torch.device) -> ConceptModel:  # fmt: skip
+                device: torch.device) -> dict[Kind, Model]:  # fmt: skip
     """SAM 3 concepts from a local snapshot directory; random weights for the architecture of the snapshot's
-    config.json when only that is there (tests: a small SAM 3), else for the full-size SAM 3."""
+    config.json when only that is there (tests: a small SAM 3), else for the full-size SAM 3. The same model
+    is a detector of the configured vocabulary's labels (models/concept_detector.py)."""
+    from models.concept_detector import ConceptDetector
     from models.sam3 import Sam3Concepts, load_sam3, random_sam3, snapshot_config
 
     if checkpoint is not None:
@@ -142,7 +144,9 @@ def _build_sam3(name: str, architecture: str, checkpoint: Path | None, config: M
     )
     if device.type == "cuda":
         concepts.warm_up(config.warm_up_batch)
-    return concepts
+    output = "box" if config.concept_output == "box" else "mask"
+    detector = ConceptDetector(name, concepts, config.concept_vocabulary, output)
+    return {"concept": concepts, "detector": detector}
 
 
 def _build_medianflow(name: str, architecture: str, checkpoint: Path | None, config: ModelsConfig,
@@ -159,7 +163,9 @@ BACKENDS: dict[str, Backend] = {
     "sam2": Backend(
         "segmenter", _build_sam2, serves=lambda e: e.architecture in SAM2_CONFIGS, also=("tracker",)
     ),
-    "sam3": Backend("concept", _build_sam3, serves=lambda entry: entry.architecture in SAM3_ARCHITECTURES),
+    "sam3": Backend(
+        "concept", _build_sam3, serves=lambda e: e.architecture in SAM3_ARCHITECTURES, also=("detector",)
+    ),
     "medianflow": Backend("tracker", _build_medianflow),
 }
 LOCAL_CHECKPOINTS = "ultralytics"  # the backend of LABELSERVE_DETECTOR_PATHS' checkpoints
@@ -200,6 +206,7 @@ class ModelRecord:
         return self.parts.get(self.kind)
 
     def describe(self) -> dict:
+        detector = self.parts.get("detector")
         return {
             "name": self.name,
             "kind": self.kind,
@@ -213,11 +220,11 @@ class ModelRecord:
             "load_seconds": self.load_seconds,
             **(
                 {
-                    "task": self.model.info.task,
-                    "classes": self.model.info.class_names,
-                    "keypoints": list(self.model.info.keypoint_names),
+                    "task": detector.info.task,
+                    "classes": detector.info.class_names,
+                    "keypoints": list(detector.info.keypoint_names),
                 }
-                if isinstance(self.model, Detector)
+                if isinstance(detector, Detector)
                 else {}
             ),
         }

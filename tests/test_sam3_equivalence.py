@@ -303,7 +303,8 @@ def test_models_without_the_head_asked_for(exact: TestClient, images: dict[str, 
     assert click_to_sam3.status_code == 404
     assert "no click head" in click_to_sam3.json()["error"]["message"]
     models = {m["name"]: m for m in exact.get("/v1/models").json()["models"]}
-    assert models[MODEL]["kinds"] == ["concept"] and models[MODEL]["weights"] == "random-init"
+    assert models[MODEL]["kinds"] == ["concept", "detector"] and models[MODEL]["weights"] == "random-init"
+    assert models[MODEL]["classes"] == {}  # no vocabulary configured: a detector of nothing
 
 
 def test_a_checkpoint_with_other_keys_is_refused(tmp_path: Path, reference: tuple) -> None:
@@ -358,3 +359,45 @@ def test_the_registry_loads_a_snapshot_and_refuses_a_damaged_one(tmp_path: Path,
     registry.load_enabled()
     record = registry.record(MODEL)
     assert record.state == "failed" and "missing_keys" in record.message, record.message
+
+
+@pytest.mark.slow
+def test_the_full_size_architecture_equals_transformers(images: dict[str, bytes]) -> None:
+    """The full-size SAM 3 (840 M parameters, 1008-pixel input), built once: the cached FPN levels have the
+    published shapes, and the ten best instances equal transformers' pipeline. About 3 minutes on 2 cores
+    (two vision passes of about a minute each, plus the random initialisation)."""
+    from models.concept import ConceptParams
+
+    torch.manual_seed(0)
+    model, processor = random_sam3()
+    concepts = Sam3Concepts(MODEL, MODEL, model, processor, torch.device("cpu"), cache_dtype=torch.float32)
+    image = decode_image(images["zidane.jpg"], 64_000_000)
+    embedding = concepts.encode(image)
+    assert {k: tuple(v.shape) for k, v in embedding.tensors.items()} == {
+        "fpn_0": (1, 256, 288, 288),
+        "fpn_1": (1, 256, 144, 144),
+        "fpn_2": (1, 256, 72, 72),
+    }
+    inputs = processor(images=image, text="person", return_tensors="pt")
+    with torch.inference_mode():
+        outputs = model(**inputs)
+    scores = (outputs.pred_logits.sigmoid() * outputs.presence_logits.sigmoid())[0]
+    threshold = float(torch.sort(scores, descending=True).values[10])  # the ten best: bounded memory
+    sizes = inputs["original_sizes"].tolist()
+    want = {
+        t: processor.post_process_instance_segmentation(outputs, threshold, t, sizes)[0]
+        for t in (0.5, 0.5 - 1e-5, 0.5 + 1e-5)
+    }
+    order = torch.sort(want[0.5]["scores"], descending=True, stable=True).indices
+    found = concepts.find(embedding, ["person"], ConceptParams(score_threshold=threshold, max_instances=50))[
+        0
+    ]
+    assert len(found) == len(order) == 10
+    np.testing.assert_allclose([i.score for i in found], want[0.5]["scores"][order].numpy(), atol=1e-5)
+    height, width = image.shape[:2]
+    boxes = np.clip(want[0.5]["boxes"][order].numpy(), 0, [width, height, width, height])
+    np.testing.assert_allclose([i.box for i in found], boxes, atol=1e-3)
+    for i, instance in enumerate(found):
+        mask = instance.mask.to_full()
+        assert not (want[0.5 + 1e-5]["masks"][order[i]].numpy().astype(bool) & ~mask).any()
+        assert not (mask & ~want[0.5 - 1e-5]["masks"][order[i]].numpy().astype(bool)).any()
