@@ -114,8 +114,9 @@ def cuda_autocast(dtype: torch.dtype | None) -> contextlib.AbstractContextManage
     return torch.autocast(device_type="cuda", dtype=dtype)
 
 
-class Segmenter(ABC):
-    """A promptable segmenter split into an expensive encode and a cheap decode (SAM's design)."""
+class ImageEncoder(ABC):
+    """The expensive half of a model whose image features are cached (services/embeddings/): SAM's and SAM 2's
+    image encoder for clicks, SAM 3's vision backbone for concepts. Encoded once per image, kept in L1/L2."""
 
     name: str
     # The architecture tag of its cached embeddings (weights/manifest.json): an L2 entry written under
@@ -144,6 +145,10 @@ class Segmenter(ABC):
     def encode_prepared(self, prepared: list[Any]) -> list[ImageEmbedding]:
         """encode_batch() of what prepare() returned."""
         return self.encode_batch(prepared)
+
+
+class Segmenter(ImageEncoder):
+    """A promptable segmenter split into an expensive encode and a cheap decode (SAM's design)."""
 
     @abstractmethod
     def decode(self, embedding: ImageEmbedding, prompt: Prompt, multimask: bool) -> Decoded:

@@ -30,6 +30,9 @@ class ModelsConfig:
     encoder_dtype: str = "float16"  # the encoder's CUDA autocast dtype ("float32": none)
     warm_up_batch: int = 4  # a CUDA segmenter is warmed up at this encode batch size while loading
     sam2_memory_frames: int = 6  # recent frames a SAM 2 tracker state remembers
+    concept_text_cache_bytes: int = 64 * 2**20  # per concept model: the text features kept per phrase
+    concept_vocabulary: dict[str, list[str]] = field(default_factory=dict)  # label -> phrases (detectors)
+    concept_output: str = "mask"  # what a concept model answers as a detector: "mask" or "box"
 
 
 class HasModelsConfig(Protocol):

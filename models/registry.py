@@ -21,12 +21,22 @@ from typing import Literal
 
 import torch
 
-from models.base import UNLOADED, ModelLoading, ModelUnavailable, Segmenter, UnknownModel, load_command
+from models.base import (
+    UNLOADED,
+    ImageEncoder,
+    ModelLoading,
+    ModelUnavailable,
+    Segmenter,
+    UnknownModel,
+    load_command,
+)
+from models.concept import ConceptModel
 from models.config import HasModelsConfig, ModelsConfig
 from models.detector import Detector, DetectorInfo
 from models.multi_tracker import MultiTracker, TrackerParams
 from models.sam import SAM_ARCHITECTURES, SamSegmenter, build_sam, encoder_autocast
 from models.sam2 import SAM2_CONFIGS
+from models.sam3 import SAM3_ARCHITECTURES
 from models.sam_tracker import Embed, SamPropagationTracker
 from models.tracker import Tracker
 from weights import store
@@ -34,8 +44,15 @@ from weights import store
 log = logging.getLogger("labelserve.models")
 
 State = Literal["loaded", "loading", "unavailable", "failed", "disabled"]
-Kind = Literal["segmenter", "detector", "tracker"]
-Model = Segmenter | Detector | Tracker
+Kind = Literal["segmenter", "detector", "tracker", "concept"]
+Model = Segmenter | Detector | Tracker | ConceptModel
+# What each kind is called where a request asks a model for a kind it does not serve.
+HEADS = {
+    "segmenter": "click head (POST /v1/sam/{model}/segment)",
+    "concept": "concept head (POST /v1/concepts/{model})",
+    "detector": "detector",
+    "tracker": "tracker",
+}
 # (model name, architecture, its checkpoint or None for seeded random weights, config, device) -> the model,
 # or for a backend of several kinds one object per kind (sharing weights)
 Build = Callable[[str, str, Path | None, ModelsConfig, torch.device], Model | dict[Kind, Model]]
@@ -102,6 +119,36 @@ def _build_sam2(name: str, architecture: str, checkpoint: Path | None, config: M
     return {"segmenter": segmenter, "tracker": Sam2Tracker(name, model, config.sam2_memory_frames)}
 
 
+def _build_sam3(name: str, architecture: str, checkpoint: Path | None, config: ModelsConfig,
+                device: torch.device) -> dict[Kind, Model]:  # fmt: skip
+    """SAM 3 concepts from a local snapshot directory; random weights for the architecture of the snapshot's
+    config.json when only that is there (tests: a small SAM 3), else for the full-size SAM 3. The same model
+    is a detector of the configured vocabulary's labels (models/concept_detector.py)."""
+    from models.concept_detector import ConceptDetector
+    from models.sam3 import Sam3Concepts, load_sam3, random_sam3, snapshot_config
+
+    if checkpoint is not None:
+        model, processor = load_sam3(checkpoint)
+    else:
+        model, processor = random_sam3(snapshot_config(config.weights_dir / store.get_entry(name).filename))
+    concepts = Sam3Concepts(
+        name,
+        architecture,
+        model,
+        processor,
+        device,
+        cache_dtype=getattr(torch, config.cache_dtype),
+        cache_on_model_device=config.cache_device == "model",
+        encoder_autocast=encoder_autocast(config.encoder_dtype),
+        text_cache_bytes=config.concept_text_cache_bytes,
+    )
+    if device.type == "cuda":
+        concepts.warm_up(config.warm_up_batch)
+    output = "box" if config.concept_output == "box" else "mask"
+    detector = ConceptDetector(name, concepts, config.concept_vocabulary, output)
+    return {"concept": concepts, "detector": detector}
+
+
 def _build_medianflow(name: str, architecture: str, checkpoint: Path | None, config: ModelsConfig,
                       device: torch.device) -> Tracker:  # fmt: skip
     from models.box_tracker import MedianFlowTracker
@@ -115,6 +162,9 @@ BACKENDS: dict[str, Backend] = {
     "ultralytics": Backend("detector", _build_ultralytics, serves=lambda entry: entry.kind == "detector"),
     "sam2": Backend(
         "segmenter", _build_sam2, serves=lambda e: e.architecture in SAM2_CONFIGS, also=("tracker",)
+    ),
+    "sam3": Backend(
+        "concept", _build_sam3, serves=lambda e: e.architecture in SAM3_ARCHITECTURES, also=("detector",)
     ),
     "medianflow": Backend("tracker", _build_medianflow),
 }
@@ -156,6 +206,7 @@ class ModelRecord:
         return self.parts.get(self.kind)
 
     def describe(self) -> dict:
+        detector = self.parts.get("detector")
         return {
             "name": self.name,
             "kind": self.kind,
@@ -169,11 +220,11 @@ class ModelRecord:
             "load_seconds": self.load_seconds,
             **(
                 {
-                    "task": self.model.info.task,
-                    "classes": self.model.info.class_names,
-                    "keypoints": list(self.model.info.keypoint_names),
+                    "task": detector.info.task,
+                    "classes": detector.info.class_names,
+                    "keypoints": list(detector.info.keypoint_names),
                 }
-                if isinstance(self.model, Detector)
+                if isinstance(detector, Detector)
                 else {}
             ),
         }
@@ -256,7 +307,7 @@ class ModelRegistry:
         threading.Thread(target=self._load, args=(record,), name=f"load-{name}", daemon=True).start()
         return record
 
-    def unload(self, name: str) -> tuple[State, Segmenter | Detector | Tracker | None]:
+    def unload(self, name: str) -> tuple[State, Model | None]:
         """Forgets a loaded model; new work for it gets a 503 naming the load endpoint. Returns the state it
         had and the model object, whose memory is freed once the services drop their references to it
         (Services.forget_model) and work already running with it ends. Only a loaded model is unloaded."""
@@ -381,10 +432,32 @@ class ModelRegistry:
         assert isinstance(model, Tracker)
         return model
 
-    def _loaded(self, name: str, kind: str) -> Segmenter | Detector | Tracker:
+    def concept(self, name: str) -> ConceptModel:
+        model = self._loaded(name, "concept")
+        assert isinstance(model, ConceptModel)
+        return model
+
+    def encoder(self, name: str) -> ImageEncoder:
+        """The image encoder whose features the embedding cache holds: a segmenter's, or a concept model's
+        (prefetch and /v1/concepts use it)."""
+        record = self.record(name)
+        kind = next((k for k in ("segmenter", "concept") if k in record.kinds), None)
+        if kind is None:
+            raise UnknownModel(
+                f"{name!r} is a {record.kind}: it has no image encoder whose features are cached; GET "
+                "/v1/models lists the segmenters and concept models"
+            )
+        model = self._loaded(name, kind)
+        assert isinstance(model, ImageEncoder)
+        return model
+
+    def _loaded(self, name: str, kind: str) -> Model:
         record = self.record(name)
         if kind not in record.kinds:
-            raise UnknownModel(f"{name!r} is a {record.kind}, not a {kind}; GET /v1/models lists the {kind}s")
+            raise UnknownModel(
+                f"{name!r} is a {record.kind}, not a {kind}: it has no {HEADS[kind]}; GET /v1/models lists "
+                f"the {kind}s"
+            )
         model = record.parts.get(kind)
         if record.state == "loaded" and model is not None:
             return model

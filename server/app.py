@@ -20,6 +20,7 @@ from server.api.routers import ROUTERS
 from server.jobs.engine import LocalEngine
 from server.jobs.store import JOBS_DB_NAME
 from server.ops import allocator
+from server.services.concepts import ConceptService
 from server.services.detect import DetectService
 from server.services.prefetch import PrefetchManager
 from server.services.sam import SamService
@@ -71,7 +72,14 @@ def create_app(settings: Settings | None = None, *, load_models_in_background: b
     )
     # What the routes reach through server/api/deps.py.
     app.state.services = Services(
-        settings, registry, sam_service, detect_service, track_service, inflight, LatestWins()
+        settings,
+        registry,
+        sam_service,
+        detect_service,
+        track_service,
+        inflight,
+        LatestWins(),
+        ConceptService(registry, sam_service, settings),
     )
     app.state.jobs = jobs
     app.state.inflight = inflight

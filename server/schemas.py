@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from models.concept import MAX_EXEMPLARS, MAX_PHRASE_CHARS, MAX_PHRASES
 from models.detector import TILE_DESCRIPTION, TILE_OVERLAP_DESCRIPTION
 from server.formats.api_json import MASK_FORMATS
 from server.inputs.urls import ImageRef
@@ -228,3 +229,97 @@ class PropagateRequest(BaseModel):
         if self.stop is not None and self.stop <= self.start:
             raise ValueError("stop must be greater than start")
         return self
+
+
+class ConceptRequest(BaseModel):
+    """Find every instance of one or more noun phrases (SAM 3's promptable concept segmentation)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: ImageRef | None = Field(
+        default=None, description="The image; or give `image_id` of one whose features are cached."
+    )
+    image_id: str | None = Field(
+        default=None,
+        description="sha256 of the image bytes, as an earlier /v1/concepts reply or a prefetch returned.",
+    )
+    text: list[str] = Field(
+        description=f'Noun phrases, one query each (e.g. ["car", "yellow bus"]): 1 to {MAX_PHRASES}, each '
+        f"1 to {MAX_PHRASE_CHARS} characters. A bare string is one phrase.",
+    )
+    positive_boxes: list[tuple[float, float, float, float]] = Field(
+        default_factory=list,
+        description="Exemplar boxes [[x1, y1, x2, y2], ...] in pixels of instances like the ones "
+        "wanted; they apply to every phrase.",
+    )
+    negative_boxes: list[tuple[float, float, float, float]] = Field(
+        default_factory=list,
+        description="Exemplar boxes of what is not wanted; with positive_boxes at most "
+        f"{MAX_EXEMPLARS} in all.",
+    )
+    score_threshold: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="Keep instances scoring above this (detection × presence)."
+    )
+    mask_threshold: float = Field(
+        default=0.5, ge=0.0, le=1.0, description="A pixel is in a mask where its probability is above this."
+    )
+    max_instances: int = Field(
+        default=100, ge=1, le=1000, description="Most instances per phrase, highest scores first."
+    )
+    nms_iou: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=1.0,
+        description="Per-phrase non-maximum suppression of the boxes at this IoU; absent: none.",
+    )
+    masks: bool = Field(default=True, description="false: boxes and scores only (no mask is computed).")
+    formats: list[str] = Field(default=["cvat"], description=f"Mask encodings among {list(MASK_FORMATS)}.")
+    polygon_tolerance: float | None = Field(
+        default=None, ge=0, le=100, description="Pixels; default from settings."
+    )
+
+    @field_validator("text", mode="before")
+    @classmethod
+    def _phrases(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("formats")
+    @classmethod
+    def _known_formats(cls, formats: list[str]) -> list[str]:
+        return SegmentRequest._known_formats(formats)
+
+    @model_validator(mode="after")
+    def _one_image(self, info: ValidationInfo) -> ConceptRequest:
+        uploaded = bool(info.context and info.context.get("upload"))
+        if (self.image is not None) + (self.image_id is not None) + uploaded != 1:
+            raise ValueError("give exactly one image: 'image', 'image_id', or (multipart) a 'file' part")
+        return self
+
+
+class ConceptMask(BaseModel):
+    bbox: list[int] = Field(description="[x, y, width, height] of the mask's pixels.")
+    area: int
+    cvat: list[int] | None = None
+    coco_rle: dict | None = None
+    polygons: list[list[float]] | None = None
+
+
+class ConceptInstance(BaseModel):
+    prompt: str = Field(description="The phrase that found it.")
+    score: float
+    box: list[float] = Field(
+        description="[x1, y1, x2, y2] in pixels, the detector's box clipped to the image."
+    )
+    mask: ConceptMask | None = Field(default=None, description="Absent when the request asked for no masks.")
+
+
+class ConceptResponse(BaseModel):
+    image_id: str
+    model: str
+    width: int
+    height: int
+    cached: bool
+    cache_tier: Literal["l1", "l2", "encode"] = Field(description=CACHE_TIER_DOC)
+    instances: list[ConceptInstance] = Field(description="Every phrase's instances, by phrase, best first.")
+    counts: dict[str, int] = Field(description="Instances found per phrase.")
+    timings_ms: dict[str, float]

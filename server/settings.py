@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from models.config import ModelsConfig
+from models.vocabulary import check_vocabulary
 from weights.store import default_weights_dir
 
 
@@ -248,6 +249,29 @@ class Settings(BaseSettings):
         " fewer saves memory per tracked object, at some accuracy.",
     )
 
+    concept_text_cache_bytes: int = Field(
+        default=64 * 1024**2,
+        ge=0,
+        description="Byte cap, per concept model (SAM 3), of the text features kept per phrase (32 KiB a "
+        "phrase at full size); a cached phrase skips the text encoder.",
+    )
+
+    concept_vocabulary: dict[str, list[str]] = Field(
+        default={},
+        description="What a concept model (SAM 3) finds as a detector (CVAT's Nuclio detector, the agent's "
+        'DetectionFunction, /v1/detect, jobs without a vocabulary of their own): JSON {"label": ["phrase", '
+        '...]}, e.g. {"car": ["car", "van"], "person": ["person"]}; an empty list means the label itself. '
+        "Empty: concept models are not offered as detectors.",
+    )
+    concept_vocabulary_file: Path | None = Field(
+        default=None,
+        description="A YAML (or JSON) file holding the vocabulary instead (label: [phrases]); read at start.",
+    )
+    concept_output: Literal["mask", "box"] = Field(
+        default="mask",
+        description="What a concept model answers as a detector: masks (with polygons), or boxes.",
+    )
+
     # Encoder micro-batching: first clicks and prefetches that arrive together share one encoder pass.
     encode_max_batch: int | None = Field(
         default=None,
@@ -466,6 +490,26 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode="after")
+    def _vocabulary(self) -> Settings:
+        if self.concept_vocabulary_file is not None:
+            if self.concept_vocabulary:
+                raise ValueError(
+                    "set LABELSERVE_CONCEPT_VOCABULARY or LABELSERVE_CONCEPT_VOCABULARY_FILE, not both"
+                )
+            import yaml  # YAML is a superset of JSON: either file format reads
+
+            try:
+                raw = yaml.safe_load(self.concept_vocabulary_file.read_text(encoding="utf-8"))
+            except (OSError, yaml.YAMLError) as exc:
+                raise ValueError(f"concept_vocabulary_file {self.concept_vocabulary_file}: {exc}") from None
+            if not isinstance(raw, dict):
+                raise ValueError(f"concept_vocabulary_file {self.concept_vocabulary_file}: not a mapping")
+            self.concept_vocabulary = check_vocabulary(raw)
+        else:
+            self.concept_vocabulary = check_vocabulary(self.concept_vocabulary)
+        return self
+
     def encode_batch_limit(self, cuda: bool) -> int:
         # 4, not 8: on an H100, 8 gained 1-6 % over 4 for ViT-H and ViT-B, and MobileSAM at 8 stalled.
         return self.encode_max_batch or (4 if cuda else 1)
@@ -486,6 +530,9 @@ class Settings(BaseSettings):
             encoder_dtype=self.encoder_dtype,
             warm_up_batch=self.encode_batch_limit(cuda=True),
             sam2_memory_frames=self.sam2_memory_frames,
+            concept_text_cache_bytes=self.concept_text_cache_bytes,
+            concept_vocabulary=dict(self.concept_vocabulary),
+            concept_output=self.concept_output,
         )
 
     def job_reader_threads(self, cuda: bool) -> int:

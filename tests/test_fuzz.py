@@ -30,6 +30,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from models.sam3 import TINY_CONFIG, sam3_config
 from models.shapes import RegionMask, mask_from_polygon, polygons
 from server.app import create_app
 from server.errors import ApiError
@@ -43,6 +44,7 @@ from .conftest import encode_image, make_settings, synthetic_scene
 OPERATIONS = (
     "POST /v1/sam/{model}/embed",
     "POST /v1/sam/{model}/segment",
+    "POST /v1/concepts/{model}",
     "POST /v1/detect/{model}",
     "GET /v1/trackers",
     "POST /v1/track/{tracker}",
@@ -116,7 +118,7 @@ class FuzzTarget:
         assert embedded.status_code == 200, embedded.text
         self.image_id = embedded.json()["image_id"]
         self.names = {
-            "model": ["mobile_sam", "det"],
+            "model": ["mobile_sam", "det", "sam3"],
             "tracker": [t["name"] for t in client.get("/v1/trackers").json()["trackers"]],
             "function_id": list(client.get("/api/functions").json()),
         }
@@ -128,7 +130,10 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzTarget]:
     # A random-init YOLO11n next to MobileSAM: detection and the CVAT detector paths run for real. "spare"
     # is what the load and unload operations get, so that they never unload what the others use.
     detectors = {"det": "yolo11n.yaml", "spare": "yolo11n.yaml"}
-    settings = make_settings(tmp, data_dir=tmp / "data", detector_paths=detectors)
+    sam3_config(TINY_CONFIG).save_pretrained(tmp / "weights" / "sam3")  # a small SAM 3: concepts run for real
+    settings = make_settings(
+        tmp, data_dir=tmp / "data", detector_paths=detectors, models=["mobile_sam", "sam3"]
+    )
     with TestClient(create_app(settings, load_models_in_background=False)) as client:
         yield FuzzTarget(client)
 

@@ -98,12 +98,19 @@ def test_manifest_entries_are_well_formed() -> None:
     assert {"sam_vit_b", "sam_vit_l", "sam_vit_h", "mobile_sam"} <= set(manifest)
     for name, e in manifest.items():
         assert e.name == name
-        assert re.fullmatch(r"[0-9a-f]{64}", e.sha256), name
-        assert isinstance(e.size, int) and e.size > 0, name
         assert e.url.startswith("https://"), name
-        assert e.kind in {"segmenter", "detector", "tracker"}, name
+        assert e.kind in {"segmenter", "detector", "tracker", "concept"}, name
         assert e.filename and "/" not in e.filename and e.url.endswith(e.filename), name
         assert e.license and e.source, name
+        if e.is_snapshot:  # a Hugging Face repository at a pinned commit, fetched whole
+            assert e.url == f"https://huggingface.co/{e.repo}", name
+            assert e.revision and re.fullmatch(r"[0-9a-f]{40}", e.revision), name
+            assert e.weights_file in e.files and "config.json" in e.files, name
+            assert e.sha256 is None or re.fullmatch(r"[0-9a-f]{64}", e.sha256), name
+            continue
+        assert re.fullmatch(r"[0-9a-f]{64}", e.sha256 or ""), name
+        assert isinstance(e.size, int) and e.size > 0, name
+    assert manifest["sam3"].is_snapshot and manifest["sam3"].token_env == "HF_TOKEN"
 
 
 def test_load_manifest_returns_a_fresh_dict() -> None:
@@ -311,3 +318,65 @@ def test_cli_dir_defaults_to_env(
     monkeypatch.setenv("LABELSERVE_WEIGHTS_DIR", str(tmp_path))
     assert run(cli, "weights", "list") == 0
     assert f"weights dir: {tmp_path}" in capsys.readouterr().out
+
+
+# --- Hugging Face snapshots (SAM 3) -------------------------------------------------------------------------
+
+SNAPSHOT = store.WeightEntry(
+    name="snap",
+    architecture="sam3",
+    kind="concept",
+    filename="snap",
+    url="https://huggingface.co/org/snap",
+    size=None,
+    sha256=None,
+    license="test",
+    source="test",
+    repo="org/snap",
+    revision="0" * 40,
+    files=("config.json", "model.safetensors"),
+    token_env="TEST_HF_TOKEN",
+    weights_file="model.safetensors",
+)
+
+
+def test_a_gated_snapshot_needs_the_token_and_fetches_the_pinned_revision(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub
+
+    manifest = {"snap": SNAPSHOT}
+    monkeypatch.delenv("TEST_HF_TOKEN", raising=False)
+    with pytest.raises(store.DownloadError, match="TEST_HF_TOKEN"):
+        store.fetch("snap", tmp_path, manifest=manifest)
+    assert store.status(SNAPSHOT, tmp_path) == "missing"
+
+    asked: list[dict] = []
+
+    def hub(**kwargs: object) -> str:  # the Hub's side: what a download of the allowed files leaves
+        asked.append(kwargs)
+        directory = Path(str(kwargs["local_dir"]))
+        directory.mkdir(parents=True)
+        for name in kwargs["allow_patterns"]:  # type: ignore[attr-defined]
+            (directory / name).write_text("{}")
+        return str(directory)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    monkeypatch.setenv("TEST_HF_TOKEN", "hf_secret")
+    path = store.fetch("snap", tmp_path, manifest=manifest)
+    assert path == tmp_path / "snap" and store.status(SNAPSHOT, tmp_path) == "present"
+    assert asked == [
+        {
+            "repo_id": "org/snap",
+            "revision": "0" * 40,
+            "allow_patterns": ["config.json", "model.safetensors"],
+            "local_dir": tmp_path / "snap",
+            "token": "hf_secret",
+        }
+    ]
+    assert store.resolve("snap", tmp_path, manifest=manifest) == path
+    store.fetch("snap", tmp_path, manifest=manifest)  # present: no second download
+    assert len(asked) == 1
+    (path / "model.safetensors").unlink()
+    with pytest.raises(store.MissingWeights):
+        store.resolve("snap", tmp_path, manifest=manifest)

@@ -50,7 +50,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     weights_dir = _dir(args)
     rows = [("NAME", "ARCHITECTURE", "SIZE MB", "STATUS", "LICENSE")]
     for e in store.load_manifest().values():
-        rows.append((e.name, e.architecture, f"{e.size / 1e6:.1f}", store.status(e, weights_dir), e.license))
+        size = "?" if e.size is None else f"{e.size / 1e6:.1f}"
+        rows.append((e.name, e.architecture, size, store.status(e, weights_dir), e.license))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     print(f"weights dir: {weights_dir}")
     for r in rows:

@@ -23,12 +23,23 @@ class WeightEntry:
     name: str
     architecture: str  # what the registry builds: sam_vit_b, mobile_sam, sam2.1_hiera_tiny, yolo11n, ...
     kind: str  # segmenter | detector | tracker: its first kind (SAM 2 segmenters also track)
-    filename: str
+    filename: str  # a file, or for a repository snapshot (`repo`) a directory holding its `files`
     url: str
-    size: int
-    sha256: str
+    size: int | None  # bytes of the file (a snapshot: of its largest file, when a public source gives it)
+    sha256: str | None  # None where no public source gives it (then the size and the loader's checks decide)
     license: str
     source: str
+    # A Hugging Face repository snapshot instead of one file: the repository, its pinned revision, the files
+    # fetched from it, and the environment variable holding the access token of a gated repository.
+    repo: str | None = None
+    revision: str | None = None
+    files: tuple[str, ...] = ()
+    token_env: str | None = None
+    weights_file: str | None = None  # the snapshot's file `size` and `sha256` describe
+
+    @property
+    def is_snapshot(self) -> bool:
+        return self.repo is not None
 
 
 Manifest = Mapping[str, WeightEntry]
@@ -102,7 +113,7 @@ def default_weights_dir() -> Path:
 @functools.cache
 def _parse_manifest() -> tuple[WeightEntry, ...]:
     raw = json.loads(resources.files("weights").joinpath("manifest.json").read_text(encoding="utf-8"))
-    entries = tuple(WeightEntry(**item) for item in raw)
+    entries = tuple(WeightEntry(**{**item, "files": tuple(item.get("files", ()))}) for item in raw)
     names = [e.name for e in entries]
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate names in weights manifest: {names}")
@@ -165,6 +176,9 @@ def _write_stamp(entry: WeightEntry, path: Path, st: os.stat_result) -> None:
 def verify(entry: WeightEntry, path: Path, *, use_stamp: bool = True) -> None:
     """Raise ChecksumMismatch unless `path` holds exactly the manifest's bytes (MissingWeights if absent)."""
     path = Path(path)
+    if entry.is_snapshot:
+        _verify_snapshot(entry, path, use_stamp)
+        return
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -187,9 +201,38 @@ def verify(entry: WeightEntry, path: Path, *, use_stamp: bool = True) -> None:
     )
 
 
+def _verify_snapshot(entry: WeightEntry, directory: Path, use_stamp: bool) -> None:
+    """Every file of the snapshot is there, and its weights file has the recorded size and sha256 where the
+    manifest has them. MissingWeights names the directory when a file is absent."""
+    if not all((directory / name).is_file() for name in entry.files):
+        raise MissingWeights(entry.name, directory)
+    if entry.weights_file is None or entry.size is None:
+        return
+    path = directory / entry.weights_file
+    st = path.stat()
+    actual: str | None = None
+    if st.st_size == entry.size:
+        if entry.sha256 is None or (use_stamp and has_valid_stamp(entry, path, st)):
+            return
+        actual = sha256_file(path)
+        if actual == entry.sha256:
+            _write_stamp(entry, path, st)
+            return
+    raise ChecksumMismatch(
+        entry.name,
+        path,
+        expected_sha256=entry.sha256 or "(none recorded)",
+        actual_sha256=actual,
+        expected_size=entry.size,
+        actual_size=st.st_size,
+    )
+
+
 def status(entry: WeightEntry, weights_dir: Path) -> str:
     """Cheap (never hashes): 'missing', 'wrong-size', 'verified' (valid stamp) or 'present' (unverified)."""
     path = weights_path(entry, weights_dir)
+    if entry.is_snapshot:
+        return "present" if all((path / name).is_file() for name in entry.files) else "missing"
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -219,6 +262,8 @@ def fetch(
     entry = get_entry(name, manifest)
     weights_dir = Path(weights_dir)
     dest = weights_path(entry, weights_dir)
+    if entry.is_snapshot:
+        return _fetch_snapshot(entry, dest, timeout)
     if dest.exists():
         try:
             verify(entry, dest)
@@ -245,6 +290,43 @@ def fetch(
         part.unlink(missing_ok=True)  # also on Ctrl-C: never leave a half file that looks like progress
         raise
     _write_stamp(entry, dest, dest.stat())
+    return dest
+
+
+def _fetch_snapshot(entry: WeightEntry, dest: Path, timeout: float) -> Path:
+    """The snapshot's files at the pinned revision from the Hugging Face Hub, into `dest`. A gated repository
+    takes the token from the environment variable `entry.token_env` (read here, never stored or logged)."""
+    try:
+        verify(entry, dest)
+        return dest
+    except MissingWeights:
+        pass
+    token = os.environ.get(entry.token_env) if entry.token_env else None
+    if entry.token_env and not token:
+        raise DownloadError(
+            f"{entry.repo} is gated: accept its licence at https://huggingface.co/{entry.repo} with your "
+            f"account, create a read token, and set {entry.token_env} to it before fetching {entry.name!r}"
+        )
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", str(int(timeout)))
+    from huggingface_hub import snapshot_download  # lazily: only this command downloads snapshots
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        snapshot_download(
+            repo_id=entry.repo,
+            revision=entry.revision,
+            allow_patterns=list(entry.files),
+            local_dir=dest,
+            token=token or False,
+        )
+    except HfHubHTTPError as exc:
+        raise DownloadError(
+            f"download of {entry.repo}@{entry.revision} failed: {exc}. A 401 or 403 means the token in "
+            f"{entry.token_env} cannot read the gated repository (accept its licence first)."
+        ) from exc
+    except OSError as exc:
+        raise DownloadError(f"download of {entry.repo}@{entry.revision} failed: {exc}") from exc
+    verify(entry, dest, use_stamp=False)
     return dest
 
 

@@ -37,6 +37,7 @@ ROUTE_SCOPES: tuple[tuple[str, str, frozenset[Scope]], ...] = (
     ("GET", "/healthz", OPEN),
     ("GET", "/readyz", OPEN),
     ("*", "/v1/sam", frozenset({"interactive"})),
+    ("*", "/v1/concepts", frozenset({"interactive"})),
     ("*", "/v1/detect", frozenset({"interactive"})),
     ("*", "/v1/track", frozenset({"interactive"})),
     ("GET", "/v1/trackers", frozenset({"interactive"})),

@@ -17,7 +17,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.errors import ApiError, busy, error_body
 
-INTERACTIVE_PREFIXES = ("/v1/sam/", "/v1/detect/", "/v1/track", "/v1/prefetch", "/api/function_invocations")
+INTERACTIVE_PREFIXES = (
+    "/v1/sam/",
+    "/v1/concepts/",
+    "/v1/detect/",
+    "/v1/track",
+    "/v1/prefetch",
+    "/api/function_invocations",
+)
 UNLIMITED = ("/healthz", "/readyz", "/metrics", "/docs", "/openapi.json")
 
 

@@ -17,6 +17,7 @@ from server.api.backpressure import InflightLimiter, LatestWins
 from server.jobs.engine import Engine
 from server.ops.metrics import Metrics
 from server.services import model_admin
+from server.services.concepts import ConceptService
 from server.services.detect import DetectService
 from server.services.prefetch import PrefetchManager
 from server.services.sam import SamService
@@ -34,6 +35,7 @@ class Services:
     track: TrackService
     inflight: InflightLimiter
     latest_wins: LatestWins
+    concepts: ConceptService
 
     def forget_model(self, name: str, model: object) -> dict:
         """Drops every reference the services keep to an unloaded model, then frees what the allocator

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from server.api.routes import cvat, detect, jobs, nuclio, prefetch, sam, system, track
+from server.api.routes import concepts, cvat, detect, jobs, nuclio, prefetch, sam, system, track
 
 ROUTERS: tuple[APIRouter, ...] = (
     sam.router,
+    concepts.router,
     detect.router,
     track.router,
     system.router,

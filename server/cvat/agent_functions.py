@@ -358,8 +358,9 @@ def create(
     if tracker:
         return TrackingFunction(url, tracker=tracker, api_key=api_key, timeout=timeout)
     with _client(url, api_key, timeout) as http:
-        kind = _describe(http, model)["kind"]
-    if kind == "detector":
+        description = _describe(http, model)
+    # A concept model (SAM 3) is a detector of the server's vocabulary (its "classes").
+    if description["kind"] == "detector" or "detector" in description.get("kinds", ()):
         return DetectionFunction(url, model=model, api_key=api_key, timeout=timeout, tile=tile)
     return InteractionFunction(
         url, model=model, api_key=api_key, timeout=timeout, lookahead=lookahead, cvat_profile=cvat_profile

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol, TypeVar
 
+from models.concept_detector import ConceptDetector
 from models.detector import Detector
 from server.cvat import tasks as cvat
 from server.errors import ApiError
@@ -130,7 +131,7 @@ class LocalEngine:
     def submit(self, spec: JobSpec) -> JobStatus:
         """Validate everything that can be checked now (ApiError otherwise), store the job, queue it."""
         self._purge_old_jobs()
-        detector = self.detector(spec.detector)
+        detector = self.detector(spec.detector, spec.vocabulary)
         info = detector.info
         check_spec(spec, info, self._refine is not None, self._check_refine)
         if spec.output.directory is not None:
@@ -209,9 +210,29 @@ class LocalEngine:
             worker.join(max(deadline - time.monotonic(), 0))
         self.store.close()
 
-    def detector(self, name: str) -> Detector:
-        """The named detector, with lookup errors as ApiErrors (404 unknown, 503 unavailable or loading)."""
-        return model_call(name, self._get_detector)
+    def detector(self, name: str, vocabulary: dict[str, list[str]] | None = None) -> Detector:
+        """The named detector, with lookup errors as ApiErrors (404 unknown, 503 unavailable or loading); a
+        concept detector answers `vocabulary`'s labels when one is given (a job's)."""
+        detector = model_call(name, self._get_detector)
+        if vocabulary is None:
+            if isinstance(detector, ConceptDetector) and not detector.info.class_names:
+                raise ApiError(
+                    422,
+                    "no_vocabulary",
+                    f"{name!r} finds concepts: give the job a 'vocabulary' {{label: [phrases]}}, or "
+                    "configure LABELSERVE_CONCEPT_VOCABULARY on the server.",
+                )
+            return detector
+        if not isinstance(detector, ConceptDetector):
+            raise ApiError(
+                422,
+                "vocabulary_unsupported",
+                f"{name!r} has fixed classes; 'vocabulary' is for concept detectors (SAM 3).",
+            )
+        try:
+            return detector.with_vocabulary(vocabulary)
+        except ValueError as exc:
+            raise ApiError(422, "bad_vocabulary", f"vocabulary: {exc}") from None
 
     def list(self, state: JobState | None = None, limit: int = 100) -> list[JobStatus]:
         rows = self.store.jobs([state] if state else None, limit=limit)
@@ -282,7 +303,7 @@ class LocalEngine:
             read: Read = self._read
             if connections is not None and spec.source.cvat_task is not None:
                 read = _cvat_step("reading the CVAT task", connections.frame_reader, spec.source.cvat_task)
-            detector = self._ready_detector(spec.detector, control)
+            detector = self._ready_detector(spec.detector, control, spec.vocabulary)
             if detector is not None and spec.source.video is not None:
                 read_ahead = self._prefetch if self._readers > 0 else 0
                 process_video(self.store, job_id, spec, detector, control, self._settings, read_ahead)
@@ -317,11 +338,13 @@ class LocalEngine:
         if control.reason == "shutdown":  # not the user's decision: leave it to be resumed
             self.store.transition(job_id, "queued", only_from=("running",))
 
-    def _ready_detector(self, name: str, control: JobControl) -> Detector | None:
+    def _ready_detector(
+        self, name: str, control: JobControl, vocabulary: dict[str, list[str]] | None = None
+    ) -> Detector | None:
         """The detector, waiting while it loads (a server resuming jobs at start-up); None when stopped."""
         while not control.stop.is_set():
             try:
-                return self.detector(name)
+                return self.detector(name, vocabulary)
             except ApiError as exc:
                 if exc.code != "model_loading":
                     raise JobFailed(exc.message) from None

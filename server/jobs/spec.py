@@ -117,6 +117,12 @@ class JobSpec(BaseModel):
 
     source: Source
     detector: str = Field(min_length=1, description="Detector model name.")
+    vocabulary: dict[str, list[str]] | None = Field(
+        default=None,
+        description='A concept detector\'s (SAM 3) labels and the phrases that find them, {"label": '
+        '["phrase", ...]}, e.g. {"car": ["car", "van"]}; class ids follow their order. Absent: the server\'s '
+        "LABELSERVE_CONCEPT_VOCABULARY.",
+    )
     params: Params = Field(default_factory=Params)
     sam_refine: str | None = Field(
         default=None, description="SAM model that refines each detection's box into a mask; none when absent."

@@ -7,13 +7,14 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from models.base import unloaded
+from models.base import ImageEmbedding, unloaded
+from models.concept_detector import ConceptDetector
 from models.detector import Detector, DetectParams, run_detection, tiling_problem
 from models.registry import ModelRegistry
 from models.shapes import Shape
 from models.tiling import TooManyTiles, check_tile_count
 from server.errors import ApiError
-from server.inputs.images import decode_image
+from server.inputs.images import decode_image, pixel_id
 from server.ops.timing import Timings
 from server.services.batching import MicroBatcher
 from server.services.embeddings.scheduler import Priority
@@ -41,6 +42,8 @@ class DetectService:
         with self._lock:
             if model not in self._batchers:
                 detector = self.registry.detector(model)
+                if isinstance(detector, ConceptDetector):  # its vision features through the server's tiers
+                    detector = detector.with_embed(lambda image: self._embed_pixels(model, image))
                 self._batchers[model] = MicroBatcher(
                     lambda params, images: run_detection(detector, images, params),  # type: ignore[arg-type]
                     self.settings.detect_max_batch,
@@ -51,6 +54,10 @@ class DetectService:
                     retry_after_s=self.settings.busy_retry_after_s,
                 )
             return self._batchers[model]
+
+    def _embed_pixels(self, model: str, image: np.ndarray) -> ImageEmbedding:
+        """A decoded image's features through the cache, keyed by its pixels (a detector sees no bytes)."""
+        return self.sam.embed_decoded(model, "pixels-" + pixel_id(image), image)
 
     def forget(self, model: str) -> None:
         """After `model` was unloaded: its batcher runs what it holds, then stops; a reload gets a new one."""
@@ -68,6 +75,13 @@ class DetectService:
         self, model: str, data: bytes, params: DetectParams, sam_refine: str | None, timings: Timings
     ) -> Detections:
         detector = self.registry.detector(model)
+        if isinstance(detector, ConceptDetector) and not detector.info.class_names:
+            raise ApiError(
+                422,
+                "no_vocabulary",
+                f"{model!r} finds concepts and the server has no vocabulary (LABELSERVE_CONCEPT_VOCABULARY); "
+                f"ask POST /v1/concepts/{model} with your phrases instead.",
+            )
         if sam_refine is not None:
             self.registry.segmenter(sam_refine)  # fail before the work, not after it
         self._check_classes(detector, params)

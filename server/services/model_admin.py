@@ -7,7 +7,7 @@ import gc
 
 import torch
 
-from models.base import Segmenter
+from models.base import ImageEncoder
 from models.registry import ModelRegistry
 from server.services.detect import DetectService
 from server.services.sam import SamService
@@ -24,7 +24,7 @@ def forget_model(
 ) -> dict:
     """Drops every reference the services keep to the unloaded `model`; returns what was dropped."""
     dropped = {"embeddings": 0, "refinement": 0}
-    if isinstance(model, Segmenter):
+    if isinstance(model, ImageEncoder):
         dropped = sam.forget(model)
     detect.forget(name)
     dropped["track_states"] = track.forget_model(name)

@@ -227,7 +227,7 @@ class PrefetchManager:
     # -- API -----------------------------------------------------------------------------------------------
     def submit(self, request: PrefetchRequest) -> PrefetchStatus:
         """Validate, expand and queue a run; ApiError when it cannot be (4xx) or the queue is full (503)."""
-        self.sam.registry.segmenter(request.model)  # unknown (404) or unavailable/loading (503) model
+        self.sam.registry.encoder(request.model)  # unknown (404) or unavailable/loading (503) model
         with self._cond:
             self._check_capacity()  # before a possibly long directory listing, and again to take the slot
         items = self._expand(request)

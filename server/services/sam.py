@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.base import ImageEmbedding, Prompt, Segmenter
+from models.base import ImageEmbedding, ImageEncoder, Prompt
 from models.registry import ModelRegistry
 from models.shapes import RegionMask
 from server.errors import ApiError
@@ -58,8 +58,9 @@ class SamService:
         priority: Priority = Priority.INTERACTIVE,
         decoded: np.ndarray | None = None,
     ) -> Embedded:
-        """`decoded`: `data` already decoded by the caller (jobs), so a miss does not decode it again."""
-        segmenter = self.registry.segmenter(model)
+        """`decoded`: `data` already decoded by the caller (jobs), so a miss does not decode it again. Any
+        model with cached image features: a segmenter, or a concept model (prefetch, /v1/concepts)."""
+        segmenter = self.registry.encoder(model)
         with timings.stage("hash"):
             content_id = image_id(data)
         found = self.embeddings.get_or_encode(segmenter, content_id, data, timings, priority, decoded)
@@ -67,14 +68,14 @@ class SamService:
 
     def embed_decoded(self, model: str, content_id: str, image: np.ndarray) -> ImageEmbedding:
         """The embedding of an already decoded image (video frames), through the same tiers as `embed`."""
-        segmenter = self.registry.segmenter(model)
+        segmenter = self.registry.encoder(model)
         found = self.embeddings.get_or_encode(
             segmenter, content_id, b"", Timings(), Priority.INTERACTIVE, decoded=image
         )
         return found.embedding
 
     def cached_embedding(self, model: str, content_id: str, timings: Timings | None = None) -> Embedded:
-        segmenter = self.registry.segmenter(model)
+        segmenter = self.registry.encoder(model)
         found = self.embeddings.find(segmenter, content_id, timings or Timings())
         if found is None:
             raise ApiError(
@@ -87,7 +88,7 @@ class SamService:
 
     def is_cached(self, model: str, content_id: str) -> bool:
         """Whether L1 or L2 holds the image's embedding (an L2 hit fills L1); not counted as a request."""
-        segmenter = self.registry.segmenter(model)
+        segmenter = self.registry.encoder(model)
         return self.embeddings.find(segmenter, content_id, Timings(), count=False) is not None
 
     def predict(
@@ -194,8 +195,9 @@ class SamService:
         """This process's embeddings and refinement logits; the shared L2 only when asked."""
         return {**self.embeddings.clear(l2_too), "refinement": self.history.clear()}
 
-    def forget(self, segmenter: Segmenter) -> dict:
-        """What this service holds for an unloaded segmenter: its encoder, L1 entries and click logits."""
+    def forget(self, segmenter: ImageEncoder) -> dict:
+        """What this service holds for an unloaded segmenter or concept model: its encoder, L1 entries and
+        click logits."""
         return {
             "embeddings": self.embeddings.forget(segmenter),
             "refinement": self.history.forget(segmenter.name),

@@ -58,6 +58,11 @@ class NuclioFunction:
         elif self.kind == "detector":
             info = svc.registry.detector(self.model).info
             name, description = f"labelserve {self.model}", f"Ultralytics {info.task} model {self.model}"
+            if svc.registry.record(self.model).kind == "concept":
+                description = (
+                    f"SAM 3 concepts ({self.model}): every instance of the server's vocabulary, as "
+                    f"{'masks' if info.task == 'segment' else 'boxes'}"
+                )
             annotations = {"spec": json.dumps(render.label_spec(info), separators=(",", ":"))}
         elif self.browser:
             name = "Segment Anything"
@@ -125,6 +130,11 @@ def catalogue(svc: Services) -> dict[str, NuclioFunction]:
         for model, kind in loaded.items()
         if kind in ("detector", "segmenter")  # tracker models are listed below, with the other trackers
     }
+    # A concept model (SAM 3) is a detector of the server's vocabulary, when it has one.
+    for record in records:
+        if record["kind"] == "concept" and "detector" in record["kinds"] and record.get("classes"):
+            fid = function_id(record["name"])
+            functions[fid] = NuclioFunction(fid, "detector", record["name"])
     for tracker in svc.track.names():
         fid = tracker_function_id(tracker)
         functions[fid] = NuclioFunction(fid, "tracker", tracker)

@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from models.base import ImageEmbedding, Segmenter, unloaded
+from models.base import ImageEmbedding, ImageEncoder, unloaded
 from server.inputs.images import decode_image, pixel_id
 from server.lru import ByteLRU
 from server.ops.timing import Timings
@@ -51,16 +51,16 @@ class TieredEmbeddings:
         self.encode_max_wait_ms = settings.encode_max_wait_ms
         self._schedulers: dict[str, EncodeScheduler] = {}
         self._lock = threading.Lock()
-        # Segmenters unloaded by forget(): a request that looked one up just before must not start a new
-        # encoder around it (which would keep the model alive).
-        self._forgotten: weakref.WeakSet[Segmenter] = weakref.WeakSet()
+        # Encoders (segmenters, concept models) unloaded by forget(): a request that looked one up just before
+        # must not start a new encoder around it (which would keep the model alive).
+        self._forgotten: weakref.WeakSet[ImageEncoder] = weakref.WeakSet()
         # Background encodes queued or running, and the images interactive requests wait for: a click that
         # joins a background encode of its image (single-flight) promotes that encode (_encode, _awaiting).
         self._background: dict[Hashable, tuple[EncodeScheduler, EncodeTicket]] = {}
         self._awaited: Counter[Hashable] = Counter()
         self.aliases: ByteLRU[str] = ByteLRU(ALIASES_KEPT, lambda _: 1)  # pixel id → image id
 
-    def scheduler(self, segmenter: Segmenter) -> EncodeScheduler:
+    def scheduler(self, segmenter: ImageEncoder) -> EncodeScheduler:
         with self._lock:
             if segmenter in self._forgotten:
                 raise unloaded(segmenter.name)
@@ -79,7 +79,7 @@ class TieredEmbeddings:
 
     def get_or_encode(
         self,
-        segmenter: Segmenter,
+        segmenter: ImageEncoder,
         content_id: str,
         data: bytes,
         timings: Timings,
@@ -129,7 +129,9 @@ class TieredEmbeddings:
                 self.l2.put(_l2_key(segmenter, content_id), embedding, segmenter.architecture)
         return Found(embedding, tier)
 
-    def _encode(self, segmenter: Segmenter, key: Hashable, prepared: Any, priority: Priority) -> EncodeTicket:
+    def _encode(
+        self, segmenter: ImageEncoder, key: Hashable, prepared: Any, priority: Priority
+    ) -> EncodeTicket:
         scheduler = self.scheduler(segmenter)
         if priority == Priority.INTERACTIVE:
             return scheduler.encode(prepared, priority)
@@ -166,7 +168,7 @@ class TieredEmbeddings:
                     del self._awaited[key]
 
     def find(
-        self, segmenter: Segmenter, content_id: str, timings: Timings, count: bool = True
+        self, segmenter: ImageEncoder, content_id: str, timings: Timings, count: bool = True
     ) -> Found | None:
         """A cached embedding (L1, else L2, which then fills L1) without the image bytes; None if neither.
         `count=False`: not a request's own lookup (an alias of one), left out of the hit and miss counts."""
@@ -179,7 +181,7 @@ class TieredEmbeddings:
         self.l1.put(_l1_key(segmenter, content_id), embedding)
         return Found(embedding, "l2")
 
-    def _from_l2(self, segmenter: Segmenter, content_id: str, timings: Timings) -> ImageEmbedding | None:
+    def _from_l2(self, segmenter: ImageEncoder, content_id: str, timings: Timings) -> ImageEmbedding | None:
         if self.l2 is None:
             return None
         with timings.stage("l2_get"):
@@ -195,7 +197,7 @@ class TieredEmbeddings:
             cleared["l2"] = self.l2.clear()
         return cleared
 
-    def forget(self, segmenter: Segmenter) -> int:
+    def forget(self, segmenter: ImageEncoder) -> int:
         """After `segmenter` was unloaded: its encoder finishes what is queued and stops, and its L1 entries
         go (they may live in GPU memory). L2 keeps its entries: a reload of the same weights uses them.
         Returns the number of L1 entries dropped."""
@@ -224,11 +226,11 @@ class TieredEmbeddings:
             self.l2.close()
 
 
-def _l1_key(segmenter: Segmenter, content_id: str) -> tuple[str, str, str]:
+def _l1_key(segmenter: ImageEncoder, content_id: str) -> tuple[str, str, str]:
     return (segmenter.name, content_id, segmenter.preprocessing_version)
 
 
-def _l2_key(segmenter: Segmenter, content_id: str) -> str:
+def _l2_key(segmenter: ImageEncoder, content_id: str) -> str:
     # The dtype is part of the key: replicas configured for fp32 must not pick up fp16 entries.
     dtype = dtype_name(segmenter.cache_dtype)
     return f"{segmenter.name}:{segmenter.preprocessing_version}:{dtype}:{content_id}"
