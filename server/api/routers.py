@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from server.api.routes import cvat, detect, jobs, nuclio, prefetch, sam, system, track
+from server.api.routes import console, cvat, detect, jobs, nuclio, prefetch, sam, storage, system, track
 
 ROUTERS: tuple[APIRouter, ...] = (
     sam.router,
@@ -16,4 +16,6 @@ ROUTERS: tuple[APIRouter, ...] = (
     jobs.router,
     prefetch.router,
     cvat.router,
+    storage.router,
+    console.router,
 )
