@@ -92,6 +92,11 @@ async function act(method, path) {
   refreshPrefetch();
 }
 
+function short(value) {
+  const text = Array.isArray(value) ? `${value.length} items: ${value[0]}` : typeof value === "string" ? value : JSON.stringify(value);
+  return text.length > 70 ? `${text.slice(0, 30)}…${text.slice(-38)}` : text;
+}
+
 function jobRow(job) {
   const source = Object.entries(job.spec.source).find(([, v]) => v !== null && v !== undefined);
   const output = job.spec.output.directory ? `${job.spec.output.format} → ${job.spec.output.directory}` : "CVAT task";
@@ -106,7 +111,7 @@ function jobRow(job) {
     el("div", { class: "job-head" },
       el("code", { title: job.id }, job.id.slice(0, 8)),
       el("span", { class: `badge ${job.state}` }, job.state),
-      el("span", {}, `${job.spec.detector} on ${source ? `${source[0]} ${JSON.stringify(source[1]).slice(0, 60)}` : "?"}; ${output}`),
+      el("span", { class: "job-what" }, `${job.spec.detector} on ${source ? `${source[0]} ${short(source[1])}` : "?"}; ${output}`),
       ...actions),
     progress(job.done, job.failed, job.total),
     el("div", { class: "muted" }, `${job.done}/${job.total} done, ${job.failed} failed ${rate} ${eta}`),
