@@ -316,3 +316,35 @@ def test_with_keys_the_page_refuses_to_act_without_a_key_and_works_with_one(brow
             assert page.errors == [] or all("401" in e for e in page.errors)
         finally:
             page.close()
+
+
+def test_tracker_steps_through_an_image_sequence(console: Console, tmp_path: Path) -> None:
+    """Median Flow follows a textured patch that moves 6 px right on each frame."""
+    patch = np.random.default_rng(3).integers(0, 255, (80, 80, 3), dtype=np.uint8)
+    frames = []
+    for i in range(3):
+        frame = scene(320, 240)
+        frame[60:140, 180 + 6 * i : 260 + 6 * i] = patch
+        frames.append(tmp_path / f"frame-{i}.png")
+        frames[-1].write_bytes(encode_image(frame))
+    console.models_listed()
+    console.tab("track")
+    console.page.wait_for_selector("#track-tracker option[value='medianflow']", state="attached")
+    console.page.set_input_files("#track-files", [str(f) for f in frames])
+    console.page.locator("#track-frame").filter(has_text="frame 1 of 3").wait_for()
+    shown = console.page.locator("#track-stage img").bounding_box()
+    scale = 320 / shown["width"]
+    console.page.mouse.move(shown["x"] + 180 / scale, shown["y"] + 60 / scale)
+    console.page.mouse.down()
+    console.page.mouse.move(shown["x"] + 260 / scale, shown["y"] + 140 / scale, steps=4)
+    console.page.mouse.up()
+    assert console.page.locator("#track-stage .track-box").count() == 1
+    console.page.click("#track-start")
+    console.page.locator("#track-status").filter(has_text="following 1 object").wait_for()
+    for frame in (2, 3):
+        console.page.click("#track-step")
+        console.page.locator("#track-status").filter(has_text=f"frame {frame}: 1 found").wait_for()
+    x = float(console.page.locator("#track-stage .track-box").get_attribute("x"))
+    assert abs(x - (180 + 12)) <= 3  # moved with the patch, in image pixels
+    console.shot("track-step")
+    assert console.errors == []
