@@ -25,7 +25,6 @@ builds a config (full size, or the small one tests use) with a byte-level tokeni
 
 from __future__ import annotations
 
-import contextlib
 import json
 import threading
 from collections import OrderedDict
@@ -38,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.base import ImageEmbedding, to_cache
+from models.base import ImageEmbedding, cuda_autocast, to_cache
 from models.concept import ConceptModel, ConceptParams, Exemplars, Instance
 from models.shapes import RegionMask
 from models.upsample import upsample_region
@@ -292,7 +291,7 @@ class Sam3Concepts(ConceptModel):
 
     def encode_prepared(self, prepared: list[Prepared]) -> list[ImageEmbedding]:
         batch = torch.stack([p.pixels for p in prepared]).to(self.device)
-        with self.encoder_lock, torch.inference_mode(), self._autocast():
+        with self.encoder_lock, torch.inference_mode(), cuda_autocast(self.encoder_autocast):
             vision = self.model.vision_encoder(batch)
         # The detector reads all neck levels but the last (Sam3Model.forward: fpn_hidden_states[:-1]).
         levels = vision.fpn_hidden_states[:-1]
@@ -313,11 +312,6 @@ class Sam3Concepts(ConceptModel):
         blank = Prepared(torch.zeros(3, self.size, self.size), (self.size, self.size))
         for size in range(1, max_batch + 1):
             self.encode_prepared([blank] * size)
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.encoder_autocast is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type="cuda", dtype=self.encoder_autocast)
 
     def _position(self, level: torch.Tensor) -> torch.Tensor:
         """The neck's sine position encoding of a level's shape ([1, C, h, w] float32), computed once."""

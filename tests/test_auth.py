@@ -100,6 +100,18 @@ def test_the_right_scope_passes_by_bearer_or_x_api_key(client: TestClient) -> No
     assert client.get("/metrics", headers=bearer(ALICE)).status_code == 403
 
 
+def test_whoami_tells_a_key_its_scopes_and_the_console_page_needs_no_key(client: TestClient) -> None:
+    assert client.get("/v1/whoami").status_code == 401
+    assert client.get("/v1/whoami", headers=bearer(ALICE)).json() == {
+        "auth": True, "id": "alice", "scopes": ["interactive"],
+    }  # fmt: skip
+    page = client.get("/")
+    assert page.status_code == 200 and "labelserve console" in page.text
+    assert client.get("/console/app.js").headers["content-type"].startswith("text/javascript")
+    assert client.get("/console/nothing.js").status_code == 404  # only the console's own files
+    assert client.get("/console/..%2Fauth.py").status_code == 401  # no route: a key first, as anywhere
+
+
 def test_health_probes_are_open(client: TestClient) -> None:
     assert client.get("/healthz").status_code == 200
     assert client.get("/readyz").status_code == 200
@@ -140,6 +152,9 @@ def test_the_table_picks_the_most_specific_rule() -> None:
     assert route_scopes("DELETE", "/v1/track/{tracker}/states/{state}") == {"interactive"}
     assert route_scopes("HEAD", "/healthz") == frozenset()
     assert route_scopes("GET", "/v1/jobsxyz") is None
+    # The console's page is open, but "/" is no prefix: it opens nothing else.
+    assert route_scopes("GET", "/") == route_scopes("GET", "/console/{name}") == frozenset()
+    assert route_scopes("GET", "/v1/brand-new") is None and route_scopes("POST", "/") is None
 
 
 def test_keys_file_changes_are_picked_up(client: TestClient, keys_file: Path) -> None:

@@ -73,6 +73,10 @@ OPERATIONS = (
     "DELETE /v1/prefetch/{run_id}",
     "POST /v1/cvat/webhooks/{profile}",
     "POST /v1/cvat/lookahead",
+    "GET /v1/whoami",
+    "GET /v1/storage",
+    "GET /v1/storage/list",
+    "GET /v1/storage/object",
 )
 EXAMPLES_PER_MODE = 15  # per operation, once with schema-valid and once with schema-violating inputs
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]

@@ -686,3 +686,50 @@ def test_job_route_from_an_s3_prefix_to_an_s3_output(
     refused_body = job_body({"directory": "s3://not-allowed/x"}, f"s3://{BUCKET}/route/o2", "coco", "fall")
     response = client.post("/v1/jobs", json=refused_body)
     assert response.status_code == 403 and response.json()["error"]["code"] == "s3_bucket_forbidden"
+
+
+def test_browsing_lists_one_bounded_page_at_a_time_within_the_allow_list(
+    api: tuple[TestClient, Settings], moto: MotoS3, contract: HeaderContract
+) -> None:
+    """GET /v1/storage[/list|/object], as the web console's bucket browser uses them."""
+    client, settings = api
+    contract.watch(settings)
+    names = [f"browse/img-{i:02d}.jpg" for i in range(5)]
+    for name in [*names, "browse/sub/deeper.png", "browse/sub2/x.png"]:
+        put(moto, name, name.encode())
+    put(moto, "team-a/in-prefix.png", b"a", bucket=SCOPED)
+
+    roots = client.get("/v1/storage").json()["roots"]
+    assert {"profile": "team", "url": f"s3://{SCOPED}/team-a/"} in roots
+    assert {"profile": "b2", "url": f"s3://{BUCKET}/"} in roots
+
+    listed, cursor, folders, pages = [], None, [], 0
+    while True:
+        query = {"url": f"s3://{BUCKET}/browse/", "limit": 3, **({"cursor": cursor} if cursor else {})}
+        page = client.get("/v1/storage/list", params=query)
+        assert page.status_code == 200, page.text
+        body = page.json()
+        assert len(body["folders"]) + len(body["objects"]) <= 3
+        folders += body["folders"]
+        listed += [obj["name"] for obj in body["objects"]]
+        pages += 1
+        cursor = body["next"]
+        if cursor is None:
+            break
+    assert pages == 3  # 2 folders + 5 objects, 3 at a time
+    assert folders == [f"s3://{BUCKET}/browse/sub/", f"s3://{BUCKET}/browse/sub2/"]
+    assert listed == [name.removeprefix("browse/") for name in names]  # only what lies directly under it
+
+    one = client.get("/v1/storage/object", params={"url": f"s3://{BUCKET}/{names[0]}"})
+    assert one.status_code == 200 and one.content == names[0].encode()
+    assert one.headers["content-type"] == "image/jpeg"
+
+    for url, status, code in [
+        ("s3://not-allowed/", 403, "s3_bucket_forbidden"),
+        (f"s3://{SCOPED}/team-b/", 403, "s3_key_forbidden"),  # outside the profile's prefix
+        (f"s3://{BUCKET}/a/../b/", 400, "bad_s3_url"),
+        ("https://example.com/", 400, "bad_s3_url"),
+    ]:
+        response = client.get("/v1/storage/list", params={"url": url})
+        assert (response.status_code, response.json()["error"]["code"]) == (status, code), url
+    assert client.get("/v1/storage/list", params={"url": f"s3://{BUCKET}/", "limit": 1001}).status_code == 422

@@ -34,6 +34,10 @@ OPEN: frozenset[Scope] = frozenset()  # no key needed, even when keys are config
 # most specific rule wins: the longest prefix, then a named method over "*". A route no rule matches is
 # refused to every key (and tests/test_auth.py fails), so an endpoint added elsewhere cannot slip through.
 ROUTE_SCOPES: tuple[tuple[str, str, frozenset[Scope]], ...] = (
+    # The web console's page and its static files: no data in them; every call it makes is an API call with
+    # the user's key. "/" matches only itself, never as a prefix.
+    ("GET", "/", OPEN),
+    ("GET", "/console", OPEN),
     ("GET", "/healthz", OPEN),
     ("GET", "/readyz", OPEN),
     ("*", "/v1/sam", frozenset({"interactive"})),
@@ -46,6 +50,8 @@ ROUTE_SCOPES: tuple[tuple[str, str, frozenset[Scope]], ...] = (
     ("POST", "/v1/cvat/webhooks", OPEN),
     ("POST", "/v1/cvat/lookahead", frozenset({"interactive"})),
     ("GET", "/v1/models", frozenset({"interactive", "jobs"})),
+    ("GET", "/v1/whoami", ALL_SCOPES),  # any valid key learns its own id and scopes
+    ("GET", "/v1/storage", frozenset({"interactive", "jobs"})),  # browsing the storage profiles' buckets
     ("POST", "/v1/models", frozenset({"admin"})),  # load and unload
     ("GET", "/v1/cache/stats", frozenset({"interactive", "admin"})),
     ("DELETE", "/v1/cache", frozenset({"admin"})),
@@ -67,7 +73,7 @@ def route_scopes(method: str, path: str) -> frozenset[Scope] | None:
     for rule_method, prefix, scopes in ROUTE_SCOPES:
         if rule_method not in ("*", method):
             continue
-        if path != prefix and not path.startswith(prefix.rstrip("/") + "/"):
+        if path != prefix and (prefix == "/" or not path.startswith(prefix.rstrip("/") + "/")):
             continue
         rank = (len(prefix), rule_method != "*")
         if best is None or rank > best:

@@ -13,6 +13,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from models.registry import ModelRegistry
+from server.api.auth import KeyRing
 from server.api.backpressure import InflightLimiter, LatestWins
 from server.jobs.engine import Engine
 from server.ops.metrics import Metrics
@@ -67,9 +68,14 @@ async def metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
+async def keyring(request: Request) -> KeyRing:
+    return request.app.state.keyring
+
+
 ServicesDep = Annotated[Services, Depends(services)]
 JobsDep = Annotated[Engine, Depends(jobs)]
 PrefetchDep = Annotated[PrefetchManager, Depends(prefetch)]
 WarmupDep = Annotated[Warmup, Depends(warmup)]
 LatestWinsDep = Annotated[LatestWins, Depends(latest_wins)]
 MetricsDep = Annotated[Metrics, Depends(metrics)]
+KeyRingDep = Annotated[KeyRing, Depends(keyring)]

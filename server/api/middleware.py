@@ -112,6 +112,7 @@ def install_request_pipeline(app: FastAPI, settings: Settings, services: Service
     metrics.watch(LiveCollector(services, jobs))
     app.include_router(metrics_router)
     gate = Gate(settings, KeyRing(settings))
+    app.state.keyring = gate.keyring  # GET /v1/whoami tells a key its scopes
     routes = RouteIndex(app.router.routes)
     app.add_middleware(RequestMiddleware, routes=routes, gate=gate, metrics=metrics)
     unmapped = unmapped_routes(routes.templates())

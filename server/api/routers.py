@@ -5,7 +5,19 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from server.api.routes import concepts, cvat, detect, jobs, nuclio, prefetch, sam, system, track
+from server.api.routes import (
+    concepts,
+    console,
+    cvat,
+    detect,
+    jobs,
+    nuclio,
+    prefetch,
+    sam,
+    storage,
+    system,
+    track,
+)
 
 ROUTERS: tuple[APIRouter, ...] = (
     sam.router,
@@ -17,4 +29,6 @@ ROUTERS: tuple[APIRouter, ...] = (
     jobs.router,
     prefetch.router,
     cvat.router,
+    storage.router,
+    console.router,
 )

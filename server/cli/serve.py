@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
+import logging
 import signal
 from collections.abc import Iterator
 
@@ -13,6 +15,8 @@ from fastapi import FastAPI
 
 from server.api.middleware import CvatListener
 from server.settings import Settings
+
+log = logging.getLogger("labelserve")
 
 
 class _Server(uvicorn.Server):
@@ -38,7 +42,28 @@ def servers(app: FastAPI, settings: Settings) -> list[uvicorn.Server]:
     return found
 
 
-async def serve_all(running: list[uvicorn.Server]) -> None:
+def console_url(host: str, port: int) -> str:
+    """Where a browser on this host finds the web console: a wildcard address is reached on loopback."""
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    with contextlib.suppress(ValueError):
+        if ipaddress.ip_address(host).version == 6:
+            host = f"[{host}]"
+    return f"http://{host}:{port}/"
+
+
+async def announce_console(running: list[uvicorn.Server], url: str) -> None:
+    """Prints the console's URL once every server listens (after the models started loading)."""
+    while not all(server.started for server in running):
+        if any(server.should_exit for server in running):
+            return
+        await asyncio.sleep(0.05)
+    log.info("web console: %s  (API docs: %sdocs)", url, url)
+
+
+async def serve_all(running: list[uvicorn.Server], console: str | None = None) -> None:
     """Until SIGINT or SIGTERM; a second signal stops without waiting for open connections."""
     loop = asyncio.get_running_loop()
 
@@ -49,8 +74,13 @@ async def serve_all(running: list[uvicorn.Server]) -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop)
-    await asyncio.gather(*(server.serve() for server in running))
+    announcing = asyncio.create_task(announce_console(running, console)) if console else None
+    try:
+        await asyncio.gather(*(server.serve() for server in running))
+    finally:
+        if announcing is not None:
+            announcing.cancel()
 
 
 def serve(app: FastAPI, settings: Settings) -> None:
-    asyncio.run(serve_all(servers(app, settings)))
+    asyncio.run(serve_all(servers(app, settings), console_url(settings.host, settings.port)))

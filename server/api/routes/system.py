@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from server.api.deps import ServicesDep
+from server.api.auth import ALL_SCOPES, presented_key
+from server.api.deps import KeyRingDep, ServicesDep
 from server.errors import ApiError
 from server.services.embeddings.l2 import TierUnavailable
 
@@ -56,6 +57,20 @@ def unload_model(model: str, svc: ServicesDep) -> dict:
     dropped = svc.forget_model(model, instance) if before == "loaded" else None
     del instance
     return {**svc.registry.record(model).describe(), "was": before, "dropped": dropped}
+
+
+@router.get("/v1/whoami")
+def whoami(request: Request, keyring: KeyRingDep) -> dict:
+    """Who the caller is: `auth` (whether this server takes API keys), the key's `id` and its `scopes`.
+    Without keys configured every scope is open to anyone (`id` null). With keys, a call without a valid key
+    is a 401, as on any other route; the web console asks it to know what to offer."""
+    if not keyring.enabled:
+        return {"auth": False, "id": None, "scopes": sorted(ALL_SCOPES)}
+    key = presented_key(request.headers)
+    entry = keyring.find(key) if key else None
+    if entry is None:  # the gate let it through: the key was revoked in between
+        raise ApiError(401, "invalid_api_key", "The API key is not valid (unknown or revoked).")
+    return {"auth": True, "id": entry.id, "scopes": sorted(entry.scopes)}
 
 
 @router.get("/v1/cache/stats")

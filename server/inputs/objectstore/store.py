@@ -125,6 +125,42 @@ class ObjectStore:
         except (ClientError, BotoCoreError) as exc:
             raise api_error(exc, str(folder), profile, self.settings, "job") from None
 
+    def browse(self, url: str, cursor: str | None = None, limit: int = 200) -> dict[str, Any]:
+        """One page of what lies directly under the prefix `s3://bucket/prefix` ("folders" end in "/"), as
+        the web console browses a bucket: at most `limit` entries (folders and objects together, as S3's
+        MaxKeys counts them) and `next`, the cursor of the following page (None after the last). The prefix
+        is taken literally (no "/" is added), so a profile's `prefix` such as "task-" can be listed."""
+        folder = parse_s3_url(url, folder=True)  # the bucket name and the "."/".." checks
+        prefix = url[len("s3://") :].partition("/")[2].lstrip("/")
+        location = S3Url(folder.bucket, prefix)
+        profile, _ = profile_for(location, self.settings)
+        request: dict[str, Any] = {
+            "Bucket": location.bucket, "Prefix": prefix, "Delimiter": "/", "MaxKeys": limit,
+        }  # fmt: skip
+        if cursor:
+            request["ContinuationToken"] = cursor
+        try:
+            page = self.client(profile, "interactive").list_objects_v2(**request)
+        except (ClientError, BotoCoreError) as exc:
+            raise api_error(exc, str(location), profile, self.settings, "interactive") from None
+        base = f"s3://{location.bucket}/"
+        return {
+            "url": str(location),
+            "profile": profile,
+            "folders": [base + entry["Prefix"] for entry in page.get("CommonPrefixes", ())],
+            "objects": [
+                {
+                    "url": base + item["Key"],
+                    "name": item["Key"][len(prefix) :],
+                    "size": item["Size"],
+                    "modified": item["LastModified"].isoformat(),
+                }
+                for item in page.get("Contents", ())
+                if item["Key"] != prefix
+            ],
+            "next": page.get("NextContinuationToken") if page.get("IsTruncated") else None,
+        }
+
     def check_writable(self, url: str) -> None:
         """Prove at submit time that a job's output folder can be written, rather than after hours of work:
         writes an empty marker object (left in place, so no delete permission is needed)."""

@@ -1,0 +1,350 @@
+"""The web console (docs/console.md) in a real browser: Debian's chromium driven by Playwright, against a real
+`labelserve serve --random-init` on loopback (MobileSAM with seeded random weights, the real person detector).
+
+What the page shows is checked against what the API answers for the same request: the mask overlay's pixels
+against the API's mask, the boxes drawn against the API's shapes. Screenshots of each screen go to
+build/test-artifacts/console/."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from server.api.auth import hash_key, new_key
+from server.formats.rle import cvat_rle_decode
+
+from .conftest import encode_image, fall_checkpoint, ultralytics_asset
+from .server_process import ROOT, ServerProcess
+
+playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[test]' (playwright)")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
+
+ARTIFACTS = ROOT / "build" / "test-artifacts" / "console"
+WAIT_MS = 60_000  # the longest wait for one thing on the page: a MobileSAM encode on a busy 2-core host
+MASK_ALPHA = 120  # stage.js: the overlay's alpha on mask pixels
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    tmp = tmp_path_factory.mktemp("console")
+    env = {
+        "LABELSERVE_WEIGHTS_DIR": str(tmp / "weights"),
+        "LABELSERVE_DATA_DIR": str(tmp / "data"),
+        "LABELSERVE_MODELS": "mobile_sam",
+        "LABELSERVE_DETECTOR_PATHS": json.dumps({"fall": str(fall_checkpoint())}),
+    }
+    with ServerProcess(env, tmp / "server.log", random_init=True) as process:
+        yield process
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator:
+    with playwright_api.sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
+        yield launched
+        launched.close()
+
+
+class Console:
+    """A page of the console, recording console errors, uncaught exceptions and every API call it makes."""
+
+    def __init__(self, browser, url: str) -> None:
+        self.context = browser.new_context(viewport={"width": 1280, "height": 720})
+        self.context.set_default_timeout(WAIT_MS)
+        self.page = self.context.new_page()
+        self.errors: list[str] = []
+        self.calls: list[tuple[str, str, int]] = []
+        self.page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
+        self.page.on("pageerror", lambda exc: self.errors.append(f"uncaught: {exc}"))
+        self.page.on("response", self._response)
+        self.page.goto(url)
+
+    def _response(self, response) -> None:
+        path = response.url.split("//", 1)[1].partition("/")[2]
+        self.calls.append((response.request.method, "/" + path, response.status))
+
+    def wait_for(self, predicate: str, arg: object = None) -> object:
+        # A function, not a string: the page's Content-Security-Policy forbids eval.
+        return self.page.wait_for_function(predicate, arg=arg).json_value()
+
+    def tab(self, name: str) -> None:
+        self.page.click(f"#tab-button-{name}")
+
+    def shot(self, name: str) -> None:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        self.page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+
+    def models_listed(self) -> None:
+        self.page.wait_for_selector("#try-model option:not([disabled])", state="attached")
+
+    def close(self) -> None:
+        self.context.close()
+
+
+@pytest.fixture
+def console(browser, server: ServerProcess) -> Iterator[Console]:
+    page = Console(browser, server.url + "/")
+    yield page
+    page.close()
+
+
+def scene(width: int, height: int) -> np.ndarray:
+    """Smooth shading with a bright disc and a dark rectangle: compresses well at 4000x3000."""
+    yy, xx = np.mgrid[:height, :width]
+    shading = [xx * 200 // width, yy * 200 // height, np.full_like(xx, 90)]
+    image = np.stack(shading, axis=-1).astype(np.uint8)
+    disc = (xx - width * 0.3) ** 2 + (yy - height * 0.5) ** 2 < (min(width, height) * 0.2) ** 2
+    image[disc] = (230, 200, 40)
+    image[int(height * 0.2) : int(height * 0.6), int(width * 0.6) : int(width * 0.85)] = (20, 30, 160)
+    return image
+
+
+def test_serve_prints_the_console_url_and_the_page_loads_every_screen_with_no_console_errors(
+    console: Console, server: ServerProcess
+) -> None:
+    assert f"web console: {server.url}/ " in server.log.read_text()
+    console.models_listed()
+    assert console.page.title() == "labelserve console"
+    for name in ("jobs", "models", "server", "track", "try"):
+        console.tab(name)
+        console.page.wait_for_selector(f"#tab-{name}", state="visible")
+        if name == "models":
+            console.page.wait_for_selector("#models-table tr[data-model='mobile_sam'] .weights-random-init")
+            console.page.wait_for_selector("#models-table tr[data-model='fall'] .weights-checkpoint")
+        if name == "server":
+            console.page.wait_for_selector("#stats [data-tier]")
+        console.shot(f"screen-{name}")
+    # The page asked the public API only, and nothing failed.
+    asked = {path.partition("?")[0] for _, path, _ in console.calls if not path.startswith("/console/")}
+    api = {"/v1/whoami", "/v1/models", "/v1/jobs", "/v1/prefetch", "/v1/cache/stats", "/v1/trackers"}
+    assert asked <= {"/", "/readyz", *api}
+    assert [call for call in console.calls if call[2] >= 400] == []
+    assert console.errors == []
+
+
+def test_a_click_on_a_4000x3000_image_shows_the_apis_mask_pixel_for_pixel(
+    console: Console, server: ServerProcess, tmp_path: Path
+) -> None:
+    width, height = 4000, 3000
+    photo = tmp_path / "scene.jpg"
+    data = encode_image(scene(width, height), "JPEG", quality=90)
+    photo.write_bytes(data)
+    console.models_listed()
+    console.page.select_option("#try-model", "mobile_sam")
+    console.page.set_input_files("#try-file", str(photo))
+    console.wait_for("() => document.querySelector('#try-embedding').textContent.startsWith('embedded')")
+    shown = console.page.locator("#try-stage img").bounding_box()
+    assert shown["width"] < 1280 and shown["height"] < 720  # a scaled view that fits the screen
+    scale = width / shown["width"]
+    target = (width * 0.3, height * 0.5)  # the disc's centre, in image pixels
+    console.page.mouse.click(shown["x"] + target[0] / scale, shown["y"] + target[1] / scale)
+    sent = json.loads(str(console.wait_for("() => document.querySelector('#try-stage').dataset.maskFor")))
+    # The prompt went out in image pixels, within one screen pixel of the clicked point.
+    (x, y), = sent["points"]  # fmt: skip
+    assert abs(x - target[0]) <= scale and abs(y - target[1]) <= scale and sent["labels"] == [1]
+    console.shot("try-sam-4000x3000")
+
+    # The overlay canvas is in image pixels: read which of its pixels are painted.
+    packed = console.page.evaluate(
+        """(alpha) => {
+            const canvas = document.querySelector('#try-stage canvas');
+            const rgba = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+            const bits = new Uint8Array(Math.ceil(rgba.length / 32));
+            let odd = 0;  // alphas other than 0 and the mask's
+            for (let i = 0, p = 3; p < rgba.length; i++, p += 4) {
+                if (rgba[p]) bits[i >> 3] |= 128 >> (i & 7);
+                if (rgba[p] && rgba[p] !== alpha) odd++;
+            }
+            let text = '';
+            for (let i = 0; i < bits.length; i += 8192) {
+                text += String.fromCharCode(...bits.subarray(i, i + 8192));
+            }
+            return {width: canvas.width, height: canvas.height, odd, bits: btoa(text)};
+        }""",
+        MASK_ALPHA,
+    )  # fmt: skip
+    assert (packed["width"], packed["height"]) == (width, height)
+    assert packed["odd"] == 0
+    overlay = np.unpackbits(np.frombuffer(base64.b64decode(packed["bits"]), np.uint8))[: width * height]
+    overlay = overlay.reshape(height, width).astype(bool)
+
+    # The API's mask for the same prompt, asked by a plain client.
+    reply = server.http.post(
+        "/v1/sam/mobile_sam/segment",
+        json={"image": {"base64": base64.b64encode(data).decode()}, **sent, "refine": False},
+    )
+    assert reply.status_code == 200, reply.text
+    best = reply.json()["masks"][0]
+    expected = cvat_rle_decode(best["cvat"], width, height).to_full()
+    assert 0 < expected.sum() < width * height  # a real mask, not an empty or a full one
+    assert np.array_equal(overlay, expected)
+
+
+def test_a_detector_run_draws_as_many_boxes_as_the_api_returns(
+    console: Console, server: ServerProcess
+) -> None:
+    bus = ultralytics_asset("bus.jpg")
+    console.models_listed()
+    console.page.select_option("#try-model", "fall")
+    console.page.set_input_files("#try-file", str(bus))
+    counts = {}
+    for conf in (0.25, 0.6):
+        if conf != 0.25:
+            console.page.locator("#try-conf").fill(str(conf))  # fires change: the page detects again
+        console.wait_for("(c) => document.querySelector('#try-stage').dataset.detectConf === c", str(conf))
+        drawn = console.page.locator("#try-stage .det-box").count()
+        reply = server.http.post(
+            "/v1/detect/fall", files={"file": bus.read_bytes()}, data={"params": json.dumps({"conf": conf})}
+        )
+        assert reply.status_code == 200, reply.text
+        assert drawn == len([s for s in reply.json()["shapes"] if "box" in s])
+        counts[conf] = drawn
+        console.shot(f"try-detect-conf-{conf}")
+    assert counts[0.25] > counts[0.6] > 0  # the slider changed what was drawn
+    assert console.errors == []
+
+
+def test_a_job_reaches_100_percent_and_a_cancelled_one_shows_cancelled(
+    console: Console, tmp_path: Path
+) -> None:
+    small = Image.open(ultralytics_asset("bus.jpg")).resize((203, 270))
+    few, many = tmp_path / "few", tmp_path / "many"
+    for folder, count in ((few, 4), (many, 400)):
+        folder.mkdir()
+        for i in range(count):
+            small.save(folder / f"{i:04d}.jpg", quality=80)
+    console.models_listed()
+    console.tab("jobs")
+    console.page.wait_for_selector("#job-detector option[value='fall']", state="attached")
+
+    def submit(source: Path, out: Path) -> str:
+        console.page.fill("#job-source", str(source))
+        console.page.select_option("#job-detector", "fall")
+        console.page.select_option("#job-format", "coco")
+        console.page.fill("#job-output", str(out))
+        console.page.click("#job-form button[type=submit]")
+        status = console.page.locator("#job-form-status")
+        status.filter(has_text="job ").wait_for()
+        return status.inner_text().split()[1]
+
+    first = submit(few, tmp_path / "out-few")
+    row = console.page.locator(f"li[data-job='{first}']")
+    row.locator(".badge.completed").wait_for()
+    assert row.locator(".progress").get_attribute("aria-valuenow") == "100"
+    assert "4/4 done, 0 failed" in row.inner_text()
+    assert (tmp_path / "out-few" / "annotations.json").exists()
+    console.shot("jobs-completed")
+
+    second = submit(many, tmp_path / "out-many")
+    row = console.page.locator(f"li[data-job='{second}']")
+    row.locator(".badge.running").wait_for()
+    row.locator("button.cancel").click()
+    row.locator(".badge.cancelled").wait_for()
+    assert int(row.locator(".progress").get_attribute("aria-valuenow")) < 100
+    assert row.locator("button.resume").is_visible()  # a cancelled job offers to resume
+    console.shot("jobs-cancelled")
+    assert console.errors == []
+
+
+def test_with_keys_the_page_refuses_to_act_without_a_key_and_works_with_one(browser, tmp_path: Path) -> None:
+    full, jobs_only = new_key(), new_key()
+    keys = [
+        {"id": "annotator", "hash": hash_key(full), "scopes": ["interactive", "jobs"]},
+        {"id": "batch", "hash": hash_key(jobs_only), "scopes": ["jobs"]},
+    ]
+    env = {
+        "LABELSERVE_WEIGHTS_DIR": str(tmp_path / "weights"),
+        "LABELSERVE_DATA_DIR": str(tmp_path / "data"),
+        "LABELSERVE_MODELS": "",
+        "LABELSERVE_DETECTOR_PATHS": json.dumps({"fall": str(fall_checkpoint())}),
+        "LABELSERVE_API_KEYS": json.dumps(keys),
+    }
+    with ServerProcess(env, tmp_path / "server.log", random_init=True) as server:
+        page = Console(browser, server.url + "/")
+        try:
+            # No key: the page says so, and asks nothing but who it is.
+            page.page.wait_for_selector("#locked", state="visible")
+            page.page.wait_for_selector("#key-form", state="visible")
+            time.sleep(1.5)  # a live refresh would have happened by now
+            assert [(m, p) for m, p, _ in page.calls if p.startswith("/v1/")] == [("GET", "/v1/whoami")]
+            assert page.page.locator("#try-model option").count() == 0
+            page.shot("keys-locked")
+
+            # A wrong key is refused as such.
+            page.page.fill("#key-input", "lsk_not-a-key")
+            page.page.click("#key-form button")
+            page.page.locator("#key-error").filter(has_text="not valid").wait_for()
+
+            # A key without the interactive scope: Try says what it lacks instead of offering broken buttons.
+            page.page.fill("#key-input", jobs_only)
+            page.page.click("#key-form button")
+            page.page.locator("#key-who-text").filter(has_text="batch").wait_for()
+            assert page.page.locator("#try-denied").is_visible()
+            assert "needs the interactive scope" in page.page.inner_text("#try-denied")
+            assert page.page.locator("#try-file").is_disabled()
+            page.tab("models")
+            page.page.locator("#models-table tr[data-model='fall'] button").wait_for()
+            assert page.page.locator("#models-table tr[data-model='fall'] button").is_disabled()
+            assert "admin key needed" in page.page.inner_text("#models-table tr[data-model='fall']")
+            page.shot("keys-jobs-scope")
+
+            # The annotator's key works: a detection is drawn.
+            page.page.click("#key-forget")
+            page.page.wait_for_selector("#key-form", state="visible")
+            page.page.fill("#key-input", full)
+            page.page.click("#key-form button")
+            page.page.locator("#key-who-text").filter(has_text="annotator").wait_for()
+            page.tab("try")
+            page.models_listed()
+            page.page.select_option("#try-model", "fall")
+            page.page.set_input_files("#try-file", str(ultralytics_asset("bus.jpg")))
+            page.wait_for("() => document.querySelector('#try-stage').dataset.detectConf")
+            assert page.page.locator("#try-stage .det-box").count() > 0
+            page.shot("keys-annotator")
+            # Every refusal was the server's own (401 without a valid key), not the page's guess.
+            refused = {(p, s) for _, p, s in page.calls if s >= 400}
+            assert refused == {("/v1/whoami", 401)}
+            assert page.errors == [] or all("401" in e for e in page.errors)
+        finally:
+            page.close()
+
+
+def test_tracker_steps_through_an_image_sequence(console: Console, tmp_path: Path) -> None:
+    """Median Flow follows a textured patch that moves 6 px right on each frame."""
+    patch = np.random.default_rng(3).integers(0, 255, (80, 80, 3), dtype=np.uint8)
+    frames = []
+    for i in range(3):
+        frame = scene(320, 240)
+        frame[60:140, 180 + 6 * i : 260 + 6 * i] = patch
+        frames.append(tmp_path / f"frame-{i}.png")
+        frames[-1].write_bytes(encode_image(frame))
+    console.models_listed()
+    console.tab("track")
+    console.page.wait_for_selector("#track-tracker option[value='medianflow']", state="attached")
+    console.page.set_input_files("#track-files", [str(f) for f in frames])
+    console.page.locator("#track-frame").filter(has_text="frame 1 of 3").wait_for()
+    shown = console.page.locator("#track-stage img").bounding_box()
+    scale = 320 / shown["width"]
+    console.page.mouse.move(shown["x"] + 180 / scale, shown["y"] + 60 / scale)
+    console.page.mouse.down()
+    console.page.mouse.move(shown["x"] + 260 / scale, shown["y"] + 140 / scale, steps=4)
+    console.page.mouse.up()
+    assert console.page.locator("#track-stage .track-box").count() == 1
+    console.page.click("#track-start")
+    console.page.locator("#track-status").filter(has_text="following 1 object").wait_for()
+    for frame in (2, 3):
+        console.page.click("#track-step")
+        console.page.locator("#track-status").filter(has_text=f"frame {frame}: 1 found").wait_for()
+    x = float(console.page.locator("#track-stage .track-box").get_attribute("x"))
+    assert abs(x - (180 + 12)) <= 3  # moved with the patch, in image pixels
+    console.shot("track-step")
+    assert console.errors == []
