@@ -1,19 +1,22 @@
 """The reference side of every SAM benchmark: segment-anything's SamPredictor (or, for a SAM 2 model such as
 `sam2.1_hiera_tiny`, sam2's SAM2ImagePredictor) in a bare process.
 
-    python bench/bare_sam.py IMAGE --point X Y [--model mobile_sam] [--cold 3] [--clicks 30]
+    python bench/bare_sam.py IMAGE --point X Y [--model mobile_sam] [--cold 3] [--clicks 30] [--serve]
 
-Imports nothing of labelserve's, so its allocator, threads and environment are what a user's own script
-gets. Benchmarks start it through `bench.common.bare_reference`, which also strips what the benchmark's own
-process may have set (ultralytics sets OMP_NUM_THREADS=1 on import; LD_PRELOAD; malloc tunables). Builds the
-model from the same seed as `labelserve serve --random-init` (LABELSERVE_RANDOM_SEED, 0), so both sides hold
-identical weights. Prints one JSON object of wall times in milliseconds.
+Imports nothing of labelserve's, so its allocator, threads and environment are what a user's own script gets.
+Benchmarks start it through `bench.common.bare_reference` or `BareReference` (--serve), which strip what the
+benchmark's own process may have set (ultralytics sets OMP_NUM_THREADS=1 on import; LD_PRELOAD; malloc
+tunables). Builds the model from the same seed as `labelserve serve --random-init` (LABELSERVE_RANDOM_SEED,
+0), so both sides hold identical weights. Prints one JSON object of wall times in milliseconds. With --serve
+it holds the model and the image and times what stdin asks, so a benchmark can alternate it with the server's
+requests.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 import warnings
 
@@ -54,6 +57,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cold", type=int, default=3)
     parser.add_argument("--clicks", type=int, default=30)
+    parser.add_argument(
+        "--serve",
+        action="store_true",
+        help="after building the model, time what stdin asks, one line at a time: `set_image N`, `predict N` "
+        "or `floor N`; one JSON list of wall ms per line (bench.common.BareReference interleaves these "
+        "with the server's requests, so both sides see the host in the same state)",
+    )
     args = parser.parse_args()
 
     sam = build(args.model, args.seed)
@@ -73,6 +83,11 @@ def main() -> None:
         "floor": [],
         "threads": [torch.get_num_threads()],
     }
+    if args.serve:
+        with torch.inference_mode():
+            predictor.set_image(image)  # the floor decoder reads the features of a set image
+            serve(predictor, image, point, label, floor_decoder(args.model, sam, predictor, point))
+        return
     with torch.inference_mode():
         for _ in range(args.cold):
             start = time.perf_counter()
@@ -90,6 +105,26 @@ def main() -> None:
             decode()
             out["floor"].append((time.perf_counter() - start) * 1000)
     print(json.dumps(out))
+
+
+def serve(predictor, image: np.ndarray, point: np.ndarray, label: np.ndarray, decode) -> None:
+    """Answer `set_image N`, `predict N` and `floor N` lines on stdin with N wall times (ms), until EOF."""
+    with torch.inference_mode():
+        predictor.predict(point, label, multimask_output=True)  # warm-up, as the server's first click is
+        runs = {
+            "set_image": lambda: predictor.set_image(image),
+            "predict": lambda: predictor.predict(point, label, multimask_output=True),
+            "floor": decode,
+        }
+        print(json.dumps({"ready": True, "threads": torch.get_num_threads()}), flush=True)
+        for line in sys.stdin:
+            what, count = line.split()
+            times = []
+            for _ in range(int(count)):
+                start = time.perf_counter()
+                runs[what]()
+                times.append((time.perf_counter() - start) * 1000)
+            print(json.dumps(times), flush=True)
 
 
 def floor_decoder(model: str, sam: torch.nn.Module, predictor, point: np.ndarray):

@@ -29,7 +29,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import SamServer, bare_reference, report  # noqa: E402
+from bench.common import BareReference, SamServer, report  # noqa: E402
 from server.formats.rle import cvat_rle_decode  # noqa: E402
 from tests.conftest import ultralytics_asset  # noqa: E402
 
@@ -75,32 +75,58 @@ def warm_clicks(server: SamServer, model: str, image_id: str, point: list[float]
     """Wall ms of `clicks` clicks on an embedded image (after a warm-up click), and the last reply."""
     body = {"image_id": image_id, "points": [point], "refine": False}
     server.http.post(f"/v1/sam/{model}/segment", json=body).raise_for_status()
+    return timed(server, f"/v1/sam/{model}/segment", clicks, json=body)
+
+
+def timed(server: SamServer, url: str, count: int, **request: object) -> list:
+    """Wall ms of `count` POSTs of the same request, and the last reply."""
     times = []
-    for _ in range(clicks):
+    for _ in range(count):
         start = time.perf_counter()
-        reply = server.http.post(f"/v1/sam/{model}/segment", json=body)
+        reply = server.http.post(url, **request)  # type: ignore[arg-type]
         times.append((time.perf_counter() - start) * 1000)
         reply.raise_for_status()
     return [times, reply]
 
 
-def server_side(
-    server: SamServer, model: str, data: bytes, point: list[float], clicks: int, cold: int
-) -> dict:
-    cold_ms, server_encode, image_id = cold_embeds(server, model, data, cold)
-    warm, reply = warm_clicks(server, model, image_id, point, clicks)
-    return {
-        "cold": cold_ms,
-        "cold_encode": server_encode,
-        "warm": warm,
-        "reply_bytes": len(reply.content),
-        "last_stages": reply.json()["timings_ms"],
-        **cvat_clicks(server, model, data, point, clicks),
-    }
+def interleaved(
+    server: SamServer, bare: BareReference, model: str, data: bytes, point: list[float], clicks: int,
+    cold: int, block: int = 5,
+) -> tuple[dict, dict]:  # fmt: skip
+    """The reference's and the server's timings, taken in alternating blocks of `block` (one cold embed at a
+    time): neither side runs while the other does, and both see the host in the same state."""
+    ref: dict[str, list[float]] = {"set_image": [], "predict": [], "floor": [], "threads": [bare.threads]}
+    ours: dict = {"cold": [], "cold_encode": [], "warm": [], "cvat_warm": []}
+    for _ in range(cold):
+        ref["set_image"] += bare.time("set_image", 1)
+        wall, encoder, image_id = cold_embeds(server, model, data, 1)
+        ours["cold"] += wall
+        ours["cold_encode"] += encoder
+    click = {"image_id": image_id, "points": [point], "refine": False}
+    url, cvat = f"/v1/sam/{model}/segment", cvat_request(model, data, point)
+    server.http.post(url, json=click).raise_for_status()  # warm-ups, as the reference's first predict
+    server.http.post(cvat["url"], content=cvat["content"], headers=cvat["headers"]).raise_for_status()
+    for start in range(0, clicks, block):
+        count = min(block, clicks - start)
+        ref["predict"] += bare.time("predict", count)
+        times, reply = timed(server, url, count, json=click)
+        ours["warm"] += times
+        ref["floor"] += bare.time("floor", count)
+        times, cvat_reply = timed(
+            server, cvat["url"], count, content=cvat["content"], headers=cvat["headers"]
+        )
+        ours["cvat_warm"] += times
+    ours.update(
+        reply_bytes=len(reply.content),
+        last_stages=reply.json()["timings_ms"],
+        **cvat_sizes(cvat_reply, data, len(cvat["content"])),
+    )
+    return ref, ours
 
 
-def cvat_clicks(server: SamServer, model: str, data: bytes, point: list[float], clicks: int) -> dict:
-    """CVAT's interactor path: the whole frame as base64 in every click, routed by the Nuclio header."""
+def cvat_request(model: str, data: bytes, point: list[float]) -> dict:
+    """CVAT's interactor call: the whole frame as base64 in every click, routed by the Nuclio header. CVAT
+    serialises its request once, whatever server it calls: not timed here."""
     payload = {
         "image": base64.b64encode(data).decode(),
         "pos_points": [point],
@@ -112,23 +138,19 @@ def cvat_clicks(server: SamServer, model: str, data: bytes, point: list[float], 
         "x-nuclio-path": "/",
         "content-type": "application/json",
     }
-    url = "/api/function_invocations"
-    body = orjson.dumps(payload)  # CVAT serialises its request once, whatever server it calls: not timed here
-    server.http.post(url, content=body, headers=headers).raise_for_status()
-    times = []
-    for _ in range(clicks):
-        start = time.perf_counter()
-        reply = server.http.post(url, content=body, headers=headers)
-        times.append((time.perf_counter() - start) * 1000)
+    return {"url": "/api/function_invocations", "content": orjson.dumps(payload), "headers": headers}
+
+
+def cvat_sizes(reply, data: bytes, request_bytes: int) -> dict:  # noqa: ANN001
+    """The CVAT reply's size, and the size CVAT's legacy `{"mask": H×W}` reply of the same mask would have."""
     points = reply.json()["shapes"][0]["points"]
     width, height = Image.open(io.BytesIO(data)).size
     full = cvat_rle_decode(points, width, height).to_full()
     legacy = orjson.dumps({"mask": (full.astype(np.uint8) * 255).tolist()})
     return {
-        "cvat_warm": times,
         "cvat_reply_bytes": len(reply.content),
         "legacy_reply_bytes": len(legacy),
-        "request_bytes": len(body),
+        "request_bytes": request_bytes,
     }
 
 
@@ -153,8 +175,8 @@ def main() -> None:
             point = [width * 0.45, height * 0.6]
             path = folder / f"{name.split()[0]}.jpg"
             path.write_bytes(data)
-            reference = bare_reference(path, point, model=args.model, cold=args.cold, clicks=args.clicks)
-            ours = server_side(server, args.model, data, point, args.clicks, args.cold)
+            with BareReference(path, point, model=args.model) as bare:
+                reference, ours = interleaved(server, bare, args.model, data, point, args.clicks, args.cold)
             results["images"][name] = {"reference": reference, "labelserve": ours}
         results["allocator"] = server.allocator()
     # MobileSAM's tables are the page's first; another model's have markers (and a JSON file) of their own.

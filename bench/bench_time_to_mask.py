@@ -38,7 +38,7 @@ def annotate(server: SamServer, model: str, url: str, size: tuple[int, int]) -> 
     """Seconds from the embed request to each mask, for max(MASKS) clicks."""
     width, height = size
     start = time.perf_counter()
-    embedded = server.http.post(f"/v1/sam/{model}/embed", json={"url": url})
+    embedded = server.http.post(f"/v1/sam/{model}/embed", json={"image": {"url": url}})
     embedded.raise_for_status()
     image_id, points, done = embedded.json()["image_id"], [], []
     for fx, fy in POINTS[: max(MASKS)]:

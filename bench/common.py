@@ -53,6 +53,55 @@ def bare_reference(image: Path, point: list[float], *, model: str = "mobile_sam"
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+class BareReference:
+    """bench/bare_sam.py --serve: a bare process holding the model and the image, timing what it is asked when
+    it is asked. Benchmarks interleave its blocks with the server's (never at the same time), so both sides
+    see the host in the same state: on a shared or virtual machine a run's speed drifts by 20 % over minutes,
+    and one side measured a minute after the other inherits that drift."""
+
+    def __init__(self, image: Path, point: list[float], model: str = "mobile_sam") -> None:
+        script = str(ROOT / "bench" / "bare_sam.py")
+        command = [
+            sys.executable,
+            script,
+            str(image),
+            "--point",
+            *map(str, point),
+            "--model",
+            model,
+            "--serve",
+        ]
+        self.process = subprocess.Popen(
+            command, env=bare_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        self.threads = json.loads(self._line())["threads"]
+
+    def _line(self) -> str:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"bare_sam.py exited with {self.process.wait()}")
+        return line
+
+    def time(self, what: str, count: int) -> list[float]:
+        """Wall ms of `count` runs of `what`: set_image, predict or floor."""
+        assert self.process.stdin is not None
+        self.process.stdin.write(f"{what} {count}\n")
+        self.process.stdin.flush()
+        return json.loads(self._line())
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+    def __enter__(self) -> BareReference:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class SamServer(ServerProcess):
     """`labelserve serve --random-init` with one SAM model, its own weights and data directories."""
 
