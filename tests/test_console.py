@@ -1,5 +1,6 @@
 """The web console (docs/console.md) in a real browser: Debian's chromium driven by Playwright, against a real
-`labelserve serve --random-init` on loopback (MobileSAM with seeded random weights, the real person detector).
+`labelserve serve --random-init` on loopback (MobileSAM and the tests' small SAM 3 with seeded random weights,
+the real person detector).
 
 What the page shows is checked against what the API answers for the same request: the mask overlay's pixels
 against the API's mask, the boxes drawn against the API's shapes. Screenshots of each screen go to
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from models.sam3 import TINY_CONFIG, sam3_config
 from server.api.auth import hash_key, new_key
 from server.formats.rle import cvat_rle_decode
 
@@ -36,10 +38,11 @@ MASK_ALPHA = 120  # stage.js: the overlay's alpha on mask pixels
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     tmp = tmp_path_factory.mktemp("console")
+    sam3_config(TINY_CONFIG).save_pretrained(tmp / "weights" / "sam3")  # the tests' small SAM 3
     env = {
         "LABELSERVE_WEIGHTS_DIR": str(tmp / "weights"),
         "LABELSERVE_DATA_DIR": str(tmp / "data"),
-        "LABELSERVE_MODELS": "mobile_sam",
+        "LABELSERVE_MODELS": "mobile_sam,sam3",
         "LABELSERVE_DETECTOR_PATHS": json.dumps({"fall": str(fall_checkpoint())}),
     }
     with ServerProcess(env, tmp / "server.log", random_init=True) as process:
@@ -210,6 +213,33 @@ def test_a_detector_run_draws_as_many_boxes_as_the_api_returns(
         counts[conf] = drawn
         console.shot(f"try-detect-conf-{conf}")
     assert counts[0.25] > counts[0.6] > 0  # the slider changed what was drawn
+    assert console.errors == []
+
+
+def test_a_concept_query_draws_every_instance_the_api_returns(
+    console: Console, server: ServerProcess
+) -> None:
+    bus = ultralytics_asset("bus.jpg")
+    console.models_listed()
+    console.page.select_option("#try-model", "sam3")
+    console.page.fill("#try-phrases", "person, bus")
+    console.page.locator("#try-score").fill("0.1")
+    console.page.set_input_files("#try-file", str(bus))  # an opened image is queried at once
+    sent = json.loads(str(console.wait_for("() => document.querySelector('#try-stage').dataset.conceptsFor")))
+    assert sent["text"] == ["person", "bus"] and sent["score_threshold"] == 0.1
+    reply = server.http.post(
+        "/v1/concepts/sam3", files={"file": bus.read_bytes()}, data={"prompts": json.dumps(sent)}
+    )
+    assert reply.status_code == 200, reply.text
+    instances = reply.json()["instances"]
+    assert instances  # random weights still score some queries above 0.1: the check below is not 0 == 0
+    boxes = console.page.locator("#try-stage .concept-box")
+    assert boxes.count() == len(instances)
+    drawn = [[float(boxes.nth(i).get_attribute(a)) for a in ("x", "y")] for i in range(boxes.count())]
+    assert drawn == [pytest.approx(i["box"][:2]) for i in instances]  # where the API put them (image pixels)
+    labels = console.page.locator("#try-stage .shape-label").all_text_contents()
+    assert [label.split()[0] for label in labels] == [i["prompt"] for i in instances]
+    console.shot("try-concepts")
     assert console.errors == []
 
 

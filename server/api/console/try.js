@@ -1,5 +1,6 @@
 // Try: pick an image (upload, URL, s3:// URL or a bucket listing) and a model; SAM models take positive and
-// negative clicks and a dragged box, detectors draw what they find. Prompts are sent in image pixels.
+// negative clicks and a dragged box, detectors draw what they find, concept models (SAM 3) every instance of
+// the typed phrases. Prompts are sent in image pixels.
 
 import { api, can, needs } from "./api.js";
 import { Browser } from "./browse.js";
@@ -45,6 +46,14 @@ export function initTry() {
   });
   $("#try-conf").addEventListener("change", () => detect());
   $("#try-detect").addEventListener("click", () => detect());
+  $("#try-concept-tools").addEventListener("submit", (event) => {
+    event.preventDefault();
+    findConcepts();
+  });
+  $("#try-score").addEventListener("input", () => {
+    $("#try-score-value").textContent = Number($("#try-score").value).toFixed(2);
+  });
+  $("#try-score").addEventListener("change", () => findConcepts());
   document.addEventListener("keydown", (event) => {
     if ((event.ctrlKey || event.metaKey) && event.key === "z" && !$("#tab-try").hidden) {
       event.preventDefault();
@@ -62,12 +71,13 @@ export function setModels(models) {
   state.models = models;
   const select = $("#try-model");
   const chosen = select.value;
-  const usable = models.filter((m) => m.kinds.includes("segmenter") || m.kinds.includes("detector"));
+  const usable = models.filter((m) => ["segmenter", "concept", "detector"].some((k) => m.kinds.includes(k)));
   const rank = (m) => (m.state === "loaded" ? 0 : 2) + (m.kinds.includes("segmenter") ? 0 : 1); // SAM first
   usable.sort((a, b) => rank(a) - rank(b) || a.name.localeCompare(b.name));
+  const kind = (m) => (m.kinds.includes("segmenter") ? "SAM" : m.kinds.includes("concept") ? "concepts" : m.task || "detector");
   select.replaceChildren(
     ...usable.map((m) => {
-      const option = el("option", { value: m.name }, `${m.name} (${m.kinds.includes("segmenter") ? "SAM" : m.task || "detector"}, ${m.state}${m.weights === "random-init" ? ", random-init" : ""})`);
+      const option = el("option", { value: m.name }, `${m.name} (${kind(m)}, ${m.state}${m.weights === "random-init" ? ", random-init" : ""})`);
       option.disabled = m.state !== "loaded";
       return option;
     }),
@@ -92,6 +102,12 @@ function isSegmenter() {
   return Boolean(m && m.kinds.includes("segmenter"));
 }
 
+// A concept model (SAM 3) answers phrases, even when a vocabulary also makes it a detector.
+function isConcept() {
+  const m = model();
+  return Boolean(m && m.kinds.includes("concept"));
+}
+
 function status(text, isError = false) {
   const line = $("#try-status");
   line.textContent = text;
@@ -101,7 +117,8 @@ function status(text, isError = false) {
 function modelChanged(same = false) {
   const segmenter = isSegmenter();
   $("#try-sam-tools").hidden = !segmenter;
-  $("#try-detect-tools").hidden = segmenter || !model();
+  $("#try-concept-tools").hidden = !isConcept();
+  $("#try-detect-tools").hidden = segmenter || isConcept() || !model();
   $("#try-stage").classList.toggle("clicking", segmenter);
   $("#try-embedding-line").hidden = !segmenter;
   if (same) return;
@@ -149,16 +166,18 @@ async function openImage(image) {
 function afterImage() {
   if (!model() || !can("interactive")) return;
   if (isSegmenter()) embed();
+  else if (isConcept()) findConcepts();
   else detect();
 }
 
-// The image as the API takes it: raw bytes for a file, {"url": …} for a URL.
-function imageBody(extra) {
+// The image as the API takes it: raw bytes for a file, {"url": …} for a URL; `part` names the multipart part
+// of the other fields (params for /detect, prompts for /concepts).
+function imageBody(extra, part = "params") {
   const ref = state.image.ref;
   if (ref.file) {
     const form = new FormData();
     form.append("file", ref.file, ref.file.name);
-    form.append("params", JSON.stringify(extra));
+    form.append(part, JSON.stringify(extra));
     return { body: form };
   }
   return { json: { image: { url: ref.url }, ...extra } };
@@ -289,9 +308,46 @@ async function promptsChanged() {
   status(`${name}: ${state.prompts.length} prompt(s); mask of ${painted} px.`);
 }
 
+function phrases() {
+  return $("#try-phrases").value.split(",").map((p) => p.trim()).filter(Boolean);
+}
+
+async function findConcepts() {
+  const m = model();
+  const text = phrases();
+  if (!state.image || !m || !isConcept() || !can("interactive")) return;
+  if (!text.length) return status(`${m.name}: type one or more noun phrases, separated by commas, then Find.`);
+  const image = state.image;
+  const score = Number($("#try-score").value);
+  status(`${m.name}: finding ${text.join(", ")}…`);
+  const params = { text, score_threshold: score, formats: ["cvat"] };
+  const reply = await api("POST", `/v1/concepts/${encodeURIComponent(m.name)}`, imageBody(params, "prompts"));
+  if (state.image !== image) return;
+  if (!reply.ok) return status(errorText(reply.error), true);
+  drawInstances(reply.data, text);
+  showTiming(reply, reply.data.cache_tier);
+  stage.root.dataset.conceptsFor = JSON.stringify(params);
+  const counts = text.map((p) => `${p}: ${reply.data.counts[p] ?? 0}`).join(", ");
+  status(`${m.name}: ${reply.data.instances.length} instance(s) at score ≥ ${score.toFixed(2)} (${counts}).`);
+}
+
+function drawInstances(result, text) {
+  stage.clear();
+  const group = stage.group("concepts");
+  result.instances.forEach((instance) => {
+    const rgb = colour(text.indexOf(instance.prompt));
+    if (instance.mask && instance.mask.cvat) stage.paintMask(instance.mask.cvat, rgb);
+    stage.box(group, instance.box, "det-box concept-box", rgb);
+    stage.label(group, instance.box[0], instance.box[1] - 3 * stage.unit, `${instance.prompt} ${instance.score.toFixed(2)}`, rgb);
+  });
+  $("#try-results").replaceChildren(
+    ...result.instances.map((i) => el("li", {}, `${i.prompt} ${i.score.toFixed(3)} [${i.box.map((v) => Math.round(v)).join(", ")}]`)),
+  );
+}
+
 async function detect() {
   const m = model();
-  if (!state.image || !m || isSegmenter() || !can("interactive")) return;
+  if (!state.image || !m || isSegmenter() || isConcept() || !can("interactive")) return;
   const image = state.image;
   const conf = Number($("#try-conf").value);
   status(`${m.name}: detecting…`);
