@@ -146,8 +146,12 @@ def published_table(marker: str) -> str | None:
         text = doc.read_text(encoding="utf-8")
         tag = f"<!-- {marker} -->"
         if tag in text:
-            after = text.split(tag, 1)[1].lstrip("\n")
-            return "\n".join(line for line in after.splitlines() if line.startswith("|")) or None
+            table = []  # the table that starts right after the marker, and nothing below it
+            for line in text.split(tag, 1)[1].lstrip("\n").splitlines():
+                if not line.startswith("|"):
+                    break
+                table.append(line)
+            return "\n".join(table) or None
     return None
 
 
