@@ -146,6 +146,26 @@ class ImageEncoder(ABC):
         """encode_batch() of what prepare() returned."""
         return self.encode_batch(prepared)
 
+    def per_image(
+        self,
+        maps: Mapping[str, torch.Tensor],
+        original_sizes: list[tuple[int, int]],
+        input_size: tuple[int, int],
+    ) -> list[ImageEmbedding]:
+        """A batch's named feature maps ([B, ...] each) as one cached embedding per image, in to_cache's
+        dtype and on cache_device."""
+        return [
+            ImageEmbedding(
+                {
+                    name: to_cache(level[i : i + 1], self.cache_dtype, self.cache_device)
+                    for name, level in maps.items()
+                },
+                original_size=size,
+                input_size=input_size,
+            )
+            for i, size in enumerate(original_sizes)
+        ]
+
 
 class Segmenter(ImageEncoder):
     """A promptable segmenter split into an expensive encode and a cheap decode (SAM's design)."""

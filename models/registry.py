@@ -71,6 +71,16 @@ class Backend:
         return (self.kind, *self.also)
 
 
+def _encoder_options(config: ModelsConfig) -> dict:
+    """What every image encoder (SAM, SAM 2, SAM 3) takes from the configuration: its cache's dtype and
+    device, and its encoder's autocast on CUDA."""
+    return {
+        "cache_dtype": getattr(torch, config.cache_dtype),
+        "cache_on_model_device": config.cache_device == "model",
+        "encoder_autocast": encoder_autocast(config.encoder_dtype),
+    }
+
+
 def _build_sam(name: str, architecture: str, checkpoint: Path | None, config: ModelsConfig,
                device: torch.device) -> Segmenter:  # fmt: skip
     segmenter = SamSegmenter(
@@ -78,9 +88,7 @@ def _build_sam(name: str, architecture: str, checkpoint: Path | None, config: Mo
         architecture,
         build_sam(architecture, checkpoint),
         device,
-        cache_dtype=getattr(torch, config.cache_dtype),
-        cache_on_model_device=config.cache_device == "model",
-        encoder_autocast=encoder_autocast(config.encoder_dtype),
+        **_encoder_options(config),
     )
     if device.type == "cuda":  # part of loading: /readyz waits for it, clicks do not
         segmenter.warm_up(config.warm_up_batch)
@@ -110,9 +118,7 @@ def _build_sam2(name: str, architecture: str, checkpoint: Path | None, config: M
         name,
         architecture,
         model,
-        cache_dtype=getattr(torch, config.cache_dtype),
-        cache_on_model_device=config.cache_device == "model",
-        encoder_autocast=encoder_autocast(config.encoder_dtype),
+        **_encoder_options(config),
     )
     if device.type == "cuda":
         segmenter.warm_up(config.warm_up_batch)
@@ -137,9 +143,7 @@ def _build_sam3(name: str, architecture: str, checkpoint: Path | None, config: M
         model,
         processor,
         device,
-        cache_dtype=getattr(torch, config.cache_dtype),
-        cache_on_model_device=config.cache_device == "model",
-        encoder_autocast=encoder_autocast(config.encoder_dtype),
+        **_encoder_options(config),
         text_cache_bytes=config.concept_text_cache_bytes,
     )
     if device.type == "cuda":

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.base import Decoded, ImageEmbedding, Prompt, Segmenter, cuda_autocast, to_cache
+from models.base import Decoded, ImageEmbedding, Prompt, Segmenter, cuda_autocast
 from models.sam import BOX_CHUNK, MASK_PROMPT_LOGIT
 from models.shapes import RegionMask
 from models.upsample import upsample_region
@@ -111,17 +111,8 @@ class Sam2Segmenter(Segmenter):
             backbone = self.model.forward_image(batch)
         # _prepare_backbone_features only flattens these maps: the values are the predictor's and tracker's.
         levels = backbone["backbone_fpn"][-self.model.num_feature_levels :]
-        return [
-            ImageEmbedding(
-                {
-                    name: to_cache(level[i : i + 1], self.cache_dtype, self.cache_device)
-                    for name, level in zip(TENSORS, levels, strict=True)
-                },
-                original_size=p.original_size,
-                input_size=(self.size, self.size),
-            )
-            for i, p in enumerate(prepared)
-        ]
+        maps = dict(zip(TENSORS, levels, strict=True))
+        return self.per_image(maps, [p.original_size for p in prepared], (self.size, self.size))
 
     # ---- decode -------------------------------------------------------------------------------------------
     def decode(self, embedding: ImageEmbedding, prompt: Prompt, multimask: bool) -> Decoded:

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.base import ImageEmbedding, cuda_autocast, to_cache
+from models.base import ImageEmbedding, cuda_autocast
 from models.concept import ConceptModel, ConceptParams, Exemplars, Instance
 from models.shapes import RegionMask
 from models.upsample import upsample_region
@@ -295,17 +295,8 @@ class Sam3Concepts(ConceptModel):
             vision = self.model.vision_encoder(batch)
         # The detector reads all neck levels but the last (Sam3Model.forward: fpn_hidden_states[:-1]).
         levels = vision.fpn_hidden_states[:-1]
-        return [
-            ImageEmbedding(
-                {
-                    name: to_cache(level[i : i + 1], self.cache_dtype, self.cache_device)
-                    for name, level in zip(TENSORS, levels, strict=True)
-                },
-                original_size=p.original_size,
-                input_size=(self.size, self.size),
-            )
-            for i, p in enumerate(prepared)
-        ]
+        maps = dict(zip(TENSORS, levels, strict=True))
+        return self.per_image(maps, [p.original_size for p in prepared], (self.size, self.size))
 
     def warm_up(self, max_batch: int) -> None:
         """One encoder pass at every batch size the encode scheduler may form (see SamSegmenter.warm_up)."""
