@@ -7,6 +7,7 @@ import asyncio
 import base64
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -28,6 +29,7 @@ class LoadReport:
     rss_mib: list[tuple[float, int]] = field(default_factory=list)  # (s into the clicking minute, server RSS)
     warmup_s: float = 0.0  # until every annotator had its image embedded
     opened: int = 0  # annotators whose image was embedded in the warm-up
+    pauses: list = field(default_factory=list)  # what `between` returned after each phase, nothing in flight
 
     def percentile(self, values: list[float], q: float) -> float:
         return float(np.percentile(values, q)) if values else float("nan")
@@ -83,6 +85,7 @@ class _Annotator:
                 self.image_id = response.json()["image_id"]
 
     async def click_until(self, until: float, think_s: float) -> None:
+        await asyncio.sleep(self.rng.uniform(0, 1) * think_s)  # people do not all click at the same instant
         while time.monotonic() < until:
             if self.image_id is None:  # evicted: open it again, as the CVAT plugin does
                 await self.open_image(until)
@@ -118,10 +121,13 @@ async def run_annotators(
     stagger_s: float = 1.0,
     model: str = "mobile_sam",
     warmup_limit_s: float = 600,
+    phases: int = 1,
+    between: Callable[[httpx.AsyncClient], Awaitable[object]] | None = None,
 ) -> LoadReport:
     """Warm-up first (every annotator opens its image, starts staggered), then `seconds` of clicking, during
     which the server's RSS is sampled: on a slow host the first encodes alone can take most of a minute, and
-    memory can only be flat once every embedding is in the cache."""
+    memory can only be flat once every embedding is in the cache. The clicking is split into `phases`; after
+    each, with no request in flight, `between` is awaited and what it returns kept in `report.pauses`."""
     report = LoadReport(clients, seconds)
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as http:
@@ -137,8 +143,11 @@ async def run_annotators(
         report.warmup_s = time.monotonic() - warmup_started
         report.opened = sum(p.image_id is not None for p in people)
         started = time.monotonic()
-        until = started + seconds
-        await asyncio.gather(
-            _sample_rss(pid, started, until, report), *(p.click_until(until, think_s) for p in people)
-        )
+        for _ in range(phases):
+            until = time.monotonic() + seconds / phases
+            await asyncio.gather(
+                _sample_rss(pid, started, until, report), *(p.click_until(until, think_s) for p in people)
+            )
+            if between is not None:
+                report.pauses.append(await between(http))
     return report

@@ -3,6 +3,7 @@ by default when installed, re-executing itself with LD_PRELOAD before torch load
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -95,3 +96,30 @@ def test_the_release_function_runs_under_each_allocator(name: str) -> None:
     done = subprocess.run([sys.executable, "-c", script], env={**os.environ, **preload}, capture_output=True,
                           text=True, timeout=60)  # fmt: skip
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("name", [*allocator.LIBRARIES, "glibc"])
+def test_usage_counts_live_bytes_and_what_the_allocator_keeps(name: str) -> None:
+    """64 MiB allocated and touched shows in both figures; freed, it leaves the live bytes, and under jemalloc
+    (decay off, as `labelserve serve` configures it) stays resident for reuse."""
+    if name != "glibc" and not INSTALLED[name]:
+        pytest.skip(f"lib{allocator.LIBRARIES[name]} is not installed (.ci/run installs it)")
+    env = {**os.environ, "MALLOC_CONF": allocator.JEMALLOC_CONF}
+    if name != "glibc":
+        env["LD_PRELOAD"] = allocator.library_path(name)
+    script = (
+        "import json, numpy as np; from server.ops import allocator as a; name = a.loaded() or 'glibc'\n"
+        f"assert name == {name!r}, name\n"
+        "before = a.usage(name); block = np.ones(64 << 20, np.uint8); held = a.usage(name); del block\n"
+        "print(json.dumps([before, held, a.usage(name)]))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    before, held, after = (
+        {key: value / 2**20 for key, value in usage.items()} for usage in json.loads(done.stdout)
+    )
+    assert 63 <= held["allocated"] - before["allocated"] <= 66
+    assert 63 <= held["resident"] - before["resident"] <= 80
+    assert abs(after["allocated"] - before["allocated"]) <= 1
+    if name == "jemalloc":
+        assert after["resident"] >= held["resident"] - 1

@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 from models.registry import State
 from server.api.deps import MetricsDep, Services
 from server.jobs.store import JobState, JobStore
+from server.ops import allocator
 from server.ops.gpu_metrics import gpu_memory_metrics
 
 log = logging.getLogger("labelserve.metrics")
@@ -51,6 +52,7 @@ class LiveCollector(Collector):
             lambda: track_metrics(svc.track.stats()),
             lambda: gpu_metrics(svc),
             lambda: backpressure_metrics(svc),
+            allocator_metrics,
         ]
         for section in sections:
             try:
@@ -195,6 +197,22 @@ def track_metrics(stats: dict[str, int]) -> Iterator[Metric]:
     yield CounterMetricFamily(
         "labelserve_track_states_evicted", "States dropped at the byte cap.", value=stats["evicted"]
     )
+
+
+def allocator_metrics() -> Iterator[Metric]:
+    """The C allocator's live bytes and the bytes it holds (live + freed pages kept for reuse): a leak grows
+    the first, the retention docs/operations.md describes only the second."""
+    name = allocator.loaded() or "glibc"
+    usage = allocator.usage(name)
+    if usage is None:
+        return
+    for key, doc in (
+        ("allocated", "Bytes in live allocations of the C allocator (torch's CPU tensors included)."),
+        ("resident", "Bytes the C allocator holds in memory: live, freed and kept for reuse, metadata."),
+    ):
+        family = GaugeMetricFamily(f"labelserve_allocator_{key}_bytes", doc, labels=["allocator"])
+        family.add_metric([name], usage[key])
+        yield family
 
 
 def gpu_metrics(svc: Services) -> Iterator[Metric]:

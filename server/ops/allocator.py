@@ -138,6 +138,61 @@ def release_function(name: str) -> Callable[[], None] | None:
         return None
 
 
+_MALLINFO2_FIELDS = ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+                     "fordblks", "keepcost")  # fmt: skip
+
+
+class _MallInfo2(ctypes.Structure):
+    """glibc's `struct mallinfo2` (glibc 2.33+): ten size_t fields, in this order."""
+
+    _fields_ = [(field, ctypes.c_size_t) for field in _MALLINFO2_FIELDS]
+
+
+def usage(name: str) -> dict[str, int] | None:
+    """Bytes in live allocations ("allocated") and bytes the allocator holds in memory ("resident": live
+    plus the freed pages it keeps for reuse, plus its metadata). RSS minus resident is what malloc does not
+    own (Python's small-object arenas, code, mapped files). A leak grows "allocated"; the retention this
+    module chooses grows only "resident". None where the allocator's statistics are unavailable."""
+    try:
+        process = ctypes.CDLL(None)
+        if name == "jemalloc":
+            return _jemalloc_usage(process.mallctl)
+        if name == "tcmalloc":
+            get = process.MallocExtension_GetNumericProperty
+            values = []
+            for key in (
+                b"generic.current_allocated_bytes",
+                b"generic.heap_size",
+                b"tcmalloc.pageheap_unmapped_bytes",
+            ):
+                value = ctypes.c_size_t()
+                if not get(key, ctypes.byref(value)):
+                    return None
+                values.append(value.value)
+            allocated, heap, unmapped = values
+            return {"allocated": allocated, "resident": heap - unmapped}
+        mallinfo2 = process.mallinfo2
+        mallinfo2.restype = _MallInfo2
+        info = mallinfo2()
+        return {"allocated": info.uordblks + info.hblkhd, "resident": info.arena + info.hblkhd}
+    except (OSError, AttributeError):
+        return None
+
+
+def _jemalloc_usage(mallctl: Callable[..., int]) -> dict[str, int] | None:
+    # jemalloc's statistics are a snapshot taken when "epoch" is written.
+    epoch = ctypes.c_uint64(1)
+    if mallctl(b"epoch", None, None, ctypes.byref(epoch), ctypes.c_size_t(ctypes.sizeof(epoch))):
+        return None
+    out = {}
+    for key, stat in (("allocated", b"stats.allocated"), ("resident", b"stats.resident")):
+        value, size = ctypes.c_size_t(), ctypes.c_size_t(ctypes.sizeof(ctypes.c_size_t))
+        if mallctl(stat, ctypes.byref(value), ctypes.byref(size), None, ctypes.c_size_t(0)):
+            return None
+        out[key] = value.value
+    return out
+
+
 def start_trimming(name: str, period_s: float) -> threading.Thread | None:
     """Every `period_s`, return the allocator's free memory to the system, on a thread of its own. It bounds
     RSS more tightly, and the next encodes and clicks pay page faults for it (docs: operations)."""
