@@ -285,6 +285,37 @@ def test_a_job_reaches_100_percent_and_a_cancelled_one_shows_cancelled(
     assert console.errors == []
 
 
+def test_a_prefetch_started_from_the_page_embeds_every_image_and_a_rerun_finds_them_cached(
+    console: Console, server: ServerProcess, tmp_path: Path
+) -> None:
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(3):  # three distinct images: three encodes
+        Image.fromarray(np.full((120, 160, 3), 60 * i, np.uint8)).save(folder / f"{i}.png")
+    console.models_listed()
+    console.tab("jobs")
+    console.page.wait_for_selector("#prefetch-model option[value='mobile_sam']", state="attached")
+
+    def start() -> str:
+        console.page.select_option("#prefetch-model", "mobile_sam")
+        console.page.fill("#prefetch-source", str(folder))
+        console.page.click("#prefetch-form button[type=submit]")
+        status = console.page.locator("#prefetch-form-status")
+        status.filter(has_text="prefetch ").wait_for()
+        run = status.inner_text().split()[1]
+        row = console.page.locator(f"li[data-prefetch='{run}']")
+        row.locator(".badge.completed").wait_for()
+        assert "3/3 done, 0 failed" in row.inner_text()
+        return run
+
+    first = start()
+    assert server.http.get(f"/v1/prefetch/{first}").json()["encoded"] == 3
+    second = start()
+    assert "3 already cached, 0 encoded" in console.page.locator(f"li[data-prefetch='{second}']").inner_text()
+    console.shot("prefetch")
+    assert console.errors == []
+
+
 def test_with_keys_the_page_refuses_to_act_without_a_key_and_works_with_one(browser, tmp_path: Path) -> None:
     full, jobs_only = new_key(), new_key()
     keys = [

@@ -1,21 +1,25 @@
-// Jobs: submit a pre-labeling job, watch every job's progress live, see failures, cancel and resume; and the
-// prefetch runs (embeddings computed ahead of the annotator) with theirs.
+// Jobs: submit a pre-labeling job, watch every job's progress live, see failures, cancel and resume; and
+// prefetch runs (embeddings computed ahead of the annotator): start one, watch and cancel them.
 
 import { api, can, needs } from "./api.js";
 import { $, duration, el, errorText } from "./ui.js";
 
 const ACTIVE = new Set(["queued", "running"]);
 
+const SOURCE_HINTS = {
+  directory: "/data/frames or s3://bucket/prefix/",
+  manifest: "/data/task/manifest.jsonl or s3://…/manifest.jsonl",
+  urls: "one URL per line (http(s):// or s3://)",
+};
+
 export function initJobs() {
   $("#job-form").addEventListener("submit", submit);
-  $("#job-source-kind").addEventListener("change", () => {
-    const kind = $("#job-source-kind").value;
-    $("#job-source").placeholder = {
-      directory: "/data/frames or s3://bucket/prefix/",
-      manifest: "/data/task/manifest.jsonl or s3://…/manifest.jsonl",
-      urls: "one URL per line (http(s):// or s3://)",
-    }[kind];
-  });
+  $("#prefetch-form").addEventListener("submit", submitPrefetch);
+  for (const kind of document.querySelectorAll("select.source-kind")) {
+    kind.addEventListener("change", () => {
+      $(`#${kind.dataset.for}`).placeholder = SOURCE_HINTS[kind.value];
+    });
+  }
 }
 
 export function setDetectors(models) {
@@ -29,6 +33,12 @@ export function setDetectors(models) {
   const refineChosen = refine.value;
   refine.replaceChildren(el("option", { value: "" }, "none"), ...segmenters.map((m) => el("option", { value: m.name }, m.name)));
   refine.value = refineChosen;
+  const prefetch = $("#prefetch-model");
+  const prefetchChosen = prefetch.value;
+  // Whatever has an image encoder whose features the cache holds: segmenters and concept models.
+  const encoders = models.filter((m) => m.kinds.includes("segmenter") || m.kinds.includes("concept"));
+  prefetch.replaceChildren(...encoders.map((m) => el("option", { value: m.name }, m.name)));
+  if (prefetchChosen) prefetch.value = prefetchChosen;
 }
 
 export function accessChanged() {
@@ -39,14 +49,18 @@ export function accessChanged() {
   const prefetch = can("interactive");
   $("#prefetch-denied").textContent = prefetch ? "" : needs("interactive");
   $("#prefetch-denied").hidden = prefetch;
+  for (const control of document.querySelectorAll("#prefetch-form .needs-interactive")) control.disabled = !prefetch;
+}
+
+// The same source kinds as a job's (a prefetch run takes a job's `source`).
+function sourceOf(kind, value) {
+  const text = value.trim();
+  return kind === "urls" ? { urls: text.split(/\s+/).filter(Boolean) } : { [kind]: text };
 }
 
 function spec() {
-  const kind = $("#job-source-kind").value;
-  const value = $("#job-source").value.trim();
-  const source = kind === "urls" ? { urls: value.split(/\s+/).filter(Boolean) } : { [kind]: value };
   const result = {
-    source,
+    source: sourceOf($("#job-source-kind").value, $("#job-source").value),
     detector: $("#job-detector").value,
     params: { conf: Number($("#job-conf").value) },
     output: { format: $("#job-format").value, directory: $("#job-output").value.trim() },
@@ -55,19 +69,30 @@ function spec() {
   return result;
 }
 
-async function submit(event) {
-  event.preventDefault();
-  const line = $("#job-form-status");
+// POSTs a form's request; the reply's error, or `said(reply.data)`, on the form's status line.
+async function post(path, body, line, said) {
   line.classList.remove("error");
   line.textContent = "submitting…";
-  const reply = await api("POST", "/v1/jobs", { json: spec() });
-  if (!reply.ok) {
-    line.textContent = errorText(reply.error);
-    line.classList.add("error");
-    return;
-  }
-  line.textContent = `job ${reply.data.id} ${reply.data.state}: ${reply.data.total} images`;
-  refreshJobs();
+  const reply = await api("POST", path, { json: body });
+  line.textContent = reply.ok ? said(reply.data) : errorText(reply.error);
+  line.classList.toggle("error", !reply.ok);
+  return reply.ok;
+}
+
+async function submit(event) {
+  event.preventDefault();
+  const said = (job) => `job ${job.id} ${job.state}: ${job.total} images`;
+  if (await post("/v1/jobs", spec(), $("#job-form-status"), said)) refreshJobs();
+}
+
+async function submitPrefetch(event) {
+  event.preventDefault();
+  const body = {
+    model: $("#prefetch-model").value,
+    source: sourceOf($("#prefetch-source-kind").value, $("#prefetch-source").value),
+  };
+  const said = (run) => `prefetch ${run.id} ${run.state}: ${run.total} images`;
+  if (await post("/v1/prefetch", body, $("#prefetch-form-status"), said)) refreshPrefetch();
 }
 
 function progress(done, failed, total) {
