@@ -236,7 +236,7 @@ def test_vision_features_are_computed_once_per_image(exact: TestClient, images: 
         return hook
 
     hooks = [
-        concepts.model.vision_encoder.register_forward_hook(count("vision")),
+        concepts.model.vision_encoder.backbone.register_forward_hook(count("vision")),
         concepts.model.text_encoder.register_forward_hook(count("text")),
     ]
     try:
@@ -303,7 +303,10 @@ def test_models_without_the_head_asked_for(exact: TestClient, images: dict[str, 
     assert click_to_sam3.status_code == 404
     assert "no click head" in click_to_sam3.json()["error"]["message"]
     models = {m["name"]: m for m in exact.get("/v1/models").json()["models"]}
-    assert models[MODEL]["kinds"] == ["concept", "detector"] and models[MODEL]["weights"] == "random-init"
+    assert (
+        models[MODEL]["kinds"] == ["concept", "segmenter", "detector"]
+        and models[MODEL]["weights"] == "random-init"
+    )
     assert models[MODEL]["classes"] == {}  # no vocabulary configured: a detector of nothing
 
 
