@@ -8,6 +8,9 @@ encoded.
 Before encoding, the decoded pixels' id is looked up among the aliases: the same picture in other bytes (a
 frame prefetched from its original JPEG, then sent as PNG by CVAT's AI agent) reuses the embedding already
 cached. Every encode records its pixel id. The aliases live in this process, bounded by count.
+
+An encode may also yield another head's features from the same backbone pass (ImageEncoder.shared_pass: SAM
+3's concept encode gives its click head's): they are cached under that head's own key, in L1 and L2.
 """
 
 from __future__ import annotations
