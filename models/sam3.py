@@ -187,6 +187,7 @@ def snapshot_config(directory: Path) -> dict | None:
     if not path.is_file():
         return None
     raw = json.loads(path.read_text(encoding="utf-8"))
+    raw = raw.get("detector_config") or raw  # facebook/sam3's is a video config: detector and tracker
     return {key: value for key, value in raw.items() if key.endswith("_config")}
 
 
