@@ -6,8 +6,8 @@ The server builds `sam3` with random weights (seed 0) for the small architecture
 (models/sam3.py TINY_CONFIG). The reference is built here from its own literal Sam3TrackerConfig, seeded the
 same way the registry seeds the tracker, with the detector's backbone (SAM 3 has one backbone); its processor
 is Sam3TrackerProcessor at the 224-pixel input with SAM 3's normalisation (mean and std 0.5, as the detector's
-Sam3ImageProcessor: the tracker reads the detector's pixels). Two servers: a float32 cache (equal up to float
-noise) and the default float16 cache (scores within 1e-3, masks IoU >= 0.99).
+Sam3ImageProcessor: the tracker reads the detector's pixels). Two servers, a float32 cache and the default
+float16 cache: scores within 1e-3 and masks IoU >= 0.999 on both.
 """
 
 from __future__ import annotations
@@ -188,7 +188,7 @@ def test_masks_and_scores_equal_sam3_tracker_model(
     client: TestClient = request.getfixturevalue(cache)
     pixels = decode_image(images[image], 64_000_000)
     height, width = pixels.shape[:2]
-    floor = 0.999 if cache == "exact" else 0.99
+    floor = 0.999  # measured worst: 0.99993 (float32), 0.99973 (float16); docs/cache.md
     for prompt in prompts_for(width, height):
         multimask = prompt.get("multimask_output", False)
         ref_masks, ref_scores, _ = reference_predict(reference, pixels, prompt, multimask)
