@@ -397,3 +397,26 @@ def test_heads_a_model_lacks_get_a_clear_4xx(tmp_path: Path) -> None:
             error = response.json()["error"]
             head = "click head" if "/sam/" in path else "concept head"
             assert head in error["message"] and "GET /v1/models" in error["message"], error
+
+
+def test_the_full_size_tracker_is_transformers_default_and_caches_10_mib_per_image() -> None:
+    """The tracker config derived from the full-size SAM 3 is transformers' own Sam3TrackerConfig(); built on
+    the meta device (no memory, no weights), its cached maps have the published shapes: 10.125 MiB float16."""
+    from types import SimpleNamespace
+
+    from transformers import Sam3TrackerConfig, Sam3TrackerModel
+
+    from models.sam3_clicks import tracker_config
+
+    ours = tracker_config(sam3_config())
+    assert ours.to_dict() == Sam3TrackerConfig().to_dict()
+    with torch.device("meta"):
+        tracker = Sam3TrackerModel(ours)
+        spatial = torch.empty(1, 1024, 72, 72)  # the ViT's output at the 1008-pixel input
+    maps = Sam3Clicks.features(SimpleNamespace(tracker=tracker), spatial)  # type: ignore[arg-type]
+    assert {n: tuple(t.shape) for n, t in maps.items()} == {
+        "trk_high_res_0": (1, 32, 288, 288),
+        "trk_high_res_1": (1, 64, 144, 144),
+        "trk_image_embed": (1, 256, 72, 72),
+    }
+    assert sum(t.numel() for t in maps.values()) * 2 == 10.125 * 2**20
