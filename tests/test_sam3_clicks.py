@@ -70,7 +70,9 @@ def exact(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
 
 @pytest.fixture(scope="module")
 def default(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
-    yield from app_client(tmp_path_factory.mktemp("sam3c-default"))
+    yield from app_client(
+        tmp_path_factory.mktemp("sam3c-default"), cache_disk_dir=tmp_path_factory.mktemp("l2")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -292,6 +294,14 @@ def test_a_concept_encode_fills_the_click_entry_from_the_same_backbone_pass(
         name: stats.get(name, {}).get("done", {}).get("interactive", 0) for name in (MODEL, "sam3/clicks")
     }
     assert after[MODEL] == before[MODEL] + 1 and after["sam3/clicks"] == before["sam3/clicks"]
+    # The click features of that pass reached L2 too, under their own key and tag: with L1 cleared, the same
+    # click is read from there and answers the same masks.
+    assert default.delete("/v1/cache").status_code == 200
+    again = default.post(
+        f"/v1/sam/{MODEL}/segment", json={"image_id": found.json()["image_id"], "points": [[100, 120]]}
+    )
+    assert again.status_code == 200, again.text
+    assert again.json()["cache_tier"] == "l2" and again.json()["masks"] == click.json()["masks"]
 
 
 # ---- click one, find all ----------------------------------------------------------------------------------
