@@ -13,12 +13,15 @@ float16 cache: scores within 1e-3 and masks IoU >= 0.999 on both.
 from __future__ import annotations
 
 import base64
+import io
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
+from cvat_cli._internal import agent_driver_interaction
 from fastapi.testclient import TestClient
 
 from models.base import ImageEmbedding
@@ -27,6 +30,7 @@ from models.sam3 import TINY_CONFIG, random_sam3, sam3_config
 from models.sam3_clicks import Sam3Clicks
 from models.shapes import RegionMask
 from server.app import create_app
+from server.cvat import agent_functions
 from server.formats.rle import cvat_rle, cvat_rle_decode
 from server.inputs.images import decode_image
 
@@ -430,3 +434,22 @@ def test_the_full_size_tracker_is_transformers_default_and_caches_10_mib_per_ima
         "trk_image_embed": (1, 256, 72, 72),
     }
     assert sum(t.numel() for t in maps.values()) * 2 == 10.125 * 2**20
+
+
+def test_cvat_agent_interaction_function_serves_sam3_clicks(
+    default: TestClient, images, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CVAT's AI-agent InteractionFunction with model=sam3 answers the masks of /segment for the same clicks,
+    and its re-encoded frame (PNG) reuses the click features (a pixel alias: no second encode)."""
+    data = images["bus.jpg"]
+    native = segment(default, data, points=[[400, 500], [100, 200]], labels=[1, 0])["masks"][0]["cvat"]
+    monkeypatch.setattr(agent_functions, "_client", lambda url, key, timeout: TestClient(default.app))
+    function = agent_functions.InteractionFunction("http://labelserve", model=MODEL)
+    encodes = default.get("/v1/cache/stats").json()["encoders"]["sam3/clicks"]["done"]["interactive"]
+    frame = function.preprocess_image(None, PIL.Image.open(io.BytesIO(data)))
+    clicks = agent_driver_interaction._InteractionPromptsImpl(
+        pos_points=((400.0, 500.0),), neg_points=((100.0, 200.0),), bounding_box=None
+    )
+    (shape,) = function.detect(None, frame, clicks)
+    assert shape.type == "mask" and shape.points == native
+    assert default.get("/v1/cache/stats").json()["encoders"]["sam3/clicks"]["done"]["interactive"] == encodes
