@@ -146,6 +146,24 @@ class ImageEncoder(ABC):
         """encode_batch() of what prepare() returned."""
         return self.encode_batch(prepared)
 
+    @property
+    def queue_name(self) -> str:
+        """Its encode queue's name (services/embeddings/scheduler.py): the model's, unless one model has two
+        encoders (SAM 3: concepts and clicks)."""
+        return self.name
+
+    def shared_pass(
+        self, embedding: ImageEmbedding
+    ) -> tuple[ImageEmbedding, list[tuple[ImageEncoder, ImageEmbedding]]]:
+        """What encode() returned, split into this encoder's own embedding and the embeddings of sibling
+        encoders that the same backbone pass produced (SAM 3's concept encode also yields its click features),
+        which the cache then holds under each sibling's own key. The default: all of it is its own."""
+        return embedding, []
+
+    def siblings(self) -> tuple[ImageEncoder, ...]:
+        """The other encoders of the same model (forgotten with it when it is unloaded)."""
+        return ()
+
     def per_image(
         self,
         maps: Mapping[str, torch.Tensor],

@@ -45,6 +45,7 @@ log = logging.getLogger("labelserve.models")
 
 State = Literal["loaded", "loading", "unavailable", "failed", "disabled"]
 Kind = Literal["segmenter", "detector", "tracker", "concept"]
+EncoderKind = Literal["segmenter", "concept"]  # the kinds whose image features are cached
 Model = Segmenter | Detector | Tracker | ConceptModel
 # What each kind is called where a request asks a model for a kind it does not serve.
 HEADS = {
@@ -129,14 +130,18 @@ def _build_sam3(name: str, architecture: str, checkpoint: Path | None, config: M
                 device: torch.device) -> dict[Kind, Model]:  # fmt: skip
     """SAM 3 concepts from a local snapshot directory; random weights for the architecture of the snapshot's
     config.json when only that is there (tests: a small SAM 3), else for the full-size SAM 3. The same model
-    is a detector of the configured vocabulary's labels (models/concept_detector.py)."""
+    is a detector of the configured vocabulary's labels (models/concept_detector.py), and its tracker (same
+    snapshot, same backbone) the click head (models/sam3_clicks.py)."""
     from models.concept_detector import ConceptDetector
     from models.sam3 import Sam3Concepts, load_sam3, random_sam3, snapshot_config
+    from models.sam3_clicks import Sam3Clicks, load_tracker, random_tracker
 
     if checkpoint is not None:
         model, processor = load_sam3(checkpoint)
+        tracker = load_tracker(checkpoint, model)
     else:
         model, processor = random_sam3(snapshot_config(config.weights_dir / store.get_entry(name).filename))
+        tracker = random_tracker(model, config.random_seed)
     concepts = Sam3Concepts(
         name,
         architecture,
@@ -146,11 +151,24 @@ def _build_sam3(name: str, architecture: str, checkpoint: Path | None, config: M
         **_encoder_options(config),
         text_cache_bytes=config.concept_text_cache_bytes,
     )
+    # The click head reads the same backbone (one module) through its own neck; its encode runs the backbone
+    # under the concept model's lock, and a concept encode fills its cache entry too (shared_pass).
+    clicks = Sam3Clicks(
+        name,
+        architecture,
+        tracker,
+        concepts.prepare,
+        concepts.backbone,
+        concepts.encoder_lock,
+        device,
+        **_encoder_options(config),
+    )
+    concepts.clicks = clicks
     if device.type == "cuda":
         concepts.warm_up(config.warm_up_batch)
     output = "box" if config.concept_output == "box" else "mask"
     detector = ConceptDetector(name, concepts, config.concept_vocabulary, output)
-    return {"concept": concepts, "detector": detector}
+    return {"concept": concepts, "segmenter": clicks, "detector": detector}
 
 
 def _build_medianflow(name: str, architecture: str, checkpoint: Path | None, config: ModelsConfig,
@@ -168,7 +186,10 @@ BACKENDS: dict[str, Backend] = {
         "segmenter", _build_sam2, serves=lambda e: e.architecture in SAM2_CONFIGS, also=("tracker",)
     ),
     "sam3": Backend(
-        "concept", _build_sam3, serves=lambda e: e.architecture in SAM3_ARCHITECTURES, also=("detector",)
+        "concept",
+        _build_sam3,
+        serves=lambda e: e.architecture in SAM3_ARCHITECTURES,
+        also=("segmenter", "detector"),
     ),
     "medianflow": Backend("tracker", _build_medianflow),
 }
@@ -441,16 +462,18 @@ class ModelRegistry:
         assert isinstance(model, ConceptModel)
         return model
 
-    def encoder(self, name: str) -> ImageEncoder:
-        """The image encoder whose features the embedding cache holds: a segmenter's, or a concept model's
-        (prefetch and /v1/concepts use it)."""
+    def encoder(self, name: str, kind: EncoderKind | None = None) -> ImageEncoder:
+        """The image encoder whose features the embedding cache holds: that of `kind` ("segmenter": clicks,
+        "concept"), or with no kind the model's widest one, the concept model's where it has both (SAM 3:
+        its encode fills the clicks' cache entry too; prefetch uses it)."""
         record = self.record(name)
-        kind = next((k for k in ("segmenter", "concept") if k in record.kinds), None)
         if kind is None:
-            raise UnknownModel(
-                f"{name!r} is a {record.kind}: it has no image encoder whose features are cached; GET "
-                "/v1/models lists the segmenters and concept models"
-            )
+            kind = next((k for k in ("concept", "segmenter") if k in record.kinds), None)
+            if kind is None:
+                raise UnknownModel(
+                    f"{name!r} is a {record.kind}: it has no image encoder whose features are cached; GET "
+                    "/v1/models lists the segmenters and concept models"
+                )
         model = self._loaded(name, kind)
         assert isinstance(model, ImageEncoder)
         return model

@@ -37,8 +37,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.base import ImageEmbedding, cuda_autocast
+from models.base import ImageEmbedding, ImageEncoder, cuda_autocast
 from models.concept import ConceptModel, ConceptParams, Exemplars, Instance
+from models.sam3_clicks import Sam3Clicks
 from models.shapes import RegionMask
 from models.upsample import upsample_region
 
@@ -186,6 +187,7 @@ def snapshot_config(directory: Path) -> dict | None:
     if not path.is_file():
         return None
     raw = json.loads(path.read_text(encoding="utf-8"))
+    raw = raw.get("detector_config") or raw  # facebook/sam3's is a video config: detector and tracker
     return {key: value for key, value in raw.items() if key.endswith("_config")}
 
 
@@ -275,6 +277,7 @@ class Sam3Concepts(ConceptModel):
         self.texts = _TextCache(text_cache_bytes)
         self._positions: dict[tuple[int, ...], torch.Tensor] = {}
         self._positions_lock = threading.Lock()
+        self.clicks: Sam3Clicks | None = None  # the click head (models/sam3_clicks.py), when built with it
 
     # ---- encode -------------------------------------------------------------------------------------------
     def prepare(self, image: np.ndarray) -> Prepared:
@@ -290,13 +293,41 @@ class Sam3Concepts(ConceptModel):
         return self.encode_prepared([self.prepare(image) for image in images])
 
     def encode_prepared(self, prepared: list[Prepared]) -> list[ImageEmbedding]:
+        """The detector's FPN levels and, when the model has a click head, its tracker features too, from one
+        backbone pass (shared_pass splits them)."""
         batch = torch.stack([p.pixels for p in prepared]).to(self.device)
         with self.encoder_lock, torch.inference_mode(), cuda_autocast(self.encoder_autocast):
-            vision = self.model.vision_encoder(batch)
-        # The detector reads all neck levels but the last (Sam3Model.forward: fpn_hidden_states[:-1]).
-        levels = vision.fpn_hidden_states[:-1]
-        maps = dict(zip(TENSORS, levels, strict=True))
+            spatial = self.backbone(batch)
+            # The detector reads all neck levels but the last (Sam3Model.forward: fpn_hidden_states[:-1]).
+            levels = self.model.vision_encoder.neck(spatial)[0][:-1]
+            maps = dict(zip(TENSORS, levels, strict=True))
+            if self.clicks is not None:
+                maps.update(self.clicks.features(spatial))
         return self.per_image(maps, [p.original_size for p in prepared], (self.size, self.size))
+
+    def backbone(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The ViT's output as a [B, C, g, g] map: what both necks read (Sam3VisionModel.forward)."""
+        hidden = self.model.vision_encoder.backbone(pixels).last_hidden_state
+        grid = pixels.shape[-1] // self.model.config.vision_config.backbone_config.patch_size
+        return hidden.view(hidden.shape[0], grid, grid, -1).permute(0, 3, 1, 2)
+
+    def shared_pass(
+        self, embedding: ImageEmbedding
+    ) -> tuple[ImageEmbedding, list[tuple[ImageEncoder, ImageEmbedding]]]:
+        if self.clicks is None:
+            return embedding, []
+        own, theirs = (
+            ImageEmbedding(
+                {n: t for n, t in embedding.tensors.items() if (n in TENSORS) == mine},
+                embedding.original_size,
+                embedding.input_size,
+            )
+            for mine in (True, False)
+        )
+        return own, [(self.clicks, theirs)]
+
+    def siblings(self) -> tuple[ImageEncoder, ...]:
+        return () if self.clicks is None else (self.clicks,)
 
     def warm_up(self, max_batch: int) -> None:
         """One encoder pass at every batch size the encode scheduler may form (see SamSegmenter.warm_up)."""

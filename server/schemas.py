@@ -231,6 +231,22 @@ class PropagateRequest(BaseModel):
         return self
 
 
+class ConceptExample(BaseModel):
+    """One object shown by clicks and/or a box, as /v1/sam/{model}/segment takes them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    points: list[tuple[float, float]] = Field(
+        default_factory=list, description="Clicks [[x, y], ...] in pixels on (and around) the object."
+    )
+    labels: list[int] | None = Field(
+        default=None, description="One per point: 1 on the object, 0 off it; default: all 1."
+    )
+    box: tuple[float, float, float, float] | None = Field(
+        default=None, description="A box [x1, y1, x2, y2] around the object."
+    )
+
+
 class ConceptRequest(BaseModel):
     """Find every instance of one or more noun phrases (SAM 3's promptable concept segmentation)."""
 
@@ -244,8 +260,18 @@ class ConceptRequest(BaseModel):
         description="sha256 of the image bytes, as an earlier /v1/concepts reply or a prefetch returned.",
     )
     text: list[str] = Field(
+        default_factory=list,
         description=f'Noun phrases, one query each (e.g. ["car", "yellow bus"]): 1 to {MAX_PHRASES}, each '
-        f"1 to {MAX_PHRASE_CHARS} characters. A bare string is one phrase.",
+        f"1 to {MAX_PHRASE_CHARS} characters. A bare string is one phrase. May be left out when a positive "
+        "exemplar (positive_boxes or example) is given: the query is then the exemplars alone, under the "
+        'phrase "visual" (as Sam3Processor does).',
+    )
+    example: ConceptExample | None = Field(
+        default=None,
+        description="Click one, find all: clicks and/or a box on one object. The model's click head segments "
+        "it (as /v1/sam/{model}/segment would, on the same cached image) and the box of that mask becomes "
+        "one more positive exemplar; the reply's `example` gives that box. Only for a model with a click "
+        "head.",
     )
     positive_boxes: list[tuple[float, float, float, float]] = Field(
         default_factory=list,
@@ -313,6 +339,11 @@ class ConceptInstance(BaseModel):
     mask: ConceptMask | None = Field(default=None, description="Absent when the request asked for no masks.")
 
 
+class ConceptExampleFound(BaseModel):
+    box: list[float] = Field(description="[x1, y1, x2, y2]: the exemplar box, the mask's bounds in pixels.")
+    score: float = Field(description="The click head's predicted IoU of the mask.")
+
+
 class ConceptResponse(BaseModel):
     image_id: str
     model: str
@@ -322,4 +353,7 @@ class ConceptResponse(BaseModel):
     cache_tier: Literal["l1", "l2", "encode"] = Field(description=CACHE_TIER_DOC)
     instances: list[ConceptInstance] = Field(description="Every phrase's instances, by phrase, best first.")
     counts: dict[str, int] = Field(description="Instances found per phrase.")
+    example: ConceptExampleFound | None = Field(
+        default=None, description="With `example`: the object it segmented, whose box was the exemplar."
+    )
     timings_ms: dict[str, float]

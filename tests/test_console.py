@@ -243,6 +243,49 @@ def test_a_concept_query_draws_every_instance_the_api_returns(
     assert console.errors == []
 
 
+def test_sam3_takes_clicks_and_find_all_like_this_draws_what_the_api_returns(
+    console: Console, server: ServerProcess, tmp_path: Path
+) -> None:
+    """sam3 is a click model here too: a click shows its mask; "Find all like this" sends the clicks as the
+    concept request's example and draws every instance the API returns for it, and the exemplar box."""
+    width, height = 640, 480
+    photo = tmp_path / "scene.png"
+    data = encode_image(scene(width, height))
+    photo.write_bytes(data)
+    console.models_listed()
+    assert "SAM" in console.page.locator("#try-model option[value='sam3']").inner_text()
+    console.page.select_option("#try-model", "sam3")
+    console.page.fill("#try-phrases", "")
+    console.page.locator("#try-score").fill("0.1")
+    console.page.set_input_files("#try-file", str(photo))
+    console.wait_for("() => document.querySelector('#try-embedding').textContent.startsWith('embedded')")
+    shown = console.page.locator("#try-stage img").bounding_box()
+    scale = width / shown["width"]
+    target = (width * 0.3, height * 0.5)  # the disc's centre
+    console.page.mouse.click(shown["x"] + target[0] / scale, shown["y"] + target[1] / scale)
+    console.wait_for("() => document.querySelector('#try-stage').dataset.maskFor")
+    assert console.page.locator("#try-find-like").is_visible()
+    console.page.click("#try-find-like")
+    sent = json.loads(str(console.wait_for("() => document.querySelector('#try-stage').dataset.findLikeFor")))
+    (x, y), = sent["example"]["points"]  # fmt: skip
+    assert abs(x - target[0]) <= scale and abs(y - target[1]) <= scale and sent["example"]["labels"] == [1]
+    assert sent["text"] == [] and sent["score_threshold"] == 0.1
+    reply = server.http.post("/v1/concepts/sam3", files={"file": data}, data={"prompts": json.dumps(sent)})
+    assert reply.status_code == 200, reply.text
+    instances = reply.json()["instances"]
+    assert instances  # random weights score every query about 0.25: above 0.1
+    boxes = console.page.locator("#try-stage .concept-box")
+    assert boxes.count() == len(instances)
+    drawn = [[float(boxes.nth(i).get_attribute(a)) for a in ("x", "y")] for i in range(boxes.count())]
+    assert drawn == [pytest.approx(i["box"][:2]) for i in instances]
+    example = console.page.locator("#try-stage .example-box")
+    assert [float(example.get_attribute(a)) for a in ("x", "y")] == pytest.approx(
+        reply.json()["example"]["box"][:2]
+    )
+    console.shot("try-find-all-like-this")
+    assert console.errors == []
+
+
 def test_a_job_reaches_100_percent_and_a_cancelled_one_shows_cancelled(
     console: Console, tmp_path: Path
 ) -> None:

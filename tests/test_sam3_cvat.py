@@ -96,7 +96,7 @@ def test_the_nuclio_detector_declares_the_vocabulary(masks: TestClient, boxes: T
 def test_nuclio_masks_are_the_concepts_of_each_label(masks: TestClient) -> None:
     concept = masks.app.state.services.registry.concept(MODEL)
     calls = []
-    hook = concept.model.vision_encoder.register_forward_hook(lambda *_: calls.append(1))
+    hook = concept.model.vision_encoder.backbone.register_forward_hook(lambda *_: calls.append(1))
     try:
         items = invoke(masks, ZIDANE)
         again = invoke(masks, ZIDANE)

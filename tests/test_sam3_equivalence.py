@@ -25,6 +25,7 @@ from torchvision.ops import nms
 
 from models.concept import MAX_EXEMPLARS, MAX_PHRASE_CHARS, MAX_PHRASES
 from models.sam3 import TINY_CONFIG, CheckpointMismatch, Sam3Concepts, load_sam3, random_sam3, sam3_config
+from models.sam3_clicks import random_tracker
 from server.app import create_app
 from server.formats.rle import coco_rle_decode
 from server.inputs.images import decode_image
@@ -236,7 +237,7 @@ def test_vision_features_are_computed_once_per_image(exact: TestClient, images: 
         return hook
 
     hooks = [
-        concepts.model.vision_encoder.register_forward_hook(count("vision")),
+        concepts.model.vision_encoder.backbone.register_forward_hook(count("vision")),
         concepts.model.text_encoder.register_forward_hook(count("text")),
     ]
     try:
@@ -297,13 +298,16 @@ def test_models_without_the_head_asked_for(exact: TestClient, images: dict[str, 
     )
     assert concept_to_sam.status_code == 404
     assert "no concept head" in concept_to_sam.json()["error"]["message"]
+    # SAM 3 has a click head (tests/test_sam3_clicks.py); a detector's missing one is tested there too.
     click_to_sam3 = exact.post(
         f"/v1/sam/{MODEL}/segment", json={"image": inline(images["bus.jpg"]), "points": [[10, 10]]}
     )
-    assert click_to_sam3.status_code == 404
-    assert "no click head" in click_to_sam3.json()["error"]["message"]
+    assert click_to_sam3.status_code == 200, click_to_sam3.text
     models = {m["name"]: m for m in exact.get("/v1/models").json()["models"]}
-    assert models[MODEL]["kinds"] == ["concept", "detector"] and models[MODEL]["weights"] == "random-init"
+    assert (
+        models[MODEL]["kinds"] == ["concept", "segmenter", "detector"]
+        and models[MODEL]["weights"] == "random-init"
+    )
     assert models[MODEL]["classes"] == {}  # no vocabulary configured: a detector of nothing
 
 
@@ -341,7 +345,8 @@ def test_the_registry_loads_a_snapshot_and_refuses_a_damaged_one(tmp_path: Path,
 
     model, processor = reference
     directory = tmp_path / "weights" / MODEL
-    model.save_pretrained(directory)
+    tracker = random_tracker(model, 0)
+    facebook_layout(directory, model, tracker)
     processor.save_pretrained(directory)
     for name in store.get_entry(MODEL).files:  # the tokenizer's other files, which this loader does not read
         if not (directory / name).exists():
@@ -351,14 +356,49 @@ def test_the_registry_loads_a_snapshot_and_refuses_a_damaged_one(tmp_path: Path,
     record = registry.record(MODEL)
     assert (record.state, record.weights) == ("loaded", "checkpoint"), record.message
     assert torch.equal(registry.concept(MODEL).model.text_projection.weight, model.text_projection.weight)
+    clicks = registry.segmenter(MODEL).tracker.state_dict()  # type: ignore[attr-defined]
+    assert all(torch.equal(clicks[k], v) for k, v in tracker.state_dict().items())
 
-    tensors = load_file(directory / "model.safetensors")
-    tensors.pop("detr_decoder.box_head.layer3.weight")
-    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
-    registry = ModelRegistry(make_settings(tmp_path, models=[MODEL], random_init=True))
-    registry.load_enabled()
-    record = registry.record(MODEL)
-    assert record.state == "failed" and "missing_keys" in record.message, record.message
+    intact = load_file(directory / "model.safetensors")
+    for dropped in (
+        "detector_model.detr_decoder.box_head.layer3.weight",
+        "tracker_neck.fpn_layers.0.scale_layers.0.weight",
+    ):
+        tensors = {k: v for k, v in intact.items() if k != dropped}
+        save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+        registry = ModelRegistry(make_settings(tmp_path, models=[MODEL], random_init=True))
+        registry.load_enabled()
+        record = registry.record(MODEL)
+        assert record.state == "failed" and "missing_keys" in record.message, (dropped, record.message)
+
+
+def facebook_layout(directory: Path, detector: torch.nn.Module, tracker: torch.nn.Module) -> None:
+    """A snapshot laid out as facebook/sam3's: a sam3_video config.json (detector and tracker configs) and one
+    model.safetensors holding the detector (detector_model.*), the tracker's neck (tracker_neck.*) and its
+    heads (tracker_model.*; its backbone is the detector's). Both transformers classes load it with no
+    missing or unexpected key."""
+    from safetensors.torch import save_file
+    from transformers import Sam3TrackerVideoConfig, Sam3VideoConfig
+
+    from models.sam3_clicks import tracker_config
+
+    base = tracker_config(detector.config)
+    video_tracker = Sam3TrackerVideoConfig(
+        vision_config=base.vision_config.to_dict(),
+        prompt_encoder_config=base.prompt_encoder_config.to_dict(),
+        mask_decoder_config=base.mask_decoder_config.to_dict(),
+    )
+    config = Sam3VideoConfig(
+        detector_config=detector.config.to_dict(), tracker_config=video_tracker.to_dict()
+    )
+    config.save_pretrained(directory)
+    tensors = {f"detector_model.{k}": v for k, v in detector.state_dict().items()}
+    tensors |= {f"tracker_neck.{k}": v for k, v in tracker.vision_encoder.neck.state_dict().items()}
+    tensors |= {
+        f"tracker_model.{k}": v for k, v in tracker.state_dict().items() if not k.startswith("vision_")
+    }
+    contiguous = {k: v.contiguous().clone() for k, v in tensors.items()}
+    save_file(contiguous, directory / "model.safetensors", metadata={"format": "pt"})
 
 
 @pytest.mark.slow

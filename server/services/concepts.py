@@ -18,9 +18,11 @@ from models.registry import ModelRegistry
 from server.errors import ApiError
 from server.formats.api_json import render_mask
 from server.ops.timing import Timings
-from server.schemas import ConceptRequest
+from server.schemas import ConceptExample, ConceptRequest, SegmentRequest
 from server.services.sam import Embedded, SamService
 from server.settings import Settings
+
+VISUAL = "visual"  # the phrase of a query by exemplars alone (Sam3Processor's)
 
 
 class ConceptService:
@@ -31,17 +33,33 @@ class ConceptService:
 
     def find(self, model: str, data: bytes | None, request: ConceptRequest, timings: Timings) -> dict:
         concepts = self.registry.concept(model)
-        phrases = check_phrases(request.text)
-        if len(request.positive_boxes) + len(request.negative_boxes) > MAX_EXEMPLARS:
+        if request.example is not None and "segmenter" not in self.registry.record(model).kinds:
+            raise ApiError(
+                422,
+                "no_click_head",
+                f"{model!r} has no click head to segment 'example' with; give the object's box in "
+                "'positive_boxes' instead.",
+            )
+        positive = list(request.positive_boxes)
+        exemplars_given = len(positive) + len(request.negative_boxes) + (request.example is not None)
+        if request.text or not (positive or request.example is not None):
+            phrases = check_phrases(request.text)
+        else:
+            phrases = [VISUAL]  # exemplars alone: Sam3Processor's own text for a prompt of boxes only
+        if exemplars_given > MAX_EXEMPLARS:
             raise ApiError(
                 422,
                 "too_many_exemplars",
-                f"{len(request.positive_boxes) + len(request.negative_boxes)} exemplar boxes; at most "
-                f"{MAX_EXEMPLARS} (positive and negative together).",
+                f"{exemplars_given} exemplars (boxes and example); at most {MAX_EXEMPLARS} in all.",
             )
+        # The concept features first: a fresh encode fills the click head's entry from the same pass.
         embedded = self._embedded(model, data, request.image_id, timings)
         height, width = embedded.embedding.original_size
-        exemplars = check_exemplars(request.positive_boxes, request.negative_boxes, width, height)
+        example = None
+        if request.example is not None:
+            example = self._example(model, data, embedded.image_id, request.example, timings)
+            positive.append(example["box"])
+        exemplars = check_exemplars(positive, request.negative_boxes, width, height)
         params = ConceptParams(
             score_threshold=request.score_threshold,
             mask_threshold=request.mask_threshold,
@@ -71,14 +89,46 @@ class ConceptService:
             "cache_tier": embedded.tier,
             "instances": instances,
             "counts": {phrase: len(per_phrase) for phrase, per_phrase in zip(phrases, found, strict=True)},
+            "example": example,
         }
+
+    def _example(
+        self, model: str, data: bytes | None, image_id: str, example: ConceptExample, timings: Timings
+    ) -> dict:
+        """Click one, find all: the example object's best mask from the click head (as /segment answers the
+        same prompts, on the image's cached click features) and its bounds, the exemplar box."""
+        try:
+            clicks = self.sam.cached_embedding(model, image_id, timings)
+        except ApiError as missing:
+            if missing.code != "image_not_cached" or data is None:
+                raise ApiError(
+                    404,
+                    "image_not_cached",
+                    f"No click features of image {image_id} for model {model!r} (evicted from the cache); "
+                    "send the image itself in 'image'.",
+                ) from None
+            clicks = self.sam.embed(model, data, timings)  # cached concept features from before: a new pass
+        prompts = SegmentRequest(
+            image_id=image_id, points=example.points, labels=example.labels, box=example.box, refine=False
+        )
+        with timings.stage("example"):
+            region, score = self.sam.predict_on(model, clicks, prompts, timings).masks[0]
+        if region.is_empty:
+            raise ApiError(
+                422,
+                "empty_example",
+                "The example's mask is empty, so it gives no exemplar box: click inside the object, or give "
+                "its box in 'positive_boxes'.",
+            )
+        x, y, w, h = region.tight().bbox_xywh()
+        return {"box": [float(x), float(y), float(x + w), float(y + h)], "score": round(score, 6)}
 
     def _embedded(self, model: str, data: bytes | None, image_id: str | None, timings: Timings) -> Embedded:
         if data is not None:
-            return self.sam.embed(model, data, timings)
+            return self.sam.embed(model, data, timings, kind="concept")
         assert image_id is not None
         try:
-            return self.sam.cached_embedding(model, image_id, timings)
+            return self.sam.cached_embedding(model, image_id, timings, kind="concept")
         except ApiError as missing:
             if missing.code != "image_not_cached":
                 raise
@@ -99,7 +149,7 @@ class ConceptService:
         decoded: np.ndarray | None = None,
     ) -> tuple[Embedded, list[list[Instance]]]:
         """The same for callers that validated their phrases already (CVAT functions, jobs)."""
-        embedded = self.sam.embed(model, data, timings, decoded=decoded)
+        embedded = self.sam.embed(model, data, timings, decoded=decoded, kind="concept")
         with timings.stage("concepts"):
             found = self.registry.concept(model).find(embedded.embedding, phrases, params)
         return embedded, found
@@ -110,7 +160,12 @@ def check_phrases(text: Sequence[str]) -> list[str]:
     none or too many."""
     phrases = [phrase.strip() for phrase in text]
     if not phrases:
-        raise ApiError(422, "no_prompt", "'text' is empty: give at least one noun phrase, e.g. [\"car\"].")
+        raise ApiError(
+            422,
+            "no_prompt",
+            "'text' is empty: give at least one noun phrase, e.g. [\"car\"], or a positive exemplar "
+            "(positive_boxes or example) to find the objects like it.",
+        )
     if len(phrases) > MAX_PHRASES:
         raise ApiError(
             422,

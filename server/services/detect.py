@@ -57,7 +57,7 @@ class DetectService:
 
     def _embed_pixels(self, model: str, image: np.ndarray) -> ImageEmbedding:
         """A decoded image's features through the cache, keyed by its pixels (a detector sees no bytes)."""
-        return self.sam.embed_decoded(model, "pixels-" + pixel_id(image), image)
+        return self.sam.embed_decoded(model, "pixels-" + pixel_id(image), image, kind="concept")
 
     def forget(self, model: str) -> None:
         """After `model` was unloaded: its batcher runs what it holds, then stops; a reload gets a new one."""

@@ -476,12 +476,12 @@ class PrefetchManager:
         known = (
             run.ids.get(item.ref, count=False) if run.ids is not None and isinstance(item.ref, str) else None
         )
-        if known is not None and self.sam.is_cached(run.model, known):
+        if known is not None and self.sam.is_cached(run.model, known, kind=None):
             run.record(cached=True)
             return
         try:
             data = (run.reader or self._read)(item.ref)
-            embedded = self.sam.embed(run.model, data, Timings(), Priority.BACKGROUND)
+            embedded = self.sam.embed(run.model, data, Timings(), Priority.BACKGROUND, kind=None)
             if run.ids is not None and isinstance(item.ref, str):
                 run.ids.put(item.ref, embedded.image_id)
         except ApiError as exc:

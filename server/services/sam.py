@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from models.base import ImageEmbedding, ImageEncoder, Prompt
-from models.registry import ModelRegistry
+from models.registry import EncoderKind, ModelRegistry
 from models.shapes import RegionMask
 from server.errors import ApiError
 from server.formats.api_json import render_mask
@@ -57,25 +57,35 @@ class SamService:
         timings: Timings,
         priority: Priority = Priority.INTERACTIVE,
         decoded: np.ndarray | None = None,
+        kind: EncoderKind | None = "segmenter",
     ) -> Embedded:
-        """`decoded`: `data` already decoded by the caller (jobs), so a miss does not decode it again. Any
-        model with cached image features: a segmenter, or a concept model (prefetch, /v1/concepts)."""
-        segmenter = self.registry.encoder(model)
+        """`decoded`: `data` already decoded by the caller (jobs), so a miss does not decode it again. `kind`:
+        whose features, the click head's or the concept head's; None: the model's widest encoder (prefetch:
+        SAM 3's concept encode fills its clicks' entry too)."""
+        segmenter = self.registry.encoder(model, kind)
         with timings.stage("hash"):
             content_id = image_id(data)
         found = self.embeddings.get_or_encode(segmenter, content_id, data, timings, priority, decoded)
         return Embedded(content_id, found.embedding, found.tier)
 
-    def embed_decoded(self, model: str, content_id: str, image: np.ndarray) -> ImageEmbedding:
+    def embed_decoded(
+        self, model: str, content_id: str, image: np.ndarray, kind: EncoderKind | None = "segmenter"
+    ) -> ImageEmbedding:
         """The embedding of an already decoded image (video frames), through the same tiers as `embed`."""
-        segmenter = self.registry.encoder(model)
+        segmenter = self.registry.encoder(model, kind)
         found = self.embeddings.get_or_encode(
             segmenter, content_id, b"", Timings(), Priority.INTERACTIVE, decoded=image
         )
         return found.embedding
 
-    def cached_embedding(self, model: str, content_id: str, timings: Timings | None = None) -> Embedded:
-        segmenter = self.registry.encoder(model)
+    def cached_embedding(
+        self,
+        model: str,
+        content_id: str,
+        timings: Timings | None = None,
+        kind: EncoderKind | None = "segmenter",
+    ) -> Embedded:
+        segmenter = self.registry.encoder(model, kind)
         found = self.embeddings.find(segmenter, content_id, timings or Timings())
         if found is None:
             raise ApiError(
@@ -86,9 +96,9 @@ class SamService:
             )
         return Embedded(content_id, found.embedding, found.tier)
 
-    def is_cached(self, model: str, content_id: str) -> bool:
+    def is_cached(self, model: str, content_id: str, kind: EncoderKind | None = "segmenter") -> bool:
         """Whether L1 or L2 holds the image's embedding (an L2 hit fills L1); not counted as a request."""
-        segmenter = self.registry.encoder(model)
+        segmenter = self.registry.encoder(model, kind)
         return self.embeddings.find(segmenter, content_id, Timings(), count=False) is not None
 
     def predict(

@@ -1,6 +1,7 @@
 // Try: pick an image (upload, URL, s3:// URL or a bucket listing) and a model; SAM models take positive and
 // negative clicks and a dragged box, detectors draw what they find, concept models (SAM 3) every instance of
-// the typed phrases. Prompts are sent in image pixels.
+// the typed phrases, and a model with both heads (SAM 3) every object like the one clicked ("Find all like
+// this"). Prompts are sent in image pixels.
 
 import { api, can, needs } from "./api.js";
 import { Browser } from "./browse.js";
@@ -54,6 +55,7 @@ export function initTry() {
     $("#try-score-value").textContent = Number($("#try-score").value).toFixed(2);
   });
   $("#try-score").addEventListener("change", () => findConcepts());
+  $("#try-find-like").addEventListener("click", () => findLike());
   document.addEventListener("keydown", (event) => {
     if ((event.ctrlKey || event.metaKey) && event.key === "z" && !$("#tab-try").hidden) {
       event.preventDefault();
@@ -118,6 +120,7 @@ function modelChanged(same = false) {
   const segmenter = isSegmenter();
   $("#try-sam-tools").hidden = !segmenter;
   $("#try-concept-tools").hidden = !isConcept();
+  $("#try-find-like").hidden = !(segmenter && isConcept());
   $("#try-detect-tools").hidden = segmenter || isConcept() || !model();
   $("#try-stage").classList.toggle("clicking", segmenter);
   $("#try-embedding-line").hidden = !segmenter;
@@ -165,8 +168,9 @@ async function openImage(image) {
 
 function afterImage() {
   if (!model() || !can("interactive")) return;
-  if (isSegmenter()) embed();
-  else if (isConcept()) findConcepts();
+  // A model with both heads (SAM 3) queries the typed phrases at once, else waits for clicks.
+  if (isConcept() && (phrases().length || !isSegmenter())) findConcepts();
+  else if (isSegmenter()) embed();
   else detect();
 }
 
@@ -329,6 +333,32 @@ async function findConcepts() {
   stage.root.dataset.conceptsFor = JSON.stringify(params);
   const counts = text.map((p) => `${p}: ${reply.data.counts[p] ?? 0}`).join(", ");
   status(`${m.name}: ${reply.data.instances.length} instance(s) at score ≥ ${score.toFixed(2)} (${counts}).`);
+}
+
+// Click one, find all: the clicks and box on one object become the request's `example`; the server turns the
+// object's mask into an exemplar box and answers every instance like it (with the phrases, if any).
+async function findLike() {
+  const m = model();
+  if (!state.image || !m || !isConcept() || !isSegmenter() || !can("interactive")) return;
+  const points = state.prompts.filter((p) => p.kind === "point");
+  const box = state.prompts.find((p) => p.kind === "box");
+  if (!points.length && !box) return status(`${m.name}: click the object (or drag a box around it), then Find all like this.`);
+  const example = { points: points.map((p) => [p.x, p.y]), labels: points.map((p) => (p.positive ? 1 : 0)) };
+  if (box) example.box = box.box;
+  const text = phrases();
+  const score = Number($("#try-score").value);
+  const params = { text, example, score_threshold: score, formats: ["cvat"] };
+  const image = state.image;
+  status(`${m.name}: finding everything like the example…`);
+  const reply = await api("POST", `/v1/concepts/${encodeURIComponent(m.name)}`, imageBody(params, "prompts"));
+  if (state.image !== image) return;
+  if (!reply.ok) return status(errorText(reply.error), true);
+  const shown = text.length ? text : ["visual"];
+  drawInstances(reply.data, shown);
+  stage.box(stage.group("example"), reply.data.example.box, "prompt-box example-box");
+  showTiming(reply, reply.data.cache_tier);
+  stage.root.dataset.findLikeFor = JSON.stringify(params);
+  status(`${m.name}: ${reply.data.instances.length} instance(s) like the example at score ≥ ${score.toFixed(2)}.`);
 }
 
 function drawInstances(result, text) {

@@ -8,6 +8,9 @@ encoded.
 Before encoding, the decoded pixels' id is looked up among the aliases: the same picture in other bytes (a
 frame prefetched from its original JPEG, then sent as PNG by CVAT's AI agent) reuses the embedding already
 cached. Every encode records its pixel id. The aliases live in this process, bounded by count.
+
+An encode may also yield another head's features from the same backbone pass (ImageEncoder.shared_pass: SAM
+3's concept encode gives its click head's): they are cached under that head's own key, in L1 and L2.
 """
 
 from __future__ import annotations
@@ -64,13 +67,13 @@ class TieredEmbeddings:
         with self._lock:
             if segmenter in self._forgotten:
                 raise unloaded(segmenter.name)
-            scheduler = self._schedulers.get(segmenter.name)
+            scheduler = self._schedulers.get(segmenter.queue_name)
             if scheduler is None:
                 device = getattr(segmenter, "device", None)
                 batch = self.settings.encode_batch_limit(getattr(device, "type", "cpu") == "cuda")
-                scheduler = self._schedulers[segmenter.name] = EncodeScheduler(
+                scheduler = self._schedulers[segmenter.queue_name] = EncodeScheduler(
                     lambda prepared: segmenter.encode_prepared([prepared])[0],
-                    segmenter.name,
+                    segmenter.queue_name,
                     encode_batch=segmenter.encode_prepared,
                     max_batch=batch,
                     max_wait_ms=self.encode_max_wait_ms,
@@ -88,6 +91,7 @@ class TieredEmbeddings:
     ) -> Found:
         """`decoded`: the image already decoded (video frames), instead of `data`."""
         tiers: list[Tier] = []
+        by_products: list[tuple[ImageEncoder, ImageEmbedding]] = []
         key = _l1_key(segmenter, content_id)
 
         def compute() -> ImageEmbedding:
@@ -115,7 +119,10 @@ class TieredEmbeddings:
             timings.add("encode_queue", ticket.queued_ms)
             timings.add("encode", ticket.run_ms)
             tiers.append("encode")
-            embedding = ticket.result()
+            embedding, siblings = segmenter.shared_pass(ticket.result())
+            for sibling, theirs in siblings:  # the same pass's features for another head of the model
+                self.l1.put(_l1_key(sibling, content_id), theirs)
+                by_products.append((sibling, theirs))
             self.aliases.put(pixels, content_id)
             return embedding
 
@@ -127,6 +134,8 @@ class TieredEmbeddings:
             # After the L1 fill: requests waiting for this encode do not wait for the L2 write as well.
             with timings.stage("l2_put"):
                 self.l2.put(_l2_key(segmenter, content_id), embedding, segmenter.architecture)
+                for sibling, theirs in by_products:
+                    self.l2.put(_l2_key(sibling, content_id), theirs, sibling.architecture)
         return Found(embedding, tier)
 
     def _encode(
@@ -201,11 +210,13 @@ class TieredEmbeddings:
         """After `segmenter` was unloaded: its encoder finishes what is queued and stops, and its L1 entries
         go (they may live in GPU memory). L2 keeps its entries: a reload of the same weights uses them.
         Returns the number of L1 entries dropped."""
+        encoders = (segmenter, *segmenter.siblings())
         with self._lock:
-            self._forgotten.add(segmenter)
-            scheduler = self._schedulers.pop(segmenter.name, None)
-        if scheduler is not None:
-            scheduler.retire(unloaded(segmenter.name))
+            self._forgotten.update(encoders)
+            schedulers = [self._schedulers.pop(e.queue_name, None) for e in encoders]
+        for scheduler in schedulers:
+            if scheduler is not None:
+                scheduler.retire(unloaded(segmenter.name))
         return self.l1.discard_where(lambda key: key[0] == segmenter.name)
 
     def stats(self) -> dict:
