@@ -5,14 +5,20 @@ with 429 + Retry-After, and the masks equal the plain server's. Skipped without 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import orjson
 import pybase64
 import pytest
 from fastapi.testclient import TestClient
@@ -23,6 +29,7 @@ from server.scale.routing import JOBS_KEY, routing_key
 from .conftest import encode_image, make_settings, synthetic_scene
 from .redis_server import REDIS_SERVER, RedisServer
 from .server_process import free_port
+from .synthetic_video import SyntheticVideo, box_iou
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "mobile_sam"
@@ -73,6 +80,68 @@ def test_routing_key_is_the_content_id_the_workers_use() -> None:
 # --- a real Ray Serve deployment ---
 
 ray = pytest.importorskip("ray", reason="the `ray` extra is not installed (pip install -e '.[ray]')")
+
+
+def test_serve_yaml_and_the_rayservice_pass_rays_schema() -> None:
+    import tomllib
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from server.scale import ray_app
+
+    config = yaml.safe_load((ROOT / "serve.yaml").read_text())
+    service = yaml.safe_load((ROOT / "deploy" / "kuberay" / "rayservice.yaml").read_text())
+    assert service["apiVersion"] == "ray.io/v1" and service["kind"] == "RayService"
+    embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
+    for document in (config, embedded):
+        schema = ServeDeploySchema.model_validate(document)
+        (app,) = schema.applications
+        module, _, name = app.import_path.partition(":")
+        assert module == ray_app.__name__ and getattr(ray_app, name) is ray_app.build_app
+        ray_app.build_app(app.args)  # every arg is a labelserve setting with a valid value
+    assert embedded["applications"][0]["import_path"] == config["applications"][0]["import_path"]
+    # One Ray version everywhere: the cluster's, the pin, and what the tests run.
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extras["ray"] == [f"ray[serve]=={ray.__version__}"] and extras["ray"][0] in extras["test"]
+    assert service["spec"]["rayClusterConfig"]["rayVersion"] == ray.__version__
+    with pytest.raises(ValueError, match="ray_max_replica"):
+        ray_app.build_app({"ray_max_replica": 4})
+
+
+def test_labelserve_serve_engine_ray_serves_and_stops(tmp_path: Path) -> None:
+    """The CLI on its own local Ray instance: ready through the ingress, a click, then SIGTERM stops it."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0",
+           "LABELSERVE_MODELS": MODEL, "LABELSERVE_WEIGHTS_DIR": str(tmp_path / "weights"),
+           "LABELSERVE_DATA_DIR": str(tmp_path / "data"), "LABELSERVE_RAY_MIN_REPLICAS": "1",
+           "LABELSERVE_RAY_MAX_REPLICAS": "1", "LABELSERVE_RAY_REPLICA_NUM_CPUS": "0.5"}  # fmt: skip
+    command = [sys.executable, "-m", "server.cli", "serve", "--engine", "ray", "--random-init",
+               "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
+            deadline = time.monotonic() + 120
+            while True:
+                assert process.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                with contextlib.suppress(httpx.TransportError):
+                    if client.get("/readyz").status_code == 200:
+                        break
+                time.sleep(0.5)
+            embedded = client.post(
+                f"/v1/sam/{MODEL}/embed", content=png(0), headers={"content-type": "image/png"}
+            )
+            assert embedded.status_code == 200 and embedded.headers[REPLICA]
+            assert click(client, embedded.json()["image_id"]).json()["cache_tier"] == "l1"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(90) == 0, log.read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(30)
 
 
 @pytest.fixture(scope="module")
@@ -239,6 +308,7 @@ def test_results_equal_the_plain_servers(http: httpx.Client, embedded: dict, ove
             assert mine.status_code == theirs.status_code == 200, (mine.text, theirs.text)
             assert mine.headers[REPLICA] == embedded[content_id]
             assert mine.json()["masks"] == theirs.json()["masks"]
+            assert mine.json()["masks"][0]["area"] > 0  # a mask, not two empty replies
 
 
 def test_cvat_nuclio_routes_go_through_ray_to_the_owner(http: httpx.Client, embedded: dict) -> None:
@@ -256,3 +326,18 @@ def test_cvat_nuclio_routes_go_through_ray_to_the_owner(http: httpx.Client, embe
     assert {r: encodes(s) for r, s in after.items()} == {r: encodes(s) for r, s in before.items()}
     bad = http.post("/v1/sam/no_such_model/segment", json={"image_id": content_id, "points": [[1, 1]]})
     assert bad.status_code == 404 and "error" in bad.json()
+
+
+def test_an_ndjson_propagate_streams_through_serve(http: httpx.Client, tmp_path: Path) -> None:
+    video = SyntheticVideo(frames=20)
+    truth = video.write(tmp_path / "v.mp4")
+    body = {"video": {"base64": pybase64.b64encode((tmp_path / "v.mp4").read_bytes()).decode()}, "start": 2,
+            "stop": 16, "shapes": [{"type": "rectangle", "points": list(truth[2][1])}]}  # fmt: skip
+    with http.stream("POST", "/v1/track/medianflow/propagate", json=body) as reply:
+        assert reply.status_code == 200 and reply.headers["content-type"] == "application/x-ndjson"
+        assert "content-length" not in reply.headers  # streamed, not buffered whole by the ingress
+        lines = [orjson.loads(line) for line in reply.iter_lines() if line]
+    assert [line["frame"] for line in lines] == list(range(2, 16))
+    assert (
+        min(box_iou(tuple(line["shapes"][0]["points"]), truth[line["frame"]][1]) for line in lines[1:]) > 0.8
+    )

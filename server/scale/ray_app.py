@@ -13,6 +13,7 @@ router and backpressure config are alpha/experimental there): see docs/scale-out
 # No `from __future__ import annotations`: serve.ingress re-creates the route methods, and FastAPI must still
 # see `Request` as a class, not as a string, to inject it.
 import asyncio
+import logging
 import math
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
@@ -33,6 +34,8 @@ from server.errors import ApiError
 from server.scale.asgi import REPLICA_HEADER, ForwardedRequest, ResponseHead, serve_forwarded
 from server.scale.routing import routing_key
 from server.settings import Settings
+
+log = logging.getLogger("labelserve")
 
 CONSISTENT_HASH_ROUTER = "ray.serve.experimental.consistent_hash_router:ConsistentHashRouter"
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
@@ -179,7 +182,48 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     """The application serve.yaml names; `args` are settings (LABELSERVE_* names, lower case, no prefix) on
     top of the replicas' environment."""
     overrides = dict(args or {})
+    unknown = sorted(set(overrides) - set(Settings.model_fields))
+    if unknown:  # Settings ignores unknown names; a typo in serve.yaml must not pass silently
+        raise ValueError(f"unknown labelserve settings in the application's args: {unknown}")
     settings = Settings(**overrides)
     worker = serve.deployment(LabelWorker).options(**worker_options(settings)).bind(overrides)
     ingress = serve.deployment(Ingress).options(**ingress_options(settings))
     return ingress.bind(worker, overrides)
+
+
+APP_NAME = "labelserve"
+
+
+def run(overrides: dict[str, Any]) -> None:
+    """`labelserve serve --engine ray`: starts a local Ray instance (or joins LABELSERVE_RAY_ADDRESS), serves
+    the app on LABELSERVE_HOST:PORT until SIGINT or SIGTERM, then shuts Serve down."""
+    import os
+    import signal
+    import threading
+
+    import ray
+
+    from server.cli.serve import console_url
+
+    settings = Settings(**overrides)
+    # A remote cluster's replicas do not see this shell's environment: the LABELSERVE_* variables go along.
+    env = {k: v for k, v in os.environ.items() if k.startswith("LABELSERVE_")}
+    joined = settings.ray_address is not None
+    ray.init(
+        address=settings.ray_address,
+        include_dashboard=False if not joined else None,
+        runtime_env={"env_vars": env} if joined and env else None,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": settings.host, "port": settings.port})
+        serve.run(build_app(overrides), name=APP_NAME, route_prefix="/")
+        log.info("labelserve on Ray Serve: %s", console_url(settings.host, settings.port))
+        stop.wait()
+    finally:
+        serve.delete(APP_NAME)
+        if not joined:
+            serve.shutdown()
+        ray.shutdown()
