@@ -38,6 +38,7 @@ from server.settings import Settings
 log = logging.getLogger("labelserve")
 
 CONSISTENT_HASH_ROUTER = "ray.serve.experimental.consistent_hash_router:ConsistentHashRouter"
+STREAMED_SUFFIXES = ("/propagate",)  # the routes whose reply is a stream (NDJSON); the rest is sent whole
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
 
@@ -60,7 +61,19 @@ class LabelWorker:
         await self._lifespan.enter_async_context(self.app.router.lifespan_context(self.app))
         self._header = [(REPLICA_HEADER.encode(), self.replica.encode())]
 
-    async def handle(self, request: ForwardedRequest) -> AsyncIterator[ResponseHead | bytes]:
+    async def handle(self, request: ForwardedRequest) -> tuple[ResponseHead, bytes]:
+        """The whole response in one reply: a Serve stream costs a round trip per chunk."""
+        head, chunks = None, []
+        async for item in serve_forwarded(self.app, request, self._header):
+            if isinstance(item, ResponseHead):
+                head = item
+            else:
+                chunks.append(item)
+        assert head is not None
+        return head, b"".join(chunks)
+
+    async def stream(self, request: ForwardedRequest) -> AsyncIterator[ResponseHead | bytes]:
+        """The response as the app produces it (an NDJSON propagate, frame by frame)."""
         async for item in serve_forwarded(self.app, request, self._header):
             yield item
 
@@ -96,7 +109,7 @@ class Ingress:
 
     def __init__(self, worker: DeploymentHandle, overrides: dict[str, Any]) -> None:
         self.settings = Settings(**overrides)
-        self.worker = worker.options(stream=True)
+        self.worker = worker
 
     @ingress_api.api_route("/{path:path}", methods=METHODS, include_in_schema=False)
     async def forward(self, request: Request) -> Response:
@@ -113,16 +126,22 @@ class Ingress:
             scheme=scope.get("scheme", "http"),
         )
         handle = self.worker.options(session_id=key) if key is not None else self.worker
-        stream = handle.handle.remote(forwarded)
+        streamed = scope["path"].endswith(STREAMED_SUFFIXES)
         try:
-            head = await stream.__anext__()
+            if streamed:
+                stream = handle.options(stream=True).stream.remote(forwarded)
+                head = await stream.__anext__()
+            else:
+                head, body = await handle.handle.remote(forwarded)
         except BackPressureError:
             return self._busy(429, "worker_queue_full", "every worker replica's queue is full")
         except (DeploymentUnavailableError, RayActorError):
             # A replica died under the request: the client retries, and the ring sends it to a live one.
             return self._busy(503, "worker_unavailable", "no worker replica could take the request")
         assert isinstance(head, ResponseHead)
-        response = StreamingResponse(_chunks(stream), status_code=head.status)
+        response = (
+            StreamingResponse(_chunks(stream), head.status) if streamed else Response(body, head.status)
+        )
         response.raw_headers = head.headers
         return response
 
