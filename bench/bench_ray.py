@@ -49,6 +49,11 @@ def measure(url: str, model: str, clients: int, seconds: float) -> dict:
             body = {"image_id": content_id, "points": [[100 + i % 300, 120]], "formats": ["coco_rle"]}
             return http.post(f"/v1/sam/{model}/segment", json=body)
 
+        hop = []  # a route that does no work: what the path itself costs
+        for _ in range(40):
+            started = time.perf_counter()
+            http.get("/healthz").raise_for_status()
+            hop.append((time.perf_counter() - started) * 1000)
         sequential = []
         for i in range(40):
             started = time.perf_counter()
@@ -89,6 +94,7 @@ def measure(url: str, model: str, clients: int, seconds: float) -> dict:
         encodes = sum(seen.values())
     latencies.sort()
     return {
+        "healthz_ms_p50": round(statistics.median(hop), 1),
         "sequential_click_ms_p50": round(statistics.median(sequential), 1),
         "clicks_per_s": round(len(latencies) / seconds, 1),
         "click_ms_p50": round(latencies[len(latencies) // 2], 1),

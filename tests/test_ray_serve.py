@@ -25,6 +25,7 @@ from fastapi.testclient import TestClient
 
 from server.app import create_app
 from server.scale.routing import JOBS_KEY, routing_key
+from server.settings import Settings
 
 from .conftest import encode_image, make_settings, synthetic_scene
 from .redis_server import REDIS_SERVER, RedisServer
@@ -107,6 +108,16 @@ def test_serve_yaml_and_the_rayservice_pass_rays_schema() -> None:
     assert service["spec"]["rayClusterConfig"]["rayVersion"] == ray.__version__
     with pytest.raises(ValueError, match="ray_max_replica"):
         ray_app.build_app({"ray_max_replica": 4})
+    # A replica range autoscales on ongoing requests; equal bounds are a fixed count.
+    ranged = ray_app.worker_options(
+        Settings(ray_min_replicas=1, ray_max_replicas=4, ray_target_ongoing_requests=3)
+    )
+    assert "num_replicas" not in ranged
+    scaling = ranged["autoscaling_config"]
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.target_ongoing_requests) == (1, 4, 3)
+    fixed = ray_app.worker_options(Settings(ray_min_replicas=3, ray_max_replicas=3))
+    assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
+    assert fixed["request_router_config"].request_router_class == ray_app.CONSISTENT_HASH_ROUTER
 
 
 def test_labelserve_serve_engine_ray_serves_and_stops(tmp_path: Path) -> None:
