@@ -23,6 +23,7 @@ import pybase64
 import pytest
 from fastapi.testclient import TestClient
 
+from server.api.auth import hash_key, new_key
 from server.app import create_app
 from server.scale.routing import JOBS_KEY, routing_key
 from server.settings import Settings
@@ -121,12 +122,17 @@ def test_serve_yaml_and_the_rayservice_pass_rays_schema() -> None:
 
 
 def test_labelserve_serve_engine_ray_serves_and_stops(tmp_path: Path) -> None:
-    """The CLI on its own local Ray instance: ready through the ingress, a click, then SIGTERM stops it."""
+    """The CLI on its own local Ray instance, with API keys: ready through the ingress, a key needed for a
+    click but not for CVAT's Nuclio routes from an allowed address (the client's address reaches the workers),
+    then SIGTERM stops it."""
+    key = new_key()
+    keys = [{"id": "annotator", "hash": hash_key(key), "scopes": ["interactive"]}]
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0",
            "LABELSERVE_MODELS": MODEL, "LABELSERVE_WEIGHTS_DIR": str(tmp_path / "weights"),
            "LABELSERVE_DATA_DIR": str(tmp_path / "data"), "LABELSERVE_RAY_MIN_REPLICAS": "1",
-           "LABELSERVE_RAY_MAX_REPLICAS": "1", "LABELSERVE_RAY_REPLICA_NUM_CPUS": "0.5"}  # fmt: skip
+           "LABELSERVE_RAY_MAX_REPLICAS": "1", "LABELSERVE_RAY_REPLICA_NUM_CPUS": "0.5",
+           "LABELSERVE_API_KEYS": json.dumps(keys), "LABELSERVE_CVAT_ALLOW_IPS": "127.0.0.1/32"}  # fmt: skip
     command = [sys.executable, "-m", "server.cli", "serve", "--engine", "ray", "--random-init",
                "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
     log = tmp_path / "serve.log"
@@ -142,11 +148,16 @@ def test_labelserve_serve_engine_ray_serves_and_stops(tmp_path: Path) -> None:
                     if client.get("/readyz").status_code == 200:
                         break
                 time.sleep(0.5)
-            embedded = client.post(
-                f"/v1/sam/{MODEL}/embed", content=png(0), headers={"content-type": "image/png"}
-            )
+            image = {"content-type": "image/png"}
+            refused = client.post(f"/v1/sam/{MODEL}/embed", content=png(0), headers=image)
+            assert refused.status_code == 401 and refused.json()["error"]["code"]
+            client.headers["x-api-key"] = key
+            embedded = client.post(f"/v1/sam/{MODEL}/embed", content=png(0), headers=image)
             assert embedded.status_code == 200 and embedded.headers[REPLICA]
             assert click(client, embedded.json()["image_id"]).json()["cache_tier"] == "l1"
+            del client.headers["x-api-key"]
+            assert client.get("/api/functions").status_code == 200  # CVAT, by its address
+            assert client.get("/v1/models").status_code == 401
         process.send_signal(signal.SIGTERM)
         assert process.wait(90) == 0, log.read_text()[-3000:]
     finally:
