@@ -25,7 +25,7 @@ from fastapi.testclient import TestClient
 
 from server.api.auth import hash_key, new_key
 from server.app import create_app
-from server.scale.routing import JOBS_KEY, routing_key
+from server.scale.routing import JOBS_KEY, routing_key, tracking_states
 from server.settings import Settings
 
 from .conftest import encode_image, make_settings, synthetic_scene
@@ -77,6 +77,11 @@ def test_routing_key_is_the_content_id_the_workers_use() -> None:
     for bad in (b"{not json", b"[1, 2]", json.dumps({"image": {"base64": "@@"}}).encode()):
         assert routing_key("POST", segment, "application/json", bad) is None
     assert routing_key("GET", "/v1/models", "", b"") is None
+    step = json.dumps({"image": {"base64": b64}, "states": ["s1", None, "s2"]}).encode()
+    assert tracking_states("/v1/track/medianflow/step", "application/json", step) == ["s1", "s2"]
+    assert tracking_states("/api/function_invocations", "application/json", step) == ["s1", "s2"]
+    assert tracking_states("/v1/sam/m/segment", "application/json", step) == []
+    assert tracking_states("/v1/track/medianflow/step", "application/json", b"{bad") == []
 
 
 # --- a real Ray Serve deployment ---
@@ -359,6 +364,25 @@ def test_an_ndjson_propagate_streams_through_serve(http: httpx.Client, tmp_path:
     assert (
         min(box_iou(tuple(line["shapes"][0]["points"]), truth[line["frame"]][1]) for line in lines[1:]) > 0.8
     )
+
+
+def test_tracking_steps_go_to_the_replica_holding_their_state(http: httpx.Client) -> None:
+    """Each frame hashes to its own replica, but a step's states live where the init created them."""
+    frames = [png(seed) for seed in range(20, 28)]
+    keys = {routing_key("POST", "/v1/track/medianflow", "image/png", frame) for frame in frames}
+    assert len(keys) == len(frames)
+    box = {"type": "rectangle", "points": [100, 80, 180, 160]}
+    image = {"base64": pybase64.b64encode(frames[0]).decode()}
+    started = http.post("/v1/track/medianflow", json={"image": image, "shapes": [box]})
+    assert started.status_code == 200, started.text
+    holder, states = started.headers[REPLICA], started.json()["states"]
+    served = set()
+    for frame in frames[1:]:
+        body = {"image": {"base64": pybase64.b64encode(frame).decode()}, "states": states}
+        step = http.post("/v1/track/medianflow/step", json=body)
+        assert step.status_code == 200, step.text  # 404 unknown_track_state on any other replica
+        served.add(step.headers[REPLICA])
+    assert served == {holder}
 
 
 def test_a_killed_owner_is_replaced_without_a_reencode(http: httpx.Client, embedded: dict) -> None:

@@ -15,6 +15,7 @@ router and backpressure config are alpha/experimental there): see docs/scale-out
 import asyncio
 import logging
 import math
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from typing import Any
@@ -32,12 +33,14 @@ from server.api.errors import error_response, install_error_handlers
 from server.app import create_app
 from server.errors import ApiError
 from server.scale.asgi import REPLICA_HEADER, ForwardedRequest, ResponseHead, serve_forwarded
-from server.scale.routing import routing_key
+from server.scale.router import PIN
+from server.scale.routing import routing_key, tracking_states
 from server.settings import Settings
 
 log = logging.getLogger("labelserve")
 
-CONSISTENT_HASH_ROUTER = "ray.serve.experimental.consistent_hash_router:ConsistentHashRouter"
+CONSISTENT_HASH_ROUTER = "server.scale.router:PinnedConsistentHashRouter"
+MAX_PINS = 100_000  # tracking states remembered by the ingress (a few dozen bytes each)
 STREAMED_SUFFIXES = ("/propagate",)  # the routes whose reply is a stream (NDJSON); the rest is sent whole
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
@@ -110,6 +113,9 @@ class Ingress:
     def __init__(self, worker: DeploymentHandle, overrides: dict[str, Any]) -> None:
         self.settings = Settings(**overrides)
         self.worker = worker
+        # Tracking state id -> the replica holding it. Per ingress replica: keep one ingress replica (the
+        # default) for tracking steps to find their replica (docs/scale-out.md).
+        self._pins: OrderedDict[str, str] = OrderedDict()
 
     @ingress_api.api_route("/{path:path}", methods=METHODS, include_in_schema=False)
     async def forward(self, request: Request) -> Response:
@@ -125,7 +131,10 @@ class Ingress:
             client=tuple(scope["client"]) if scope.get("client") else None,
             scheme=scope.get("scheme", "http"),
         )
-        handle = self.worker.options(session_id=key) if key is not None else self.worker
+        states = tracking_states(scope["path"], request.headers.get("content-type", ""), body)
+        pinned = next((self._pins[state] for state in states if state in self._pins), None)
+        session = PIN + pinned if pinned is not None else key
+        handle = self.worker.options(session_id=session) if session is not None else self.worker
         streamed = scope["path"].endswith(STREAMED_SUFFIXES)
         try:
             if streamed:
@@ -139,11 +148,24 @@ class Ingress:
             # A replica died under the request: the client retries, and the ring sends it to a live one.
             return self._busy(503, "worker_unavailable", "no worker replica could take the request")
         assert isinstance(head, ResponseHead)
+        if not streamed and head.status == 200:
+            self._learn_pins(scope["path"], head, body)
         response = (
             StreamingResponse(_chunks(stream), head.status) if streamed else Response(body, head.status)
         )
         response.raw_headers = head.headers
         return response
+
+    def _learn_pins(self, path: str, head: ResponseHead, body: bytes) -> None:
+        """Tracking states a reply returns live in the replica that answered: later steps are pinned to it."""
+        headers = dict(head.headers)
+        states = tracking_states(path, headers.get(b"content-type", b"").decode(), body)
+        replica = headers.get(REPLICA_HEADER.encode(), b"").decode()
+        for state in states if replica else ():
+            self._pins[state] = replica
+            self._pins.move_to_end(state)
+        while len(self._pins) > MAX_PINS:
+            self._pins.popitem(last=False)
 
     def _busy(self, status: int, code: str, what: str) -> Response:
         retry = self.settings.busy_retry_after_s

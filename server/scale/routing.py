@@ -85,3 +85,22 @@ def _multipart_key(content_type: str, body: bytes) -> str | None:
             if key is not None:
                 return key
     return None
+
+
+TRACKING_PATHS = ("/v1/track/", "/api/function_invocations")  # where a JSON body may carry tracking states
+
+
+def tracking_states(path: str, content_type: str, body: bytes) -> list[str]:
+    """The tracking state ids a JSON request continues (a step), or a reply returns (an init); [] for any
+    other request. They live in the memory of the replica that created them."""
+    if (
+        not path.startswith(TRACKING_PATHS)
+        or content_type.split(";")[0].strip().lower() != "application/json"
+    ):
+        return []
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return []
+    states = document.get("states") if isinstance(document, dict) else None
+    return [s for s in states if isinstance(s, str)] if isinstance(states, list) else []
