@@ -25,7 +25,7 @@ from fastapi.testclient import TestClient
 
 from server.api.auth import hash_key, new_key
 from server.app import create_app
-from server.scale.routing import JOBS_KEY, routing_key, tracking_states
+from server.scale.routing import JOBS_KEY, created_names, pinned_names, routing_key, tracking_states
 from server.settings import Settings
 
 from .conftest import encode_image, make_settings, synthetic_scene
@@ -82,6 +82,9 @@ def test_routing_key_is_the_content_id_the_workers_use() -> None:
     assert tracking_states("/api/function_invocations", "application/json", step) == ["s1", "s2"]
     assert tracking_states("/v1/sam/m/segment", "application/json", step) == []
     assert tracking_states("/v1/track/medianflow/step", "application/json", b"{bad") == []
+    assert pinned_names("/v1/prefetch/r1", "", b"") == ["prefetch/r1"]
+    assert created_names("POST", "/v1/prefetch", "application/json", b'{"id": "r1"}') == ["prefetch/r1"]
+    assert created_names("GET", "/v1/prefetch", "application/json", b'[{"id": "r1"}]') == []
 
 
 # --- a real Ray Serve deployment ---
@@ -383,6 +386,19 @@ def test_tracking_steps_go_to_the_replica_holding_their_state(http: httpx.Client
         assert step.status_code == 200, step.text  # 404 unknown_track_state on any other replica
         served.add(step.headers[REPLICA])
     assert served == {holder}
+
+
+def test_a_prefetch_runs_status_is_asked_of_the_replica_running_it(http: httpx.Client) -> None:
+    images = [{"base64": pybase64.b64encode(png(seed)).decode()} for seed in (30, 31)]
+    run = http.post("/v1/prefetch", json={"model": MODEL, "images": images})
+    assert run.status_code == 202, run.text
+    holder = run.headers[REPLICA]
+    for _ in range(8):  # without the pin, any replica: the other one answers 404
+        status = http.get(f"/v1/prefetch/{run.json()['id']}")
+        assert status.status_code == 200 and status.headers[REPLICA] == holder, status.text
+        if status.json()["state"] in ("completed", "failed"):
+            break
+        time.sleep(0.5)
 
 
 def test_a_killed_owner_is_replaced_without_a_reencode(http: httpx.Client, embedded: dict) -> None:

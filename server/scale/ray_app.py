@@ -34,13 +34,13 @@ from server.app import create_app
 from server.errors import ApiError
 from server.scale.asgi import REPLICA_HEADER, ForwardedRequest, ResponseHead, serve_forwarded
 from server.scale.router import PIN
-from server.scale.routing import routing_key, tracking_states
+from server.scale.routing import created_names, pinned_names, routing_key
 from server.settings import Settings
 
 log = logging.getLogger("labelserve")
 
 CONSISTENT_HASH_ROUTER = "server.scale.router:PinnedConsistentHashRouter"
-MAX_PINS = 100_000  # tracking states remembered by the ingress (a few dozen bytes each)
+MAX_PINS = 100_000  # tracking states and prefetch runs remembered by the ingress (a few dozen bytes each)
 STREAMED_SUFFIXES = ("/propagate",)  # the routes whose reply is a stream (NDJSON); the rest is sent whole
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
@@ -113,8 +113,8 @@ class Ingress:
     def __init__(self, worker: DeploymentHandle, overrides: dict[str, Any]) -> None:
         self.settings = Settings(**overrides)
         self.worker = worker
-        # Tracking state id -> the replica holding it. Per ingress replica: keep one ingress replica (the
-        # default) for tracking steps to find their replica (docs/scale-out.md).
+        # Tracking state id or prefetch run -> the replica holding it. Per ingress replica: keep one ingress
+        # replica (the default) for later requests to find their replica (docs/scale-out.md).
         self._pins: OrderedDict[str, str] = OrderedDict()
 
     @ingress_api.api_route("/{path:path}", methods=METHODS, include_in_schema=False)
@@ -131,8 +131,8 @@ class Ingress:
             client=tuple(scope["client"]) if scope.get("client") else None,
             scheme=scope.get("scheme", "http"),
         )
-        states = tracking_states(scope["path"], request.headers.get("content-type", ""), body)
-        pinned = next((self._pins[state] for state in states if state in self._pins), None)
+        names = pinned_names(scope["path"], request.headers.get("content-type", ""), body)
+        pinned = next((self._pins[name] for name in names if name in self._pins), None)
         session = PIN + pinned if pinned is not None else key
         handle = self.worker.options(session_id=session) if session is not None else self.worker
         streamed = scope["path"].endswith(STREAMED_SUFFIXES)
@@ -148,22 +148,23 @@ class Ingress:
             # A replica died under the request: the client retries, and the ring sends it to a live one.
             return self._busy(503, "worker_unavailable", "no worker replica could take the request")
         assert isinstance(head, ResponseHead)
-        if not streamed and head.status == 200:
-            self._learn_pins(scope["path"], head, body)
+        if not streamed and head.status in (200, 202):
+            self._learn_pins(request.method, scope["path"], head, body)
         response = (
             StreamingResponse(_chunks(stream), head.status) if streamed else Response(body, head.status)
         )
         response.raw_headers = head.headers
         return response
 
-    def _learn_pins(self, path: str, head: ResponseHead, body: bytes) -> None:
-        """Tracking states a reply returns live in the replica that answered: later steps are pinned to it."""
+    def _learn_pins(self, method: str, path: str, head: ResponseHead, body: bytes) -> None:
+        """Tracking states or a prefetch run a reply creates live in the replica that answered: later requests
+        naming them are pinned to it."""
         headers = dict(head.headers)
-        states = tracking_states(path, headers.get(b"content-type", b"").decode(), body)
+        names = created_names(method, path, headers.get(b"content-type", b"").decode(), body)
         replica = headers.get(REPLICA_HEADER.encode(), b"").decode()
-        for state in states if replica else ():
-            self._pins[state] = replica
-            self._pins.move_to_end(state)
+        for name in names if replica else ():
+            self._pins[name] = replica
+            self._pins.move_to_end(name)
         while len(self._pins) > MAX_PINS:
             self._pins.popitem(last=False)
 

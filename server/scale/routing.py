@@ -104,3 +104,24 @@ def tracking_states(path: str, content_type: str, body: bytes) -> list[str]:
         return []
     states = document.get("states") if isinstance(document, dict) else None
     return [s for s in states if isinstance(s, str)] if isinstance(states, list) else []
+
+
+PREFETCH = "/v1/prefetch"
+
+
+def pinned_names(path: str, content_type: str, body: bytes) -> list[str]:
+    """What a request names that lives in one replica's memory: tracking states, or a prefetch run by id."""
+    if path.startswith(PREFETCH + "/"):
+        return ["prefetch/" + path.removeprefix(PREFETCH + "/").split("/")[0]]
+    return tracking_states(path, content_type, body)
+
+
+def created_names(method: str, path: str, content_type: str, body: bytes) -> list[str]:
+    """What a successful reply created in the replica that sent it: tracking states, or a prefetch run."""
+    if method == "POST" and path.rstrip("/") == PREFETCH:
+        try:
+            run = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return []
+        return ["prefetch/" + run["id"]] if isinstance(run, dict) and isinstance(run.get("id"), str) else []
+    return tracking_states(path, content_type, body)
