@@ -54,8 +54,10 @@ COPY server ./server
 COPY models ./models
 COPY weights ./weights
 # Every direct dependency is pinned in pyproject.toml; the cvat extra lets jobs upload into CVAT tasks.
+# EXTRAS=cvat,ray: the image KubeRay runs (deploy/kuberay/, docs/scale-out.md).
+ARG EXTRAS=cvat
 # hadolint ignore=DL3013
-RUN pip install ".[cvat]"
+RUN pip install ".[${EXTRAS}]"
 
 # ---- optional checkpoints, fetched and sha256-verified by `labelserve weights fetch` -----------------------
 FROM build AS weights

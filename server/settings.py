@@ -296,6 +296,49 @@ class Settings(BaseSettings):
         default=120.0, gt=0, description="Longest a request waits for a model queue before a 504."
     )
 
+    # Scale-out on Ray Serve (`labelserve serve --engine ray`, serve.yaml; docs/scale-out.md). Needs the
+    # `ray` extra; the plain `labelserve serve` ignores these.
+    ray_address: str | None = Field(
+        default=None,
+        description="Ray cluster to join (`auto`, or ray://host:10001); unset: start a local Ray instance.",
+    )
+    ray_min_replicas: int = Field(default=2, ge=1, description="Fewest worker replicas (each holds an L1).")
+    ray_max_replicas: int = Field(
+        default=2,
+        ge=1,
+        description="Most worker replicas; above ray_min_replicas Serve autoscales on ongoing requests. Each "
+        "scale event moves some images to another replica, which reads them from L2.",
+    )
+    ray_target_ongoing_requests: float = Field(
+        default=2.0, gt=0, description="Autoscaling target: requests in flight per worker replica."
+    )
+    ray_max_ongoing_requests: int = Field(
+        default=4,
+        ge=1,
+        description="Requests one worker replica serves at once; beyond it a request spills to the next "
+        "replica on the hash ring.",
+    )
+    ray_max_queued_requests: int = Field(
+        default=64,
+        ge=1,
+        description="Requests waiting for a worker replica, per caller; beyond it 429 with Retry-After.",
+    )
+    ray_fallback_replicas: int = Field(
+        default=1,
+        ge=0,
+        description="Ring successors a request may spill to when its image's replica is full (0: wait).",
+    )
+    ray_replica_num_cpus: float = Field(default=1.0, gt=0, description="CPUs Ray reserves per worker.")
+    ray_replica_num_gpus: float = Field(
+        default=0.0,
+        ge=0,
+        description="GPUs Ray reserves per worker; a fraction shares one GPU (a scheduling figure only: "
+        "cap the memory with ray_gpu_memory_fraction).",
+    )
+    ray_gpu_memory_fraction: float | None = Field(
+        default=None, gt=0, le=1, description="Share of the GPU's memory one worker replica may allocate."
+    )
+
     # Input limits
     max_image_pixels: int = Field(default=64_000_000, description="Larger images are refused (413).")
     max_request_bytes: int = Field(
@@ -481,6 +524,12 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _ray_replica_range(self) -> Settings:
+        if self.ray_max_replicas < self.ray_min_replicas:
+            raise ValueError("ray_max_replicas must be at least ray_min_replicas")
+        return self
 
     @model_validator(mode="after")
     def _one_l2(self) -> Settings:

@@ -2,7 +2,7 @@
 may import only from its own layer and the layers before it. Every import counts, also one inside a function.
 
     weights <- models <- settings, errors, lru, ops <- formats <- inputs <- cvat <- schemas <- services
-            <- jobs <- api <- app, cli
+            <- jobs <- api <- app, cli, scale
 
 - `models/` imports nothing from `server/`: the shape vocabulary (models/shapes.py) and the models' own
   configuration (models/config.py, built by Settings.models_config()) live in the lowest package.
@@ -11,7 +11,8 @@ may import only from its own layer and the layers before it. Every import counts
   storage, video); cvat/ calls CVAT and reads task frames through inputs/ (a task's bucket).
 - schemas holds request documents that embed inputs' ImageRef and formats' mask encodings.
 - services/ has no FastAPI; its collections.py (a job's Source) lists CVAT tasks' frames, hence above cvat/.
-- jobs/ runs on services' collections; api/ is HTTP only; app.py composes, cli/ commands.
+- jobs/ runs on services' collections; api/ is HTTP only; app.py composes, cli/ commands; scale/ runs app.py's
+  app in Ray Serve replicas.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("server.services",),
     ("server.jobs",),
     ("server.api",),
-    ("server.app", "server.cli"),
+    ("server.app", "server.cli", "server.scale"),
 ]
 PACKAGES = ("weights", "models", "server")
 

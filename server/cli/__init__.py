@@ -20,6 +20,11 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["models"] = args.models.split(",")
     settings = Settings(**overrides)
     configure_logging(settings)
+    if args.engine == "ray":
+        from server.scale.ray_app import run
+
+        run(overrides)  # the replicas build the app, each with its own models
+        return 0
     serve(create_app(settings), settings)
     return 0
 
@@ -80,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--random-init",
         action="store_true",
         help="build models whose weights are missing with seeded random weights (tests/benchmarks only)",
+    )
+    serve.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local (default): this process under uvicorn; ray: worker replicas on Ray Serve, clicks routed "
+        "to the replica holding the image (needs the `ray` extra; docs/scale-out.md)",
     )
     serve.set_defaults(func=_serve)
     add_weights_commands(commands)
