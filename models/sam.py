@@ -20,7 +20,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 
 from models.base import Decoded, ImageEmbedding, Prompt, Segmenter, cuda_autocast, to_cache
 from models.shapes import RegionMask
-from models.upsample import upsample_region
+from models.upsample import region_of, upsample_region
 
 # Logit magnitude given to a binary mask used as a prompt (SAM's own logits are of this order).
 MASK_PROMPT_LOGIT = 10.0
@@ -209,14 +209,7 @@ class SamSegmenter(Segmenter):
             logits = low_res_logits[None, None].to(self.device, torch.float)
             mid = F.interpolate(logits, (size, size), mode="bilinear", align_corners=False)[..., :in_h, :in_w]
             full = F.interpolate(mid, (height, width), mode="bilinear", align_corners=False)[0, 0]
-            positive = full > self.sam.mask_threshold
-            rows = positive.any(dim=1).nonzero()
-            if rows.numel() == 0:
-                return RegionMask(np.zeros((0, 0), bool), 0, 0, width, height)
-            cols = positive.any(dim=0).nonzero()
-            r0, r1, c0, c1 = (int(v) for v in (rows[0], rows[-1], cols[0], cols[-1]))
-            bitmap = positive[r0 : r1 + 1, c0 : c1 + 1].cpu().numpy()
-        return RegionMask(bitmap, c0, r0, width, height)
+            return region_of(full > self.sam.mask_threshold)
 
     def low_res_from_mask(self, embedding: ImageEmbedding, mask: RegionMask) -> torch.Tensor:
         in_h, in_w = embedding.input_size

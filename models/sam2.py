@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from models.base import Decoded, ImageEmbedding, Prompt, Segmenter, cuda_autocast
 from models.sam import BOX_CHUNK, MASK_PROMPT_LOGIT
 from models.shapes import RegionMask
-from models.upsample import upsample_region
+from models.upsample import region_of, upsample_region
 
 # Manifest architecture -> the config shipped inside Meta's `sam2` package.
 SAM2_CONFIGS = {
@@ -196,14 +196,7 @@ class Sam2Segmenter(Segmenter):
         with torch.inference_mode():
             logits = low_res_logits[None, None].to(self.device, torch.float)
             full = F.interpolate(logits, (height, width), mode="bilinear", align_corners=False)[0, 0]
-            positive = full > self.mask_threshold
-            rows = positive.any(dim=1).nonzero()
-            if rows.numel() == 0:
-                return RegionMask(np.zeros((0, 0), bool), 0, 0, width, height)
-            cols = positive.any(dim=0).nonzero()
-            r0, r1, c0, c1 = (int(v) for v in (rows[0], rows[-1], cols[0], cols[-1]))
-            bitmap = positive[r0 : r1 + 1, c0 : c1 + 1].cpu().numpy()
-        return RegionMask(bitmap, c0, r0, width, height)
+            return region_of(full > self.mask_threshold)
 
     def low_res_from_mask(self, embedding: ImageEmbedding, mask: RegionMask) -> torch.Tensor:
         """The stretched square input's low-resolution grid, so straight from the image to it."""

@@ -39,9 +39,10 @@ import torch.nn.functional as F
 
 from models.base import ImageEmbedding, ImageEncoder, cuda_autocast
 from models.concept import ConceptModel, ConceptParams, Exemplars, Instance
+from models.hf_snapshot import load_strict
 from models.sam3_clicks import Sam3Clicks
 from models.shapes import RegionMask
-from models.upsample import upsample_region
+from models.upsample import region_of, upsample_region
 
 SAM3_ARCHITECTURES = ("sam3",)
 # The cached FPN levels, highest resolution first, as Sam3Model's detector reads them.
@@ -98,10 +99,6 @@ TINY_CONFIG: dict[str, Any] = {
     },
     "mask_decoder_config": {"hidden_size": 32, "num_attention_heads": 2},
 }
-
-
-class CheckpointMismatch(ValueError):
-    """A checkpoint whose keys are not exactly the model's: refused, never half-loaded."""
 
 
 # ---- building ---------------------------------------------------------------------------------------------
@@ -162,23 +159,9 @@ def load_sam3(directory: Path) -> tuple[torch.nn.Module, Any]:
     missing = [name for name in SNAPSHOT_FILES if not (directory / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{directory} is not a SAM 3 snapshot: {missing} missing")
-    model, info = Sam3Model.from_pretrained(
-        directory, local_files_only=True, output_loading_info=True, dtype=torch.float32
-    )
-    problems = {
-        kind: sorted(info.get(kind) or ())
-        for kind in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")
-    }
-    problems = {kind: keys for kind, keys in problems.items() if keys}
-    if problems:
-        summary = "; ".join(f"{len(keys)} {kind} (e.g. {keys[:3]})" for kind, keys in problems.items())
-        raise CheckpointMismatch(
-            f"{directory / 'model.safetensors'} does not match transformers' Sam3Model: {summary}. It was "
-            "not loaded: a missing weight would run randomly initialised. Fetch the pinned revision again "
-            "(labelserve weights fetch sam3)."
-        )
+    model = load_strict(Sam3Model, directory)
     processor = Sam3Processor.from_pretrained(directory, local_files_only=True)
-    return model.eval(), processor
+    return model, processor
 
 
 def snapshot_config(directory: Path) -> dict | None:
@@ -519,11 +502,4 @@ class Sam3Concepts(ConceptModel):
             return upsample_region(probabilities.float().contiguous().numpy(), height, width, threshold)
         with torch.inference_mode():
             full = F.interpolate(probabilities[None, None].float(), (height, width), mode="bilinear")[0, 0]
-            positive = full > threshold
-            rows = positive.any(dim=1).nonzero()
-            if rows.numel() == 0:
-                return RegionMask.empty(width, height)
-            cols = positive.any(dim=0).nonzero()
-            r0, r1, c0, c1 = (int(v) for v in (rows[0], rows[-1], cols[0], cols[-1]))
-            bitmap = positive[r0 : r1 + 1, c0 : c1 + 1].cpu().numpy()
-        return RegionMask(bitmap, c0, r0, width, height)
+            return region_of(full > threshold)

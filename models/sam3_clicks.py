@@ -37,17 +37,14 @@ import torch
 import torch.nn.functional as F
 
 from models.base import Decoded, ImageEmbedding, Prompt, Segmenter, cuda_autocast
+from models.hf_snapshot import CheckpointMismatch, load_strict
 from models.sam import BOX_CHUNK, MASK_PROMPT_LOGIT
 from models.shapes import RegionMask
-from models.upsample import upsample_region
+from models.upsample import region_of, upsample_region
 
 # The cached tensors, highest resolution first, as the mask decoder reads them.
 TENSORS = ("trk_high_res_0", "trk_high_res_1", "trk_image_embed")
 ARCHITECTURE_SUFFIX = "-tracker"  # the L2 tag of click features: never read as a concept model's FPN levels
-
-
-class CheckpointMismatch(ValueError):
-    """A checkpoint whose keys are not exactly the tracker's: refused, never half-loaded."""
 
 
 # ---- building ---------------------------------------------------------------------------------------------
@@ -93,21 +90,7 @@ def load_tracker(directory: Path, detector: torch.nn.Module) -> torch.nn.Module:
     which Sam3TrackerModel declares it skips, aside), or when its backbone is not the detector's."""
     from transformers import Sam3TrackerModel
 
-    tracker, info = Sam3TrackerModel.from_pretrained(
-        directory, local_files_only=True, output_loading_info=True, dtype=torch.float32
-    )
-    problems = {
-        kind: sorted(info.get(kind) or ())
-        for kind in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")
-    }
-    problems = {kind: keys for kind, keys in problems.items() if keys}
-    if problems:
-        summary = "; ".join(f"{len(keys)} {kind} (e.g. {keys[:3]})" for kind, keys in problems.items())
-        raise CheckpointMismatch(
-            f"{directory / 'model.safetensors'} does not match transformers' Sam3TrackerModel: {summary}. "
-            "It was not loaded: a missing weight would run randomly initialised. Fetch the pinned revision "
-            "again (labelserve weights fetch sam3)."
-        )
+    tracker = load_strict(Sam3TrackerModel, directory)
     ours = dict(tracker.vision_encoder.backbone.state_dict())
     theirs = detector.vision_encoder.backbone.state_dict()
     if ours.keys() != theirs.keys() or not all(torch.equal(ours[k], theirs[k]) for k in theirs):
@@ -260,14 +243,7 @@ class Sam3Clicks(Segmenter):
         with torch.inference_mode():  # post_process_masks on the model's device; only the mask's box back
             logits = low_res_logits[None, None].to(self.device, torch.float)
             full = F.interpolate(logits, (height, width), mode="bilinear", align_corners=False)[0, 0]
-            positive = full > self.mask_threshold
-            rows = positive.any(dim=1).nonzero()
-            if rows.numel() == 0:
-                return RegionMask.empty(width, height)
-            cols = positive.any(dim=0).nonzero()
-            r0, r1, c0, c1 = (int(v) for v in (rows[0], rows[-1], cols[0], cols[-1]))
-            bitmap = positive[r0 : r1 + 1, c0 : c1 + 1].cpu().numpy()
-        return RegionMask(bitmap, c0, r0, width, height)
+            return region_of(full > self.mask_threshold)
 
     def low_res_from_mask(self, embedding: ImageEmbedding, mask: RegionMask) -> torch.Tensor:
         """The stretched square input's low-resolution grid, so straight from the image to it."""

@@ -19,6 +19,18 @@ from models.shapes import RegionMask
 CV2_MAX_SIDE = 32766
 
 
+def region_of(positive: torch.Tensor) -> RegionMask:
+    """A boolean [H, W] tensor, on any device, as a RegionMask: only its bounding box is copied to the host.
+    The GPU path of every model's post-processing, where a full-resolution resize costs next to nothing."""
+    height, width = positive.shape
+    rows = positive.any(dim=1).nonzero()
+    if rows.numel() == 0:
+        return RegionMask.empty(width, height)
+    cols = positive.any(dim=0).nonzero()
+    r0, r1, c0, c1 = (int(v) for v in (rows[0], rows[-1], cols[0], cols[-1]))
+    return RegionMask(positive[r0 : r1 + 1, c0 : c1 + 1].cpu().numpy(), c0, r0, width, height)
+
+
 def upsample_region(source: np.ndarray, height: int, width: int, threshold: float) -> RegionMask:
     """`source`: float32 [h, w] logits; the binary mask of their bilinear resize to (height, width)."""
     src_h, src_w = source.shape

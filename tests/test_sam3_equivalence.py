@@ -24,7 +24,8 @@ from fastapi.testclient import TestClient
 from torchvision.ops import nms
 
 from models.concept import MAX_EXEMPLARS, MAX_PHRASE_CHARS, MAX_PHRASES
-from models.sam3 import TINY_CONFIG, CheckpointMismatch, Sam3Concepts, load_sam3, random_sam3, sam3_config
+from models.hf_snapshot import CheckpointMismatch
+from models.sam3 import TINY_CONFIG, Sam3Concepts, load_sam3, random_sam3, sam3_config
 from models.sam3_clicks import random_tracker
 from server.app import create_app
 from server.formats.rle import coco_rle_decode
