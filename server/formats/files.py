@@ -32,6 +32,7 @@ YOLO_LABELS = "labels"
 MOT_GT = "gt/gt.txt"  # video jobs' formats: server.formats.cvat_video and server.formats.mot
 MOT_LABELS = "gt/labels.txt"
 MOT_SEQINFO = "seqinfo.ini"
+FINDINGS_FILE = "findings.json"  # a review job's (server.formats.findings)
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ def output_paths(fmt: str, directory: Path) -> list[Path]:
         "yolo": [directory / YOLO_YAML, directory / YOLO_LABELS],
         "cvat_video": [directory / CVAT_FILE],
         "mot": [directory / MOT_GT, directory / MOT_LABELS, directory / MOT_SEQINFO],
+        "findings": [directory / FINDINGS_FILE],
     }[fmt]
 
 

@@ -35,6 +35,7 @@ from server.inputs.video import copy_path, local_path
 from server.jobs.control import JobControl, JobFailed
 from server.jobs.image_job import ImageRun, Read, Refine
 from server.jobs.outputs import output_locations, upload_to_cvat, write_files
+from server.jobs.review_job import review_entries, write_review
 from server.jobs.spec import JobSpec
 from server.jobs.status import JobStatus, job_status, task_page
 from server.jobs.store import ACTIVE_STATES, JobRow, JobState, JobStore
@@ -137,11 +138,12 @@ class LocalEngine:
         if spec.output.directory is not None:
             check_output(spec.output.directory, self._settings)
         check_destinations(spec, self.store)
-        entries = (
-            cvat_checked_entries(spec, info, self._settings)
-            if spec.uses_cvat()
-            else spec.source.enumerate(self._settings)
-        )
+        if spec.review is not None:
+            entries = review_entries(spec, info, self._settings)
+        elif spec.uses_cvat():
+            entries = cvat_checked_entries(spec, info, self._settings)
+        else:
+            entries = spec.source.enumerate(self._settings)
         if spec.output.format is not None:
             check_names(spec.output.format, (name for _, name in entries))
 
@@ -317,7 +319,10 @@ class LocalEngine:
                 raise JobFailed(f"image {left[0][0]} and maybe others were left unprocessed; resume the job")
             assert detector is not None
             outputs: list[str] = []
-            if spec.output.directory is not None:
+            if spec.review is not None:
+                write_review(self.store, job_id, spec, detector.info, self._settings)
+                outputs += output_locations(spec)
+            elif spec.output.directory is not None:
                 write_files(self.store, job_id, spec, detector.info, self._total(job_id), self._settings)
                 outputs += output_locations(spec)
             if connections is not None and spec.output.cvat_task is not None:

@@ -15,11 +15,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.detector import TILE_DESCRIPTION, TILE_OVERLAP_DESCRIPTION, DetectParams
 from server.cvat.spec import CvatTaskOutput
+from server.formats.annotations import AnnotationFormat
 from server.services.collections import Source
 
-OutputFormat = Literal["cvat_images", "coco", "yolo", "cvat_video", "mot"]
+OutputFormat = Literal["cvat_images", "coco", "yolo", "cvat_video", "mot", "findings"]
 VIDEO_FORMATS: tuple[str, ...] = ("cvat_video", "mot")  # tracks: video sources only
 TRACK_CONF = 0.1  # detector confidence of video jobs unless given: ByteTrack matches low scores too
+# Detector confidence of review jobs unless given: ObjectLab compares with low-confidence boxes too, and a
+# class the detector is unsure of would otherwise vanish from its opinion.
+REVIEW_CONF = 0.01
 
 
 class Params(BaseModel):
@@ -110,8 +114,32 @@ class Output(BaseModel):
         return found
 
 
+class ReviewSpec(BaseModel):
+    """A review job's annotations: the dataset whose labels are checked against the detector."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    annotations: str = Field(
+        min_length=1,
+        description="The annotations, a local path: a COCO instances JSON file, a CVAT for images 1.1 XML "
+        "file, or a YOLO directory (data.yaml and labels/). Their image names are relative to the source "
+        "directory, whose images must all be there.",
+    )
+    format: AnnotationFormat = Field(description="coco, cvat_images or yolo.")
+    label_mapping: dict[str, str] | None = Field(
+        default=None,
+        description='Detector class name -> dataset label, where they differ (e.g. {"person": "human"}); '
+        "detections of classes mapped to no dataset label are ignored. Absent: the names as they are.",
+    )
+    max_score: float = Field(
+        default=0.9, gt=0.0, le=1.0, description="Findings scoring this or more (1 = no doubt) are left out."
+    )
+    top_k: int | None = Field(default=None, ge=1, description="Write at most this many findings.")
+
+
 class JobSpec(BaseModel):
-    """A pre-labeling job: run `detector` over every image of `source`, write `output`."""
+    """A pre-labeling job: run `detector` over every image of `source`, write `output`. With `review`, a
+    review job: score the annotations of `review` against the detector's opinion, write the findings."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -134,6 +162,29 @@ class JobSpec(BaseModel):
         description="Video sources: the multi-object tracker (ByteTrack with ultralytics' defaults when "
         "absent). Their params.conf defaults to 0.1, as in ultralytics' model.track.",
     )
+    review: ReviewSpec | None = Field(
+        default=None,
+        description="A review job: flag likely label errors in these annotations of the source's images; "
+        "output.format must be 'findings'. Its params.conf defaults to 0.01. The detector must not have "
+        "been trained on these labels.",
+    )
+
+    @model_validator(mode="after")
+    def _review_settings(self) -> JobSpec:
+        findings = self.output.format == "findings"
+        if self.review is None:
+            if findings:
+                raise ValueError("the findings format is for review jobs (give 'review')")
+            return self
+        if not findings or self.output.cvat_task is not None:
+            raise ValueError("a review job writes output.format 'findings' to output.directory")
+        if self.source.video is not None or self.source.cvat_task is not None:
+            raise ValueError("a review job reads images from a directory, paths, urls or a manifest")
+        if self.sam_refine is not None:
+            raise ValueError("sam_refine is for pre-labeling jobs")
+        if "conf" not in self.params.model_fields_set:
+            self.params.conf = REVIEW_CONF
+        return self
 
     @model_validator(mode="after")
     def _video_settings(self) -> JobSpec:

@@ -1,0 +1,177 @@
+"""Review jobs: the detector runs over the annotated images exactly as in a pre-labeling job (same items,
+batches, progress, cancel and resume), with low-confidence boxes kept. When every image is done, the stored
+detections and the annotations are scored (server.services.review) and the ranked findings are written.
+
+The annotations are read at submit (to check names and labels) and again at the end; nothing but the
+detections is stored, so a resumed job scores what the annotations file says when it finishes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+from models.detector import DetectorInfo
+from server.errors import ApiError
+from server.formats.annotations import AnnotatedImage, AnnotationError, read_annotations
+from server.formats.files import yolo_label_path
+from server.formats.findings import FINDINGS_FILE, write_findings
+from server.formats.stored import shape_from_dict
+from server.inputs.objectstore.locations import is_s3_url
+from server.inputs.objectstore.store import store_for
+from server.jobs.control import JobFailed
+from server.jobs.outputs import STAGING_DIR
+from server.jobs.spec import JobSpec, ReviewSpec
+from server.jobs.store import JobStore
+from server.services.collections import ImageEntry
+from server.services.review import ImageInput, score_boxes
+from server.settings import Settings
+
+REVIEWED_TASKS = ("detect", "segment")  # detectors whose boxes ObjectLab can compare
+
+
+def review_entries(spec: JobSpec, info: DetectorInfo, settings: Settings) -> list[ImageEntry]:
+    """The job's items: the annotated images, in the dataset's order (YOLO: the source's order), after
+    checking that the detector gives boxes, that every annotated image is in the source and that the
+    detector's classes map onto the dataset's labels. ApiError (4xx) otherwise."""
+    review = spec.review
+    assert review is not None
+    if info.task not in REVIEWED_TASKS:
+        raise ApiError(
+            422,
+            "unsupported_detector",
+            f"{spec.detector!r} is a {info.task} model; a review compares boxes, so it needs a "
+            f"{' or '.join(REVIEWED_TASKS)} model.",
+        )
+    dataset = load(review)
+    class_map(review, info, dataset)
+    entries = spec.source.enumerate(settings)
+    if review.format == "yolo":
+        by_label = {yolo_label_path(name): (ref, name) for ref, name in entries}
+        stray = [image.name for image in dataset if image.name not in by_label]
+        _no_images(stray, spec)
+        return entries
+    by_name = dict((name, (ref, name)) for ref, name in entries)
+    _no_images([image.name for image in dataset if image.name not in by_name], spec)
+    return [by_name[image.name] for image in dataset]
+
+
+def _no_images(names: list[str], spec: JobSpec) -> None:
+    if names:
+        shown = ", ".join(repr(n) for n in names[:5]) + (
+            f" and {len(names) - 5} more" if len(names) > 5 else ""
+        )
+        raise ApiError(
+            400,
+            "images_missing",
+            f"The annotations name {len(names)} images the source does not have: {shown}. Point the source "
+            "at the folder the annotations' image names are relative to.",
+        )
+
+
+def load(review: ReviewSpec) -> list[AnnotatedImage]:
+    """The annotations (ApiError 400 when they cannot be read)."""
+    if is_s3_url(review.annotations) or "://" in review.annotations:
+        raise ApiError(400, "unsupported_annotations", "review.annotations must be a local path.")
+    path = Path(review.annotations)
+    if not path.exists():
+        raise ApiError(400, "annotations_not_found", f"The annotations {review.annotations!r} do not exist.")
+    try:
+        return read_annotations(review.format, path)
+    except AnnotationError as exc:
+        raise ApiError(
+            400, "bad_annotations", f"The {review.format} annotations cannot be read: {exc}"
+        ) from None
+
+
+def class_map(
+    review: ReviewSpec, info: DetectorInfo, dataset: list[AnnotatedImage]
+) -> tuple[list[str], dict[str, str]]:
+    """The dataset's labels (ObjectLab's classes, in first-seen order) and detector class -> label.
+    ApiError 422 when the mapping names unknown classes or labels, or when no detector class maps."""
+    labels = list(dict.fromkeys(a.shape.label or "" for image in dataset for a in image.annotations))
+    names = set(info.class_names.values())
+    given = review.label_mapping
+    if given is not None:
+        unknown = sorted(set(given) - names)
+        if unknown:
+            raise ApiError(
+                422, "bad_label_mapping",
+                f"label_mapping names detector classes {unknown} that {info.name!r} does not have; it has "
+                f"{sorted(names)}.",
+            )  # fmt: skip
+        strange = sorted(set(given.values()) - set(labels))
+        if strange:
+            raise ApiError(
+                422, "bad_label_mapping",
+                f"label_mapping maps onto labels {strange} the annotations never use; they use {labels}.",
+            )  # fmt: skip
+    mapping = given if given is not None else {n: n for n in names if n in labels}
+    if labels and not mapping:
+        raise ApiError(
+            422,
+            "labels_unmapped",
+            f"None of {info.name!r}'s classes is a label of the annotations ({labels[:10]}); give "
+            "review.label_mapping {detector class: dataset label}.",
+        )
+    return labels, mapping
+
+
+def write_review(store: JobStore, job_id: str, spec: JobSpec, info: DetectorInfo, settings: Settings) -> None:
+    """Score the stored detections against the annotations and write findings.json (staged and uploaded for
+    an s3:// output, as pre-labeling outputs are)."""
+    review, target = spec.review, spec.output.directory
+    assert review is not None and target is not None
+    try:
+        dataset = load(review)
+        classes, mapping = class_map(review, info, dataset)
+    except ApiError as exc:
+        raise JobFailed(f"reading the annotations failed: {exc.message}") from None
+    by_name = {image.name: image for image in dataset}
+    images, predictions, failed = [], 0, 0
+    for item in store.items(job_id):
+        if item.status != "done":
+            failed += 1
+            continue
+        assert item.width is not None and item.height is not None and item.result is not None
+        key = yolo_label_path(item.name) if review.format == "yolo" else item.name
+        annotated = by_name.get(key)
+        annotations = annotated.in_pixels(item.width, item.height) if annotated is not None else []
+        found = []
+        for data in json.loads(item.result):
+            shape = shape_from_dict(data)
+            label = mapping.get(shape.label or "")
+            if label is not None and shape.bounds() is not None:
+                found.append(replace(shape, label=label))
+        predictions += len(found)
+        images.append(ImageInput(item.index, item.name, annotations, found))
+    findings = score_boxes(images, classes, review.max_score)
+    listed = findings[: review.top_k] if review.top_k is not None else findings
+    summary = {
+        "detector": spec.detector,
+        "conf": spec.params.conf,
+        "images": len(images),
+        "images_failed": failed,
+        "annotations": sum(len(i.annotations) for i in images),
+        "predictions": predictions,
+        "findings": len(findings),
+        "listed": len(listed),
+        "by_kind": dict(Counter(f.kind for f in findings)),
+    }
+    remote = is_s3_url(target)
+    directory = settings.data_dir / STAGING_DIR / job_id if remote else Path(target)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        write_findings(directory / FINDINGS_FILE, listed, summary)
+        if remote:
+            store_for(settings).upload_tree(directory, target)
+    except OSError as exc:
+        raise JobFailed(f"writing the findings failed: {exc}") from None
+    except ApiError as exc:
+        raise JobFailed(f"uploading the findings failed: {exc.message}") from None
+    finally:
+        if remote:
+            shutil.rmtree(directory, ignore_errors=True)
