@@ -186,3 +186,71 @@ def write_coco_dataset(directory: Path, corpus: Corpus) -> Path:
     path = directory / "annotations.json"
     path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
     return path
+
+
+def colour_segmenter(model: str, data: bytes, image: np.ndarray, shapes: list[Shape]) -> list[Shape]:
+    """The engine's `refine` for the mask check on make_scene images, as SAM would answer there: each box
+    becomes the whole connected region of the colour at its centre (the object, also where it leaves the
+    box). A box whose centre is background stays a box, as SAM's empty masks do."""
+    import cv2
+
+    from models.shapes import RegionMask
+
+    height, width = image.shape[:2]
+    out = []
+    for shape in shapes:
+        x1, y1, x2, y2 = shape.box or (0, 0, 0, 0)
+        cx, cy = min(int((x1 + x2) / 2), width - 1), min(int((y1 + y2) / 2), height - 1)
+        colour = image[cy, cx] > 128
+        if not colour.any():
+            out.append(shape)
+            continue
+        same = np.all((image > 128) == colour, axis=2).astype(np.uint8)
+        _, labels = cv2.connectedComponents(same, connectivity=4)
+        region = labels == labels[cy, cx]
+        out.append(Shape("mask", label=shape.label, mask=RegionMask.from_full(region).tight()))
+    return out
+
+
+def write_mask_dataset(
+    directory: Path, count: int, rate: float = 0.15, seed: int = 5
+) -> tuple[Path, set[int]]:
+    """make_scene images annotated with exact masks (COCO RLE), `rate` of them eroded or dilated; returns the
+    JSON's path and the annotation ids made sloppy."""
+    import cv2
+
+    from models.shapes import RegionMask
+    from server.formats.rle import coco_rle
+
+    rng = np.random.default_rng(seed)
+    images, annotations, sloppy = [], [], set()
+    ids = {name: k for k, name in enumerate(LABELS, start=1)}
+    for i in range(count):
+        image, rects = make_scene(i)
+        height, width = image.shape[:2]
+        name = f"m_{i:03d}.png"
+        (directory / name).write_bytes(encode_png(image))
+        images.append({"id": i + 1, "file_name": name, "width": width, "height": height})
+        for r in rects:
+            full = np.zeros((height, width), dtype=np.uint8)
+            full[r.y0 : r.y1, r.x0 : r.x1] = 1
+            ann_id = len(annotations) + 1
+            side = min(r.x1 - r.x0, r.y1 - r.y0)
+            if rng.random() < rate and side >= 8:
+                k = max(2, round(0.2 * side))
+                kernel = np.ones((2 * k + 1, 2 * k + 1), np.uint8)
+                if rng.random() < 0.5:
+                    full = cv2.erode(full, np.ones((3, 3), np.uint8), iterations=k // 2 + 1)
+                else:
+                    full = cv2.dilate(full, kernel)
+                sloppy.add(ann_id)
+            mask = RegionMask.from_full(full)
+            x, y, w, h = mask.bbox_xywh()
+            annotations.append(
+                {"id": ann_id, "image_id": i + 1, "category_id": ids[r.label], "bbox": [x, y, w, h],
+                 "area": mask.area(), "iscrowd": 0, "segmentation": coco_rle(mask)}
+            )  # fmt: skip
+    path = directory / "masks.json"
+    categories = [{"id": k, "name": n} for n, k in ids.items()]
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return path, sloppy

@@ -33,10 +33,12 @@ from tests.review_helpers import (
     LABELS,
     Corpus,
     SeededRectDetector,
+    colour_segmenter,
     hits,
     make_corpus,
     seeded_predictions,
     write_coco_dataset,
+    write_mask_dataset,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -412,3 +414,54 @@ def test_a_review_job_cancels_and_resumes_after_kill_9(
     final = slow.status(job.id)
     assert final.state == "cancelled" and final.done < 80
     assert not (tmp_path / "cancelled" / "findings.json").exists()
+
+
+# -- masks and polygons: the SAM check -------------------------------------------------------------------
+
+
+def test_eroded_and_dilated_masks_are_flagged_by_the_sam_check(tmp_path: Path) -> None:
+    directory = tmp_path / "masks"
+    directory.mkdir()
+    annotations, sloppy = write_mask_dataset(directory, 60)
+    assert len(sloppy) >= 8
+    prompts: list[int] = []
+
+    def refine(model: str, data: bytes, image: np.ndarray, shapes: list[Shape]) -> list[Shape]:
+        assert model == "colour" and data and all(s.kind == "box" for s in shapes)
+        prompts.append(len(shapes))
+        return colour_segmenter(model, data, image, shapes)
+
+    detector = SeededRectDetector()
+    engine = LocalEngine(
+        lambda _: detector, refine=refine, check_refine=lambda n: {"colour": 1}[n], state_db=tmp_path / "j.db"
+    )
+    try:
+        with pytest.raises(ApiError) as unknown:
+            engine.submit(review_spec(directory, annotations, tmp_path / "x", sam="other"))
+        assert unknown.value.status == 404
+        job = engine.submit(review_spec(directory, annotations, tmp_path / "out", sam="colour"))
+        assert wait_for(engine, job.id).state == "completed"
+    finally:
+        engine.close()
+    masks = len(json.loads(annotations.read_text())["annotations"])
+    assert sum(prompts) == masks  # one prompt per mask annotation
+    listed = json.loads((tmp_path / "out" / "findings.json").read_text())["findings"]
+    edges = [d for d in listed if d["kind"] == "sloppy_edge"]
+    flagged = [int(d["shape_id"]) for d in edges]
+    recall = len(set(flagged[: 2 * len(sloppy)]) & sloppy) / len(sloppy)
+    precision = len(set(flagged[: len(sloppy)]) & sloppy) / len(sloppy)
+    print(f"\nsloppy masks {len(sloppy)} of {masks}: recall@2E {recall:.3f}, precision@E {precision:.3f}")
+    assert recall >= 0.6 and set(flagged) == sloppy  # clean masks match the object exactly: IoU 1
+    for d in edges:
+        assert d["iou"] == d["score"] < 0.9 and d["suggested_mask"]["size"]
+
+
+def test_without_sam_a_review_is_refused_a_sam_check(coco: tuple[Path, Path, Corpus], tmp_path: Path) -> None:
+    images, annotations, _ = coco
+    engine = LocalEngine(lambda _: SeededRectDetector(), state_db=tmp_path / "j.db")
+    try:
+        with pytest.raises(ApiError) as err:
+            engine.submit(review_spec(images, annotations, tmp_path / "o", sam="mobile_sam"))
+        assert (err.value.status, err.value.code) == (422, "refine_unavailable")
+    finally:
+        engine.close()

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from models.shapes import RegionMask
 from server.formats.files import FINDINGS_FILE, atomic, r2
+from server.formats.rle import coco_rle
 
 __all__ = ["FINDINGS_FILE", "Finding", "write_findings"]
 # missing: an object the model is sure of has no annotation; badloc: an annotated box is off; swap: an
@@ -34,6 +36,7 @@ class Finding:
     suggested_label: str | None = None  # swap: the model's class
     model_score: float | None = None  # the model's confidence in the suggested box
     iou: float | None = None  # sloppy_edge: IoU of SAM's mask and the annotated one
+    suggested_mask: RegionMask | None = None  # sloppy_edge: SAM's mask
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -52,6 +55,8 @@ class Finding:
             out["model_score"] = round(self.model_score, 6)
         if self.iou is not None:
             out["iou"] = round(self.iou, 6)
+        if self.suggested_mask is not None:
+            out["suggested_mask"] = coco_rle(self.suggested_mask)  # COCO compressed RLE, the whole image
         return out
 
 

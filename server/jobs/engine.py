@@ -35,7 +35,7 @@ from server.inputs.video import copy_path, local_path
 from server.jobs.control import JobControl, JobFailed
 from server.jobs.image_job import ImageRun, Read, Refine
 from server.jobs.outputs import output_locations, upload_to_cvat, write_files
-from server.jobs.review_job import review_entries, write_review
+from server.jobs.review_job import annotated_items, review_entries, write_review
 from server.jobs.spec import JobSpec
 from server.jobs.status import JobStatus, job_status, task_page
 from server.jobs.store import ACTIVE_STATES, JobRow, JobState, JobStore
@@ -300,6 +300,8 @@ class LocalEngine:
                 _cvat_step("logging in to CVAT", cvat.Login.of, task, self._settings)
         if spec.sam_refine is not None and self._refine is None:  # resumed by a process without SAM
             raise JobFailed("the job asks for SAM refinement, which this process does not have")
+        if spec.review is not None and spec.review.sam is not None and self._refine is None:
+            raise JobFailed("the review asks for SAM, which this process does not have")
         with contextlib.ExitStack() as stack:
             connections = stack.enter_context(cvat.Connections(self._settings)) if spec.uses_cvat() else None
             read: Read = self._read
@@ -373,6 +375,12 @@ class LocalEngine:
     def _process(
         self, job_id: str, spec: JobSpec, detector: Detector, control: JobControl, read: Read
     ) -> None:
+        annotated = None
+        if spec.review is not None and spec.review.sam is not None:
+            try:
+                annotated = annotated_items(self.store, job_id, spec.review)
+            except ApiError as exc:
+                raise JobFailed(f"reading the annotations failed: {exc.message}") from None
         run = ImageRun(
             self.store,
             job_id,
@@ -384,6 +392,7 @@ class LocalEngine:
             self._settings.max_image_pixels,
             self._readers,
             self._prefetch,
+            annotated,
         )
         run.process()
 

@@ -23,11 +23,12 @@ from server.formats.stored import shape_from_dict
 from server.inputs.objectstore.locations import is_s3_url
 from server.inputs.objectstore.store import store_for
 from server.jobs.control import JobFailed
+from server.jobs.image_job import REVIEW_OF
 from server.jobs.outputs import STAGING_DIR
 from server.jobs.spec import JobSpec, ReviewSpec
 from server.jobs.store import JobStore
 from server.services.collections import ImageEntry
-from server.services.review import ImageInput, score_boxes
+from server.services.review import ImageInput, rank_findings, score_boxes, score_edges
 from server.settings import Settings
 
 REVIEWED_TASKS = ("detect", "segment")  # detectors whose boxes ObjectLab can compare
@@ -120,6 +121,17 @@ def class_map(
     return labels, mapping
 
 
+def annotated_items(store: JobStore, job_id: str, review: ReviewSpec) -> dict[int, AnnotatedImage]:
+    """Item index -> its annotations, for the items still pending (what SAM prompts come from)."""
+    by_name = {image.name: image for image in load(review)}
+    found = {}
+    for item in store.items(job_id, status="pending"):
+        key = yolo_label_path(item.name) if review.format == "yolo" else item.name
+        if key in by_name:
+            found[item.index] = by_name[key]
+    return found
+
+
 def write_review(store: JobStore, job_id: str, spec: JobSpec, info: DetectorInfo, settings: Settings) -> None:
     """Score the stored detections against the annotations and write findings.json (staged and uploaded for
     an s3:// output, as pre-labeling outputs are)."""
@@ -140,15 +152,21 @@ def write_review(store: JobStore, job_id: str, spec: JobSpec, info: DetectorInfo
         key = yolo_label_path(item.name) if review.format == "yolo" else item.name
         annotated = by_name.get(key)
         annotations = annotated.in_pixels(item.width, item.height) if annotated is not None else []
-        found = []
+        found, sam_masks = [], {}
         for data in json.loads(item.result):
             shape = shape_from_dict(data)
+            answers = shape.attributes.get(REVIEW_OF)
+            if answers is not None and shape.mask is not None:
+                sam_masks[answers] = shape.mask
+                continue
             label = mapping.get(shape.label or "")
             if label is not None and shape.bounds() is not None:
                 found.append(replace(shape, label=label))
         predictions += len(found)
-        images.append(ImageInput(item.index, item.name, annotations, found))
-    findings = score_boxes(images, classes, review.max_score)
+        images.append(ImageInput(item.index, item.name, annotations, found, sam_masks))
+    findings = rank_findings(
+        score_boxes(images, classes, review.max_score) + score_edges(images, review.max_score)
+    )
     listed = findings[: review.top_k] if review.top_k is not None else findings
     summary = {
         "detector": spec.detector,

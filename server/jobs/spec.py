@@ -135,6 +135,12 @@ class ReviewSpec(BaseModel):
         default=0.9, gt=0.0, le=1.0, description="Findings scoring this or more (1 = no doubt) are left out."
     )
     top_k: int | None = Field(default=None, ge=1, description="Write at most this many findings.")
+    sam: str | None = Field(
+        default=None,
+        description="A SAM model: each polygon or mask annotation's box prompts it, and a low IoU between "
+        "SAM's mask and the annotated one flags a sloppy edge. Encodes go through the embedding cache, so "
+        "right after a pre-labeling job with the same SAM model they cost nothing. None: boxes only.",
+    )
 
 
 class JobSpec(BaseModel):

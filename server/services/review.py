@@ -16,11 +16,11 @@ that was not trained on these labels, or the scores say nothing.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from models.shapes import Shape
+from models.shapes import RegionMask, Shape, mask_from_polygon
 from server.formats.annotations import Annotation
 from server.formats.findings import Finding
 
@@ -33,6 +33,7 @@ class ImageInput:
     name: str
     annotations: list[Annotation]  # in pixels, labels named as in `classes`
     predictions: list[Shape]  # the detector's, labels named as in `classes` (others dropped)
+    sam_masks: dict[str, RegionMask] = field(default_factory=dict)  # annotation id -> SAM's mask from its box
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,44 @@ def score_boxes(
             if worst.score < max_score:
                 findings.append(worst)
     return rank_findings(findings)
+
+
+def score_edges(images: Sequence[ImageInput], max_score: float = 0.9) -> list[Finding]:
+    """A "sloppy_edge" finding for each polygon or mask annotation whose IoU with SAM's mask (prompted with
+    the annotation's box) is below `max_score`; the score is that IoU."""
+    findings = []
+    for image in images:
+        for annotation in image.annotations:
+            sam = image.sam_masks.get(annotation.shape_id)
+            if sam is None:
+                continue
+            iou = mask_iou(annotated_mask(annotation.shape, sam.image_width, sam.image_height), sam)
+            if iou < max_score:
+                findings.append(
+                    Finding("sloppy_edge", iou, image.frame, image.name, annotation.shape.label or "",
+                            annotation.shape_id, _box(annotation.shape), _box(Shape("mask", mask=sam)),
+                            iou=iou, suggested_mask=sam)
+                )  # fmt: skip
+    return rank_findings(findings)
+
+
+def annotated_mask(shape: Shape, width: int, height: int) -> RegionMask:
+    if shape.mask is not None:
+        return shape.mask
+    assert shape.polygon is not None
+    return mask_from_polygon(shape.polygon, width, height)
+
+
+def mask_iou(a: RegionMask, b: RegionMask) -> float:
+    """IoU of two masks of the same image, computed over the union of their boxes only."""
+    boxes = [m.bbox_xyxy_inclusive() for m in (a, b)]
+    if boxes[0] is None or boxes[1] is None:
+        return 0.0
+    x0, y0 = min(boxes[0][0], boxes[1][0]), min(boxes[0][1], boxes[1][1])
+    x1, y1 = max(boxes[0][2], boxes[1][2]) + 1, max(boxes[0][3], boxes[1][3]) + 1
+    crops = [m.to_full()[y0:y1, x0:x1] for m in (a, b)]
+    union = np.logical_or(*crops).sum()
+    return float(np.logical_and(*crops).sum() / union) if union else 0.0
 
 
 def rank_findings(findings: list[Finding]) -> list[Finding]:
