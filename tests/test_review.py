@@ -287,7 +287,7 @@ def test_a_review_job_finds_the_injected_errors(
     assert job.total == 80
     status = wait_for(engine, job.id)
     assert (status.state, status.done, status.failed) == ("completed", 80, 0)
-    assert status.outputs == [str(tmp_path / "out" / "findings.json")]
+    assert status.outputs == [str(tmp_path / "out" / "findings.json"), str(tmp_path / "out" / "report.html")]
     assert set(detector.confs) == {0.01}  # low-confidence boxes kept
     document = json.loads((tmp_path / "out" / "findings.json").read_text())
     summary, listed = document["summary"], document["findings"]
@@ -312,6 +312,12 @@ def test_a_review_job_finds_the_injected_errors(
     assert [ids.get(d["shape_id"]) for d in listed if d["shape_id"]] == [
         f.shape_id for f in direct if f.shape_id
     ]
+
+    report = (tmp_path / "out" / "report.html").read_text()
+    for kind in ("missing", "badloc", "swap", "spurious"):  # grouped by kind, every finding listed
+        assert f"<h2 id='{kind}'>" in report
+        assert report.count(f"{kind} score") == sum(d["kind"] == kind for d in listed)
+    assert report.count("<img alt='annotated'") == min(len(listed), 200)
 
     capped = engine.submit(review_spec(images, annotations, tmp_path / "top", top_k=5))
     assert wait_for(engine, capped.id).state == "completed"

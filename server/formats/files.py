@@ -33,6 +33,7 @@ MOT_GT = "gt/gt.txt"  # video jobs' formats: server.formats.cvat_video and serve
 MOT_LABELS = "gt/labels.txt"
 MOT_SEQINFO = "seqinfo.ini"
 FINDINGS_FILE = "findings.json"  # a review job's (server.formats.findings)
+REVIEW_REPORT = "report.html"  # and its HTML report (server.formats.review_html)
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ def output_paths(fmt: str, directory: Path) -> list[Path]:
         "yolo": [directory / YOLO_YAML, directory / YOLO_LABELS],
         "cvat_video": [directory / CVAT_FILE],
         "mot": [directory / MOT_GT, directory / MOT_LABELS, directory / MOT_SEQINFO],
-        "findings": [directory / FINDINGS_FILE],
+        "findings": [directory / FINDINGS_FILE, directory / REVIEW_REPORT],
     }[fmt]
 
 

@@ -322,7 +322,7 @@ class LocalEngine:
             assert detector is not None
             outputs: list[str] = []
             if spec.review is not None:
-                write_review(self.store, job_id, spec, detector.info, self._settings)
+                write_review(self.store, job_id, spec, detector.info, self._settings, read)
                 outputs += output_locations(spec)
             elif spec.output.directory is not None:
                 write_files(self.store, job_id, spec, detector.info, self._total(job_id), self._settings)

@@ -11,15 +11,20 @@ from __future__ import annotations
 import json
 import shutil
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+
+import numpy as np
 
 from models.detector import DetectorInfo
 from server.errors import ApiError
 from server.formats.annotations import AnnotatedImage, AnnotationError, read_annotations
 from server.formats.files import yolo_label_path
 from server.formats.findings import FINDINGS_FILE, write_findings
+from server.formats.review_html import REPORT_FILE, write_report
 from server.formats.stored import shape_from_dict
+from server.inputs.images import decode_image
 from server.inputs.objectstore.locations import is_s3_url
 from server.inputs.objectstore.store import store_for
 from server.jobs.control import JobFailed
@@ -132,9 +137,16 @@ def annotated_items(store: JobStore, job_id: str, review: ReviewSpec) -> dict[in
     return found
 
 
-def write_review(store: JobStore, job_id: str, spec: JobSpec, info: DetectorInfo, settings: Settings) -> None:
-    """Score the stored detections against the annotations and write findings.json (staged and uploaded for
-    an s3:// output, as pre-labeling outputs are)."""
+def write_review(
+    store: JobStore,
+    job_id: str,
+    spec: JobSpec,
+    info: DetectorInfo,
+    settings: Settings,
+    read: Callable[[str], bytes],
+) -> None:
+    """Score the stored detections against the annotations and write findings.json and report.html (staged
+    and uploaded for an s3:// output, as pre-labeling outputs are); `read` gives the report's images."""
     review, target = spec.review, spec.output.directory
     assert review is not None and target is not None
     try:
@@ -143,8 +155,9 @@ def write_review(store: JobStore, job_id: str, spec: JobSpec, info: DetectorInfo
     except ApiError as exc:
         raise JobFailed(f"reading the annotations failed: {exc.message}") from None
     by_name = {image.name: image for image in dataset}
-    images, predictions, failed = [], 0, 0
+    images, predictions, failed, refs = [], 0, 0, {}
     for item in store.items(job_id):
+        refs[item.index] = item.ref
         if item.status != "done":
             failed += 1
             continue
@@ -184,6 +197,15 @@ def write_review(store: JobStore, job_id: str, spec: JobSpec, info: DetectorInfo
     try:
         directory.mkdir(parents=True, exist_ok=True)
         write_findings(directory / FINDINGS_FILE, listed, summary)
+
+        def image_of(frame: int) -> np.ndarray | None:
+            try:
+                return decode_image(read(refs[frame]), settings.max_image_pixels)
+            except (ApiError, OSError, ValueError):
+                return None
+
+        title = f"labelserve review: {len(listed)} findings, {len(images)} images, detector {spec.detector}"
+        write_report(directory / REPORT_FILE, listed, image_of, review.thumbnails, title)
         if remote:
             store_for(settings).upload_tree(directory, target)
     except OSError as exc:

@@ -135,6 +135,9 @@ class ReviewSpec(BaseModel):
         default=0.9, gt=0.0, le=1.0, description="Findings scoring this or more (1 = no doubt) are left out."
     )
     top_k: int | None = Field(default=None, ge=1, description="Write at most this many findings.")
+    thumbnails: int = Field(
+        default=200, ge=0, le=10_000, description="report.html pictures the first this many findings."
+    )
     sam: str | None = Field(
         default=None,
         description="A SAM model: each polygon or mask annotation's box prompts it, and a low IoU between "
