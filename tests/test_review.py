@@ -28,6 +28,7 @@ from server.formats.files import ImageResult
 from server.jobs.engine import LocalEngine
 from server.jobs.spec import JobSpec
 from server.services.review import ImageInput, objectlab_inputs, score_boxes
+from tests.cvat_emulator import CvatEmulator
 from tests.jobs_helpers import CLASS_NAMES, wait_for
 from tests.review_helpers import (
     LABELS,
@@ -471,3 +472,62 @@ def test_without_sam_a_review_is_refused_a_sam_check(coco: tuple[Path, Path, Cor
         assert (err.value.status, err.value.code) == (422, "refine_unavailable")
     finally:
         engine.close()
+
+
+# -- CVAT issues -----------------------------------------------------------------------------------------
+
+
+def test_findings_become_cvat_issues_once(
+    coco: tuple[Path, Path, Corpus], make_engine: Callable[..., LocalEngine], tmp_path: Path
+) -> None:
+    from cvat_sdk import make_client
+
+    images, annotations, _ = coco
+    names = [f"scene_{i:03d}.png" for i in range(80)]
+    with CvatEmulator(token="t0ken", page_size=7) as cvat:
+        task = cvat.add_task(
+            [{"name": n, "type": "rectangle"} for n in LABELS],
+            [(f"data/{n}", (images / n).read_bytes()) for n in names],  # matched by file name
+            segment_size=40,
+        )
+        first, second = task.jobs
+        issues = {"url": cvat.url, "token": "t0ken", "job_id": second.id, "top_k": 12, "per_frame": 1}
+        engine = make_engine()
+        with pytest.raises(ApiError) as no_job:
+            engine.submit(
+                review_spec(images, annotations, tmp_path / "x", cvat_issues=issues | {"job_id": 999})
+            )
+        assert (no_job.value.status, no_job.value.code) == (400, "cvat_job_not_found")
+
+        job = engine.submit(review_spec(images, annotations, tmp_path / "out", cvat_issues=issues))
+        assert "t0ken" not in engine.store.job(job.id).spec  # the credentials are stored apart
+        assert wait_for(engine, job.id).state == "completed"
+        document = json.loads((tmp_path / "out" / "findings.json").read_text())
+        on_second = [d for d in document["findings"] if d["frame"] >= 40]
+        one_per_frame = [
+            d for k, d in enumerate(on_second) if d["frame"] not in {e["frame"] for e in on_second[:k]}
+        ]
+        assert document["summary"]["cvat_issues"]["written"] == 12
+        assert len(cvat.issues) == 12
+
+        with make_client(cvat.url, access_token="t0ken") as client:  # read back as CVAT's own client would
+            written = client.jobs.retrieve(second.id).get_issues()
+            assert {i.frame for i in written} == {d["frame"] for d in one_per_frame[:12]}
+            for issue in written:
+                finding = next(d for d in one_per_frame if d["frame"] == issue.frame)
+                assert issue.job == second.id and not issue.resolved
+                assert issue.position == pytest.approx(finding["box"] or finding["suggested_box"])
+                message = issue.get_comments()[0].message
+                assert message.startswith(f"[labelserve review v1 kind={finding['kind']} ")
+                assert "key=" in message and "model=rects" in message
+            assert client.jobs.retrieve(first.id).get_issues() == []  # the other job's frames are left alone
+
+        rerun = engine.submit(review_spec(images, annotations, tmp_path / "again", cvat_issues=issues))
+        assert wait_for(engine, rerun.id).state == "completed"
+        again = json.loads((tmp_path / "again" / "findings.json").read_text())["summary"]["cvat_issues"]
+        assert (again["written"], again["existing"], len(cvat.issues)) == (0, 12, 12)
+        more = engine.submit(
+            review_spec(images, annotations, tmp_path / "more", cvat_issues=issues | {"top_k": 15})
+        )
+        assert wait_for(engine, more.id).state == "completed"
+        assert len(cvat.issues) == 15  # three more, none repeated

@@ -215,6 +215,10 @@ class Connections:
             return None  # the same bucket name at another S3 service
         return str(storage.resource)
 
+    def client(self, connection: CvatConnection) -> Any:
+        """A logged-in cvat-sdk client for `connection` (shared with the tasks read through it)."""
+        return self._client(Login.of(connection, self._settings))
+
     def client_for_profile(self, profile: str, organization: str | None = None) -> Any:
         """A logged-in cvat-sdk client for a server profile, in `organization`'s context (else the profile's);
         for callers that use CVAT's API beyond tasks (e.g. registering webhooks)."""

@@ -295,7 +295,7 @@ class LocalEngine:
         secrets = self.store.secrets(job_id)
         if secrets is not None:
             spec = spec.with_secrets(json.loads(secrets))
-        for task in (spec.source.cvat_task, spec.output.cvat_task):
+        for task in (spec.source.cvat_task, spec.output.cvat_task, spec.issues()):
             if task is not None:  # credentials gone, or a profile removed: fail now, not after every image
                 _cvat_step("logging in to CVAT", cvat.Login.of, task, self._settings)
         if spec.sam_refine is not None and self._refine is None:  # resumed by a process without SAM
@@ -322,7 +322,7 @@ class LocalEngine:
             assert detector is not None
             outputs: list[str] = []
             if spec.review is not None:
-                write_review(self.store, job_id, spec, detector.info, self._settings, read)
+                write_review(self.store, job_id, spec, detector.info, self._settings, read, connections)
                 outputs += output_locations(spec)
             elif spec.output.directory is not None:
                 write_files(self.store, job_id, spec, detector.info, self._total(job_id), self._settings)

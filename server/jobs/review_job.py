@@ -12,12 +12,13 @@ import json
 import shutil
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 
 from models.detector import DetectorInfo
+from server.cvat.tasks import Connections
 from server.errors import ApiError
 from server.formats.annotations import AnnotatedImage, AnnotationError, read_annotations
 from server.formats.files import yolo_label_path
@@ -54,6 +55,11 @@ def review_entries(spec: JobSpec, info: DetectorInfo, settings: Settings) -> lis
         )
     dataset = load(review)
     class_map(review, info, dataset)
+    if review.cvat_issues is not None:  # the connection and the job, before anything is stored
+        from server.cvat.issues import check_job
+
+        with Connections(settings) as connections:
+            check_job(connections, review.cvat_issues)
     entries = spec.source.enumerate(settings)
     if review.format == "yolo":
         by_label = {yolo_label_path(name): (ref, name) for ref, name in entries}
@@ -144,6 +150,7 @@ def write_review(
     info: DetectorInfo,
     settings: Settings,
     read: Callable[[str], bytes],
+    connections: Connections | None = None,
 ) -> None:
     """Score the stored detections against the annotations and write findings.json and report.html (staged
     and uploaded for an s3:// output, as pre-labeling outputs are); `read` gives the report's images."""
@@ -181,7 +188,7 @@ def write_review(
         score_boxes(images, classes, review.max_score) + score_edges(images, review.max_score)
     )
     listed = findings[: review.top_k] if review.top_k is not None else findings
-    summary = {
+    summary: dict[str, object] = {
         "detector": spec.detector,
         "conf": spec.params.conf,
         "images": len(images),
@@ -192,6 +199,16 @@ def write_review(
         "listed": len(listed),
         "by_kind": dict(Counter(f.kind for f in findings)),
     }
+    target_job = spec.issues()
+    if target_job is not None:
+        from server.cvat.issues import write_issues  # imports cvat-sdk
+
+        assert connections is not None
+        try:
+            written = write_issues(connections, target_job, findings, spec.detector)
+        except ApiError as exc:
+            raise JobFailed(f"writing CVAT issues failed: {exc.message} Resume the job to retry.") from None
+        summary["cvat_issues"] = {"job_id": target_job.job_id, **asdict(written)}
     remote = is_s3_url(target)
     directory = settings.data_dir / STAGING_DIR / job_id if remote else Path(target)
     try:

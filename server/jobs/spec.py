@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.detector import TILE_DESCRIPTION, TILE_OVERLAP_DESCRIPTION, DetectParams
-from server.cvat.spec import CvatTaskOutput
+from server.cvat.spec import CvatIssuesOutput, CvatTaskOutput
 from server.formats.annotations import AnnotationFormat
 from server.services.collections import Source
 
@@ -138,6 +138,11 @@ class ReviewSpec(BaseModel):
     thumbnails: int = Field(
         default=200, ge=0, le=10_000, description="report.html pictures the first this many findings."
     )
+    cvat_issues: CvatIssuesOutput | None = Field(
+        default=None,
+        description="Also write the top findings as issues on this CVAT job (its task's frames matched to "
+        "the images by name); a rerun adds no duplicates.",
+    )
     sam: str | None = Field(
         default=None,
         description="A SAM model: each polygon or mask annotation's box prompts it, and a low IoU between "
@@ -228,11 +233,19 @@ class JobSpec(BaseModel):
         return self
 
     def uses_cvat(self) -> bool:
-        return self.source.cvat_task is not None or self.output.cvat_task is not None
+        return (
+            self.source.cvat_task is not None
+            or self.output.cvat_task is not None
+            or self.issues() is not None
+        )
+
+    def issues(self) -> CvatIssuesOutput | None:
+        return self.review.cvat_issues if self.review is not None else None
 
     def secrets(self) -> dict[str, dict[str, str]]:
-        """CVAT credentials by place ("source", "output"); the JSON dump of the spec has them redacted."""
-        places = {"source": self.source.cvat_task, "output": self.output.cvat_task}
+        """CVAT credentials by place ("source", "output", "issues"); the JSON dump of the spec has them
+        redacted."""
+        places = {"source": self.source.cvat_task, "output": self.output.cvat_task, "issues": self.issues()}
         return {
             place: task.secrets() for place, task in places.items() if task is not None and task.secrets()
         }
@@ -244,4 +257,6 @@ class JobSpec(BaseModel):
             spec.source.cvat_task = spec.source.cvat_task.with_secrets(secrets["source"])
         if spec.output.cvat_task is not None and "output" in secrets:
             spec.output.cvat_task = spec.output.cvat_task.with_secrets(secrets["output"])
+        if spec.review is not None and spec.review.cvat_issues is not None and "issues" in secrets:
+            spec.review.cvat_issues = spec.review.cvat_issues.with_secrets(secrets["issues"])
         return spec
