@@ -29,7 +29,7 @@ from server.jobs.engine import LocalEngine
 from server.jobs.spec import JobSpec
 from server.services.review import ImageInput, objectlab_inputs, score_boxes
 from tests.cvat_emulator import CvatEmulator
-from tests.jobs_helpers import CLASS_NAMES, wait_for
+from tests.jobs_helpers import CLASS_NAMES, encode_png, make_scene, wait_for
 from tests.review_helpers import (
     LABELS,
     Corpus,
@@ -531,3 +531,53 @@ def test_findings_become_cvat_issues_once(
         )
         assert wait_for(engine, more.id).state == "completed"
         assert len(cvat.issues) == 15  # three more, none repeated
+
+
+def test_a_cvat_job_reviewed_in_place(make_engine: Callable[..., LocalEngine], tmp_path: Path) -> None:
+    """Source: a CVAT task's frames and current annotations (one job's frames); findings keep the CVAT shape
+    ids, and the issues go on that job."""
+    corpus = make_corpus(24, rate=0.15, seed=2)
+    with CvatEmulator(token="t0ken") as cvat:
+        frames = [(name, encode_png(make_scene(i)[0])) for i, (name, *_) in enumerate(corpus.frames)]
+        task = cvat.add_task([{"name": n, "type": "rectangle"} for n in LABELS], frames, segment_size=12)
+        label_ids = {label["name"]: label["id"] for label in task.labels}
+        shapes, ours = [], {}  # ours: CVAT shape id -> the corpus's shape id
+        for i, (*_, anns) in enumerate(corpus.frames):
+            for a in anns:
+                shapes.append({"type": "rectangle", "frame": i, "label_id": label_ids[a.shape.label],
+                               "points": list(a.shape.box)})  # fmt: skip
+        stored = cvat._store(task, {"shapes": shapes}, replace=True)["shapes"]
+        everything = [a for *_, anns in corpus.frames for a in anns]
+        for shape, a in zip(stored, everything, strict=True):
+            ours[str(shape["id"])] = a.shape_id
+        second = task.jobs[1]
+        connection = {"url": cvat.url, "token": "t0ken"}
+        spec = JobSpec.model_validate(
+            {
+                "source": {
+                    "cvat_task": connection | {"task_id": task.id},
+                    "frames": {"start": 12, "stop": 23},
+                },
+                "detector": "rects",
+                "review": {"format": "cvat_task", "cvat_issues": connection | {"job_id": second.id}},
+                "output": {"format": "findings", "directory": str(tmp_path / "out")},
+            }
+        )
+        engine = make_engine()
+        status = wait_for(engine, engine.submit(spec).id)
+        assert (status.state, status.total) == ("completed", 12)
+        document = json.loads((tmp_path / "out" / "findings.json").read_text())
+        listed = document["findings"]
+        assert {d["image"] for d in listed} <= {name for name, *_ in corpus.frames[12:]}
+        injected = corpus.injected
+        in_job = {k: {s for s in v if int(s.split(":")[0]) >= 12} for k, v in injected.shape_ids.items()}
+        wanted = set().union(*in_job.values())
+        flagged = {ours[d["shape_id"]] for d in listed if d["shape_id"] is not None}
+        assert wanted and wanted <= flagged  # every corrupted shape of the job, by its CVAT id
+        assert document["summary"]["cvat_issues"]["written"] == len(cvat.issues) > 0
+        assert {i["job"] for i in cvat.issues.values()} == {second.id}
+        assert all(12 <= i["frame"] <= 23 for i in cvat.issues.values())
+
+    bad = spec.model_dump(mode="json") | {"review": {"format": "cvat_task", "annotations": "x.json"}}
+    with pytest.raises(ValueError, match="except with the cvat_task format"):
+        JobSpec.model_validate(bad)

@@ -166,7 +166,7 @@ class Connections:
     def source_frames(self, source: CvatTaskSource) -> list[tuple[str, str]]:
         """(ref, name) of every frame of a source task, in frame order."""
         info = self.task(source)
-        return [(FRAME_REF.format(task_id=info.id, index=f.index), _safe_name(f.name)) for f in info.frames]
+        return [(FRAME_REF.format(task_id=info.id, index=f.index), frame_name(f.name)) for f in info.frames]
 
     def frame_reader(self, source: CvatTaskSource) -> Callable[[str], bytes]:
         """Reads an item's frame (original quality) by its ref; errors become the item's failure reason."""
@@ -277,7 +277,7 @@ def _server(url: str) -> str:
     return url.rstrip("/").lower()
 
 
-def _safe_name(name: str) -> str:
+def frame_name(name: str) -> str:
     """A frame name as an output name: only its plain segments, so it never climbs out of the directory."""
     return "/".join(s for s in name.replace("\\", "/").split("/") if s not in ("", ".", "..")) or "frame"
 

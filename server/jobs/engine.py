@@ -29,6 +29,7 @@ from models.concept_detector import ConceptDetector
 from models.detector import Detector
 from server.cvat import tasks as cvat
 from server.errors import ApiError
+from server.formats.annotations import AnnotatedImage
 from server.formats.files import check_names
 from server.inputs.urls import read
 from server.inputs.video import copy_path, local_path
@@ -312,7 +313,13 @@ class LocalEngine:
                 read_ahead = self._prefetch if self._readers > 0 else 0
                 process_video(self.store, job_id, spec, detector, control, self._settings, read_ahead)
             elif detector is not None:
-                self._process(job_id, spec, detector, control, read)
+                annotated = None
+                if spec.review is not None and spec.review.sam is not None:
+                    with cvat.Connections(self._settings) as own:
+                        annotated = _review_step(
+                            annotated_items, self.store, job_id, spec, connections or own
+                        )
+                self._process(job_id, spec, detector, control, read, annotated)
             if control.stop.is_set():
                 self._stopped(job_id, control)
                 return
@@ -322,7 +329,10 @@ class LocalEngine:
             assert detector is not None
             outputs: list[str] = []
             if spec.review is not None:
-                write_review(self.store, job_id, spec, detector.info, self._settings, read, connections)
+                with cvat.Connections(self._settings) as own:
+                    write_review(
+                        self.store, job_id, spec, detector.info, self._settings, read, connections or own
+                    )
                 outputs += output_locations(spec)
             elif spec.output.directory is not None:
                 write_files(self.store, job_id, spec, detector.info, self._total(job_id), self._settings)
@@ -373,14 +383,14 @@ class LocalEngine:
         return lambda: self._row(job_id).total
 
     def _process(
-        self, job_id: str, spec: JobSpec, detector: Detector, control: JobControl, read: Read
+        self,
+        job_id: str,
+        spec: JobSpec,
+        detector: Detector,
+        control: JobControl,
+        read: Read,
+        annotated: dict[int, AnnotatedImage] | None = None,
     ) -> None:
-        annotated = None
-        if spec.review is not None and spec.review.sam is not None:
-            try:
-                annotated = annotated_items(self.store, job_id, spec.review)
-            except ApiError as exc:
-                raise JobFailed(f"reading the annotations failed: {exc.message}") from None
         run = ImageRun(
             self.store,
             job_id,
@@ -398,6 +408,14 @@ class LocalEngine:
 
     def _read(self, ref: str) -> bytes:
         return read(ref, self._settings)
+
+
+def _review_step(step: Callable[..., T], *args: object) -> T:
+    """Reading a review's annotations while it runs: its ApiError fails the job with the message."""
+    try:
+        return step(*args)
+    except ApiError as exc:
+        raise JobFailed(f"reading the annotations failed: {exc.message}") from None
 
 
 def _cvat_step(doing: str, step: Callable[..., T], *args: object) -> T:

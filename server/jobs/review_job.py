@@ -53,13 +53,16 @@ def review_entries(spec: JobSpec, info: DetectorInfo, settings: Settings) -> lis
             f"{spec.detector!r} is a {info.task} model; a review compares boxes, so it needs a "
             f"{' or '.join(REVIEWED_TASKS)} model.",
         )
-    dataset = load(review)
-    class_map(review, info, dataset)
-    if review.cvat_issues is not None:  # the connection and the job, before anything is stored
-        from server.cvat.issues import check_job
+    with Connections(settings) as connections:
+        dataset = load(spec, connections)
+        class_map(review, info, dataset)
+        if review.cvat_issues is not None:  # the connection and the job, before anything is stored
+            from server.cvat.issues import check_job
 
-        with Connections(settings) as connections:
             check_job(connections, review.cvat_issues)
+        if spec.source.cvat_task is not None:
+            entries = connections.source_frames(spec.source.cvat_task)
+            return spec.source.frames.select(entries) if spec.source.frames is not None else entries
     entries = spec.source.enumerate(settings)
     if review.format == "yolo":
         by_label = {yolo_label_path(name): (ref, name) for ref, name in entries}
@@ -84,8 +87,16 @@ def _no_images(names: list[str], spec: JobSpec) -> None:
         )
 
 
-def load(review: ReviewSpec) -> list[AnnotatedImage]:
+def load(spec: JobSpec, connections: Connections) -> list[AnnotatedImage]:
     """The annotations (ApiError 400 when they cannot be read)."""
+    review = spec.review
+    assert review is not None
+    if review.format == "cvat_task":
+        from server.cvat.annotations import task_annotations  # imports cvat-sdk
+
+        assert spec.source.cvat_task is not None
+        return task_annotations(connections, spec.source.cvat_task)
+    assert review.annotations is not None
     if is_s3_url(review.annotations) or "://" in review.annotations:
         raise ApiError(400, "unsupported_annotations", "review.annotations must be a local path.")
     path = Path(review.annotations)
@@ -132,9 +143,13 @@ def class_map(
     return labels, mapping
 
 
-def annotated_items(store: JobStore, job_id: str, review: ReviewSpec) -> dict[int, AnnotatedImage]:
+def annotated_items(
+    store: JobStore, job_id: str, spec: JobSpec, connections: Connections
+) -> dict[int, AnnotatedImage]:
     """Item index -> its annotations, for the items still pending (what SAM prompts come from)."""
-    by_name = {image.name: image for image in load(review)}
+    review = spec.review
+    assert review is not None
+    by_name = {image.name: image for image in load(spec, connections)}
     found = {}
     for item in store.items(job_id, status="pending"):
         key = yolo_label_path(item.name) if review.format == "yolo" else item.name
@@ -150,14 +165,14 @@ def write_review(
     info: DetectorInfo,
     settings: Settings,
     read: Callable[[str], bytes],
-    connections: Connections | None = None,
+    connections: Connections,
 ) -> None:
     """Score the stored detections against the annotations and write findings.json and report.html (staged
     and uploaded for an s3:// output, as pre-labeling outputs are); `read` gives the report's images."""
     review, target = spec.review, spec.output.directory
     assert review is not None and target is not None
     try:
-        dataset = load(review)
+        dataset = load(spec, connections)
         classes, mapping = class_map(review, info, dataset)
     except ApiError as exc:
         raise JobFailed(f"reading the annotations failed: {exc.message}") from None
@@ -203,7 +218,6 @@ def write_review(
     if target_job is not None:
         from server.cvat.issues import write_issues  # imports cvat-sdk
 
-        assert connections is not None
         try:
             written = write_issues(connections, target_job, findings, spec.detector)
         except ApiError as exc:

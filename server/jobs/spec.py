@@ -119,13 +119,17 @@ class ReviewSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    annotations: str = Field(
+    annotations: str | None = Field(
+        default=None,
         min_length=1,
         description="The annotations, a local path: a COCO instances JSON file, a CVAT for images 1.1 XML "
         "file, or a YOLO directory (data.yaml and labels/). Their image names are relative to the source "
-        "directory, whose images must all be there.",
+        "directory, whose images must all be there. Absent for the cvat_task format.",
     )
-    format: AnnotationFormat = Field(description="coco, cvat_images or yolo.")
+    format: AnnotationFormat | Literal["cvat_task"] = Field(
+        description="coco, cvat_images or yolo; or cvat_task: the source CVAT task's current annotations "
+        "(source.cvat_task, with source.frames for one job's frames), each finding keeping its CVAT shape id."
+    )
     label_mapping: dict[str, str] | None = Field(
         default=None,
         description='Detector class name -> dataset label, where they differ (e.g. {"person": "human"}); '
@@ -192,8 +196,13 @@ class JobSpec(BaseModel):
             return self
         if not findings or self.output.cvat_task is not None:
             raise ValueError("a review job writes output.format 'findings' to output.directory")
-        if self.source.video is not None or self.source.cvat_task is not None:
-            raise ValueError("a review job reads images from a directory, paths, urls or a manifest")
+        from_task = self.review.format == "cvat_task"
+        if from_task != (self.source.cvat_task is not None):
+            raise ValueError("the cvat_task annotation format goes with a source.cvat_task, and only with it")
+        if from_task != (self.review.annotations is None):
+            raise ValueError("give review.annotations, except with the cvat_task format")
+        if self.source.video is not None:
+            raise ValueError("a review job reads images, not a video")
         if self.sam_refine is not None:
             raise ValueError("sam_refine is for pre-labeling jobs")
         if "conf" not in self.params.model_fields_set:
