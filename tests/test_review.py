@@ -581,3 +581,46 @@ def test_a_cvat_job_reviewed_in_place(make_engine: Callable[..., LocalEngine], t
     bad = spec.model_dump(mode="json") | {"review": {"format": "cvat_task", "annotations": "x.json"}}
     with pytest.raises(ValueError, match="except with the cvat_task format"):
         JobSpec.model_validate(bad)
+
+
+# -- the CLI ---------------------------------------------------------------------------------------------
+
+
+def test_the_cli_runs_a_review(
+    coco: tuple[Path, Path, Corpus], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import argparse
+
+    from server.cli import prelabel as cli
+
+    images, annotations, _ = coco
+    detector = SeededRectDetector()
+    asked: list[str | None] = []
+
+    def runtime(model: str, sam: str | None):  # the main CLI's: the detector lookup and SAM, if asked
+        asked.append(sam)
+        return (lambda name: {"rects": detector}[name]), colour_segmenter
+
+    def run(*argv: str) -> int:
+        parser = argparse.ArgumentParser()
+        cli.add_prelabel_command(parser.add_subparsers(dest="command"), runtime)
+        args = parser.parse_args(["prelabel", *argv, "--no-progress"])
+        return args.func(args)
+
+    out = tmp_path / "review"
+    assert (
+        run(str(images), "--model", "rects", "--out", str(out), "--review", str(annotations), "--top-k", "7")
+        == 0
+    )
+    assert capsys.readouterr().out.split() == [str(out / "findings.json"), str(out / "report.html")]
+    document = json.loads((out / "findings.json").read_text())
+    assert len(document["findings"]) == 7 and document["summary"]["conf"] == 0.01
+    assert asked == [None]
+    assert run(str(images), "--model", "rects", "--out", str(tmp_path / "s"), "--review", str(annotations),
+               "--review-sam", "colour") == 0  # fmt: skip
+    assert asked[-1] == "colour"
+    assert run(str(images), "--model", "rects", "--out", str(tmp_path / "m"), "--review", str(annotations),
+               "--review-map", "oops") == 2  # fmt: skip
+    assert "--review-map wants CLASS=LABEL" in capsys.readouterr().err
+    assert run(str(images), "--model", "rects", "--out", str(tmp_path / "f"), "--format", "coco",
+               "--review", str(annotations)) == 2  # fmt: skip

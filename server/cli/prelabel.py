@@ -3,6 +3,9 @@
 A single video file (mp4, mkv, mov, webm, avi, ...) is pre-labelled with detection and multi-object tracking
 (`--tracker`, ByteTrack by default) into `--format cvat_video` (CVAT for video 1.1 tracks) or `mot`.
 
+`--review ANNOTATIONS` reviews instead: the dataset's labels (COCO, CVAT XML or YOLO) are scored against the
+model's opinion, and OUT gets findings.json and report.html (docs/review.md).
+
 `--cvat-task URL/tasks/ID` uploads the results into that CVAT task (as well as, or instead of, writing
 files); with no SOURCE the task's own frames are pre-labelled. Credentials come from the environment, as
 for cvat-cli: CVAT_ACCESS_TOKEN (a personal access token), or CVAT_USER and CVAT_PASSWORD.
@@ -68,7 +71,11 @@ def add_prelabel_command(subparsers: Any, runtime: Runtime) -> None:
     p.add_argument(
         "--out", help="output directory (created if missing), or s3://bucket/prefix; needs --format"
     )
-    p.add_argument("--format", choices=("cvat_images", "coco", "yolo", "cvat_video", "mot"))
+    p.add_argument(
+        "--format",
+        choices=("cvat_images", "coco", "yolo", "cvat_video", "mot", "findings"),
+        help="findings: a review (--review), the default then",
+    )
     video = p.add_argument_group("video", "a single video SOURCE: detection + multi-object tracking")
     video.add_argument(
         "--tracker", choices=("bytetrack", "botsort"), help="multi-object tracker (default bytetrack)"
@@ -112,6 +119,21 @@ def add_prelabel_command(subparsers: Any, runtime: Runtime) -> None:
         help=f"job state database (default OUT/{STATE_DB_NAME}; LABELSERVE_DATA_DIR/{STATE_DB_NAME} for s3, "
         f"LABELSERVE_DATA_DIR/{CVAT_STATE_DB_NAME} without --out)",
     )
+    review = p.add_argument_group(
+        "review", "flag likely label errors in a dataset of SOURCE's images instead (docs/review.md); the "
+        "model must not have been trained on these labels",
+    )  # fmt: skip
+    review.add_argument("--review", metavar="ANNOTATIONS", help="COCO JSON, CVAT XML file or YOLO directory")
+    review.add_argument("--review-format", choices=("coco", "cvat_images", "yolo"), default="coco")
+    review.add_argument(
+        "--review-map",
+        action="append",
+        default=[],
+        metavar="CLASS=LABEL",
+        help="detector class -> dataset label",
+    )
+    review.add_argument("--review-sam", metavar="SAM_MODEL", help="check polygon and mask edges with SAM")
+    review.add_argument("--top-k", type=int, help="list at most this many findings")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prelabel, runtime=runtime)
 
@@ -120,6 +142,8 @@ def build_spec(args: argparse.Namespace) -> JobSpec:
     """The job spec the arguments describe; paths are made absolute so a re-run from elsewhere matches.
     Raises ValueError (or pydantic's ValidationError) on bad arguments."""
     sources: list[str] = args.source
+    if args.review is not None and args.format is None:
+        args.format = "findings"
     if (args.out is None) != (args.format is None):
         raise ValueError("--out and --format go together")
     if args.out is None and args.cvat_task is None:
@@ -189,7 +213,20 @@ def build_spec(args: argparse.Namespace) -> JobSpec:
             "batch_size": args.batch_size,
         }
         | ({"tracker": tracking} if tracking else {})
+        | ({"review": _review(args)} if args.review is not None else {})
     )
+
+
+def _review(args: argparse.Namespace) -> dict[str, Any]:
+    mapping = {}
+    for pair in args.review_map:
+        detector, sep, label = pair.partition("=")
+        if not sep or not detector or not label:
+            raise ValueError(f"--review-map wants CLASS=LABEL, got {pair!r}")
+        mapping[detector] = label
+    review: dict[str, Any] = {"annotations": str(Path(args.review).resolve()), "format": args.review_format}
+    optional = {"label_mapping": mapping or None, "sam": args.review_sam, "top_k": args.top_k}
+    return review | {k: v for k, v in optional.items() if v is not None}
 
 
 def output_directory(out: str) -> str:
@@ -237,7 +274,8 @@ def cmd_prelabel(args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
     try:
-        get_detector, refine = args.runtime(spec.detector, spec.sam_refine)
+        sam = spec.review.sam if spec.review is not None else spec.sam_refine
+        get_detector, refine = args.runtime(spec.detector, sam)
     except (ApiError, ModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
