@@ -100,7 +100,11 @@ def load(spec: JobSpec, connections: Connections) -> list[AnnotatedImage]:
     if is_s3_url(review.annotations) or "://" in review.annotations:
         raise ApiError(400, "unsupported_annotations", "review.annotations must be a local path.")
     path = Path(review.annotations)
-    if not path.exists():
+    try:
+        found = path.exists()
+    except (OSError, ValueError):  # e.g. a NUL byte in the path
+        found = False
+    if not found:
         raise ApiError(400, "annotations_not_found", f"The annotations {review.annotations!r} do not exist.")
     try:
         return read_annotations(review.format, path)

@@ -8,6 +8,12 @@ const ACTIVE = new Set(["queued", "running"]);
 
 export function initJobs() {
   $("#job-form").addEventListener("submit", submit);
+  // A review (format "findings") scores a dataset's annotations against the detector (docs/review.md).
+  $("#job-format").addEventListener("change", () => {
+    const review = $("#job-format").value === "findings";
+    $("#job-review").hidden = !review;
+    $("#job-annotations").required = review;
+  });
   $("#job-source-kind").addEventListener("change", () => {
     const kind = $("#job-source-kind").value;
     $("#job-source").placeholder = {
@@ -51,6 +57,12 @@ function spec() {
     params: { conf: Number($("#job-conf").value) },
     output: { format: $("#job-format").value, directory: $("#job-output").value.trim() },
   };
+  if (result.output.format === "findings") {
+    result.review = { annotations: $("#job-annotations").value.trim(), format: $("#job-annotation-format").value };
+    if ($("#job-refine").value) result.review.sam = $("#job-refine").value;
+    if ($("#job-conf").value === "0.25") delete result.params.conf; // a review's default, 0.01, keeps unsure boxes
+    return result;
+  }
   if ($("#job-refine").value) result.sam_refine = $("#job-refine").value;
   return result;
 }
