@@ -624,3 +624,42 @@ def test_the_cli_runs_a_review(
     assert "--review-map wants CLASS=LABEL" in capsys.readouterr().err
     assert run(str(images), "--model", "rects", "--out", str(tmp_path / "f"), "--format", "coco",
                "--review", str(annotations)) == 2  # fmt: skip
+
+
+def test_the_http_route_answers_bad_reviews_with_4xx_json(
+    coco: tuple[Path, Path, Corpus], make_engine: Callable[..., LocalEngine], tmp_path: Path
+) -> None:
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from server.api.errors import install_error_handlers
+    from server.api.routes.jobs import router
+
+    images, annotations, _ = coco
+    app = FastAPI()
+    install_error_handlers(app)
+    app.include_router(router)
+    app.state.jobs = make_engine()
+    body = review_spec(images, annotations, tmp_path / "out").model_dump(mode="json", exclude_none=True)
+    with TestClient(app) as client:
+        cases = [
+            (
+                body | {"review": {"annotations": "/nope.json", "format": "coco"}},
+                400,
+                "annotations_not_found",
+            ),
+            (
+                body | {"review": {"annotations": "/x\x00y", "format": "coco"}},
+                400,
+                "annotations_not_found",
+            ),
+            (body | {"review": {"annotations": str(annotations), "format": "voc"}}, 422, "invalid_request"),
+            (body | {"output": {"format": "coco", "directory": str(tmp_path / "o")}}, 422, "invalid_request"),
+        ]
+        for sent, status, code in cases:
+            reply = client.post("/v1/jobs", json=sent)
+            assert (reply.status_code, reply.json()["error"]["code"]) == (status, code), reply.text
+            assert reply.json()["error"]["message"]
+        created = client.post("/v1/jobs", json=body)
+        assert created.status_code == 201
+        assert wait_for(app.state.jobs, created.json()["id"]).state == "completed"
