@@ -4,7 +4,9 @@ seed; uncertainty ranks as its definitions say; and 10,000 × 256-d with a budge
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -66,3 +68,82 @@ def test_ten_thousand_images_of_256_d_with_a_budget_of_1000_within_10_s() -> Non
     seconds = time.perf_counter() - started
     print(f"\n10,000 x 256-d, budget 1,000, k-center over the whole pool: {seconds:.2f} s")
     assert len(set(picked)) == 1000 and seconds <= 10
+
+
+# -- sample jobs -----------------------------------------------------------------------------------------
+
+
+def colour_embedding(model: str, data: bytes, image: np.ndarray) -> np.ndarray:
+    """The engine's `embed` for these tests: an 8-bin histogram per channel (what a pooled SAM embedding is
+    to real photos: a vector where look-alike images lie close)."""
+    assert model == "sam_x" and data
+    return np.concatenate([np.histogram(image[..., c], bins=8, range=(0, 256))[0] for c in range(3)]).astype(
+        np.float32
+    ) / (image.shape[0] * image.shape[1])
+
+
+def test_a_sample_job_picks_one_image_per_look(tmp_path: Path) -> None:
+    """12 looks (background colours) × 6 images; a budget of 12 with diversity only covers every look."""
+    from server.errors import ApiError
+    from server.jobs.engine import LocalEngine
+    from server.jobs.spec import JobSpec
+    from tests.jobs_helpers import RectDetector, encode_png, wait_for
+
+    rng = np.random.default_rng(0)
+    looks = rng.integers(0, 256, (12, 3))
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    look_of = {}
+    for i in range(72):
+        image = np.clip(looks[i % 12] + rng.normal(0, 6, (40, 50, 3)), 0, 255).astype(np.uint8)
+        (pool / f"p_{i:03d}.png").write_bytes(encode_png(image))
+        look_of[f"p_{i:03d}.png"] = i % 12
+
+    def spec(budget: int, out: str, **sample: object) -> JobSpec:
+        return JobSpec.model_validate(
+            {"source": {"directory": str(pool)}, "detector": "rects",
+             "sample": {"budget": budget, "embeddings": "sam_x", "prefilter": 0} | sample,
+             "output": {"format": "ranking", "directory": str(tmp_path / out)}}
+        )  # fmt: skip
+
+    detector = RectDetector("detect")
+    engine = LocalEngine(
+        lambda _: detector,
+        embed=colour_embedding,
+        check_refine=lambda n: {"sam_x": 1}[n],
+        state_db=tmp_path / "db",
+    )
+    try:
+        job = engine.submit(spec(12, "out"))
+        status = wait_for(engine, job.id)
+        assert status.state == "completed", status
+        ranking = json.loads((tmp_path / "out" / "ranking.json").read_text())
+        picked = [row["image"] for row in ranking["images"]]
+        assert [row["rank"] for row in ranking["images"]] == list(range(1, 13))
+        assert {look_of[name] for name in picked} == set(range(12))  # every look once
+        lines = (tmp_path / "out" / "ranking.csv").read_text().splitlines()
+        assert lines[0] == "rank,index,image,uncertainty" and len(lines) == 13
+        again = engine.submit(spec(12, "again"))
+        assert wait_for(engine, again.id).state == "completed"
+        assert json.loads((tmp_path / "again" / "ranking.json").read_text())["images"] == ranking["images"]
+
+        with pytest.raises(ApiError) as big:
+            engine.submit(spec(73, "big"))
+        assert (big.value.status, big.value.code) == (400, "budget_too_large")
+        with pytest.raises(ApiError) as unknown:
+            engine.submit(spec(5, "u", embeddings="nope"))
+        assert unknown.value.status == 404
+    finally:
+        engine.close()
+    with pytest.raises(ValueError, match="ranking format is for sample jobs"):
+        JobSpec.model_validate(
+            {"source": {"directory": str(pool)}, "detector": "rects",
+             "output": {"format": "ranking", "directory": str(tmp_path / "x")}}
+        )  # fmt: skip
+    bare = LocalEngine(lambda _: detector, state_db=tmp_path / "db2")
+    try:
+        with pytest.raises(ApiError) as no_sam:
+            bare.submit(spec(5, "n"))
+        assert (no_sam.value.status, no_sam.value.code) == (422, "embed_unavailable")
+    finally:
+        bare.close()

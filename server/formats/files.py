@@ -34,6 +34,7 @@ MOT_LABELS = "gt/labels.txt"
 MOT_SEQINFO = "seqinfo.ini"
 FINDINGS_FILE = "findings.json"  # a review job's (server.formats.findings)
 REVIEW_REPORT = "report.html"  # and its HTML report (server.formats.review_html)
+RANKING_JSON, RANKING_CSV = "ranking.json", "ranking.csv"  # a sample job's (server.formats.ranking)
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ def output_paths(fmt: str, directory: Path) -> list[Path]:
         "cvat_video": [directory / CVAT_FILE],
         "mot": [directory / MOT_GT, directory / MOT_LABELS, directory / MOT_SEQINFO],
         "findings": [directory / FINDINGS_FILE, directory / REVIEW_REPORT],
+        "ranking": [directory / RANKING_JSON, directory / RANKING_CSV],
     }[fmt]
 
 

@@ -34,9 +34,10 @@ from server.formats.files import check_names
 from server.inputs.urls import read
 from server.inputs.video import copy_path, local_path
 from server.jobs.control import JobControl, JobFailed
-from server.jobs.image_job import ImageRun, Read, Refine
+from server.jobs.image_job import Embed, ImageRun, Read, Refine
 from server.jobs.outputs import output_locations, upload_to_cvat, write_files
 from server.jobs.review_job import annotated_items, review_entries, write_review
+from server.jobs.sample_job import check_budget, write_sample
 from server.jobs.spec import JobSpec
 from server.jobs.status import JobStatus, job_status, task_page
 from server.jobs.store import ACTIVE_STATES, JobRow, JobState, JobStore
@@ -101,8 +102,10 @@ class LocalEngine:
         readers: int = 4,
         concurrency: int = 1,
         check_refine: Callable[[str], object] | None = None,
+        embed: Embed | None = None,
     ) -> None:
         self._get_detector = get_detector
+        self._embed = embed
         self._refine = refine
         self._check_refine = check_refine
         self._settings = settings or get_settings()
@@ -139,6 +142,13 @@ class LocalEngine:
         if spec.output.directory is not None:
             check_output(spec.output.directory, self._settings)
         check_destinations(spec, self.store)
+        if spec.sample is not None:
+            if self._embed is None:
+                raise ApiError(
+                    422, "embed_unavailable", "Sample jobs need SAM embeddings, which this server lacks."
+                )
+            if self._check_refine is not None:
+                model_call(spec.sample.embeddings, self._check_refine)
         if spec.review is not None:
             entries = review_entries(spec, info, self._settings)
         elif spec.uses_cvat():
@@ -147,6 +157,8 @@ class LocalEngine:
             entries = spec.source.enumerate(self._settings)
         if spec.output.format is not None:
             check_names(spec.output.format, (name for _, name in entries))
+        if spec.sample is not None:
+            check_budget(spec, len(entries))
 
         job_id = uuid.uuid4().hex
         secrets = spec.secrets()
@@ -303,6 +315,8 @@ class LocalEngine:
             raise JobFailed("the job asks for SAM refinement, which this process does not have")
         if spec.review is not None and spec.review.sam is not None and self._refine is None:
             raise JobFailed("the review asks for SAM, which this process does not have")
+        if spec.sample is not None and self._embed is None:
+            raise JobFailed("the sample job needs SAM embeddings, which this process does not have")
         with contextlib.ExitStack() as stack:
             connections = stack.enter_context(cvat.Connections(self._settings)) if spec.uses_cvat() else None
             read: Read = self._read
@@ -328,7 +342,10 @@ class LocalEngine:
                 raise JobFailed(f"image {left[0][0]} and maybe others were left unprocessed; resume the job")
             assert detector is not None
             outputs: list[str] = []
-            if spec.review is not None:
+            if spec.sample is not None:
+                write_sample(self.store, job_id, spec, self._settings)
+                outputs += output_locations(spec)
+            elif spec.review is not None:
                 with cvat.Connections(self._settings) as own:
                     write_review(
                         self.store, job_id, spec, detector.info, self._settings, read, connections or own
@@ -403,6 +420,7 @@ class LocalEngine:
             self._readers,
             self._prefetch,
             annotated,
+            self._embed,
         )
         run.process()
 

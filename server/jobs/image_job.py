@@ -19,6 +19,7 @@ from models.detector import Detector, DetectParams, run_detection
 from models.shapes import Shape
 from server.errors import ApiError
 from server.formats.annotations import AnnotatedImage
+from server.formats.ranking import embedding_shape
 from server.formats.stored import shape_to_dict
 from server.inputs.images import decode_image
 from server.jobs.control import JobControl, JobFailed
@@ -31,6 +32,8 @@ log = logging.getLogger("labelserve.jobs")
 Read = Callable[[str], bytes]  # an item's ref → its bytes
 # (SAM model name, image bytes, decoded RGB image, detections) -> refined shapes
 Refine = Callable[[str, bytes, np.ndarray, list[Shape]], list[Shape]]
+# (SAM model name, image bytes, decoded RGB image) -> the image's embedding vector (sample jobs)
+Embed = Callable[[str, bytes, np.ndarray], np.ndarray]
 
 FAILED_BATCHES_LIMIT = 3  # batches in a row on which the detector fails every image: the job fails
 
@@ -60,6 +63,7 @@ class ImageRun:
     # Review jobs with a SAM model: each item's annotations, whose polygons and masks SAM segments from
     # their boxes; the masks are stored with the detections, marked with the annotation they answer.
     annotated: dict[int, AnnotatedImage] | None = None
+    embed: Embed | None = None  # sample jobs: each image's vector is stored with its detections
 
     @property
     def sam(self) -> str | None:
@@ -75,7 +79,7 @@ class ImageRun:
         failed_batches, last_error = 0, ""
 
         def load(index: int, ref: str) -> _Loaded:
-            return self._load(index, ref, keep_bytes=self.sam is not None)
+            return self._load(index, ref, keep_bytes=self.sam is not None or spec.sample is not None)
 
         reader = (
             _Prefetch(self._pending(job_id), load, self.readers, self.prefetch, control.stop)
@@ -158,6 +162,18 @@ class ImageRun:
                     log.exception("SAM failed on item %d", item.index)
                     outcomes.append(Outcome(item.index, error=f"SAM failed: {exc}"))
                     continue
+            if self.spec.sample is not None:
+                assert self.embed is not None and item.data is not None
+                try:
+                    vector = self.embed(self.spec.sample.embeddings, item.data, item.image)
+                except ApiError as exc:
+                    outcomes.append(Outcome(item.index, error=f"embedding failed: {exc.message}"))
+                    continue
+                except Exception as exc:
+                    log.exception("embedding item %d failed", item.index)
+                    outcomes.append(Outcome(item.index, error=f"embedding failed: {exc}"))
+                    continue
+                shapes = [*shapes, embedding_shape(vector)]
             result = json.dumps([shape_to_dict(s) for s in shapes], separators=(",", ":"))
             outcomes.append(Outcome(item.index, width, height, result))
         return outcomes, None

@@ -18,7 +18,7 @@ from server.cvat.spec import CvatIssuesOutput, CvatTaskOutput
 from server.formats.annotations import AnnotationFormat
 from server.services.collections import Source
 
-OutputFormat = Literal["cvat_images", "coco", "yolo", "cvat_video", "mot", "findings"]
+OutputFormat = Literal["cvat_images", "coco", "yolo", "cvat_video", "mot", "findings", "ranking"]
 VIDEO_FORMATS: tuple[str, ...] = ("cvat_video", "mot")  # tracks: video sources only
 TRACK_CONF = 0.1  # detector confidence of video jobs unless given: ByteTrack matches low scores too
 # Detector confidence of review jobs unless given: ObjectLab compares with low-confidence boxes too, and a
@@ -155,6 +155,30 @@ class ReviewSpec(BaseModel):
     )
 
 
+class SampleSpec(BaseModel):
+    """A sample job: which `budget` images of the source to annotate next."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    budget: int = Field(ge=1, description="How many images to pick; at most the source's size.")
+    uncertainty: Literal["least_confidence", "margin", "entropy"] = Field(
+        default="entropy",
+        description="Per-box uncertainty from the detector's confidence, averaged per image.",
+    )
+    prefilter: float = Field(
+        default=3.0,
+        ge=0.0,
+        le=1000.0,
+        description="k-center greedy runs among the prefilter x budget most uncertain images; 0: among all.",
+    )
+    embeddings: str = Field(
+        min_length=1,
+        description="The SAM model whose image embeddings (from the cache when there) give each image's "
+        "vector for diversity.",
+    )
+    seed: int = Field(default=0, ge=0, description="The first k-center pick; the same seed, the same picks.")
+
+
 class JobSpec(BaseModel):
     """A pre-labeling job: run `detector` over every image of `source`, write `output`. With `review`, a
     review job: score the annotations of `review` against the detector's opinion, write the findings."""
@@ -186,6 +210,25 @@ class JobSpec(BaseModel):
         "output.format must be 'findings'. Its params.conf defaults to 0.01. The detector must not have "
         "been trained on these labels.",
     )
+
+    sample: SampleSpec | None = Field(
+        default=None,
+        description="A sample job: rank which images to annotate next (uncertainty, then diversity); "
+        "output.format must be 'ranking'.",
+    )
+
+    @model_validator(mode="after")
+    def _sample_settings(self) -> JobSpec:
+        ranking = self.output.format == "ranking"
+        if self.sample is None:
+            if ranking:
+                raise ValueError("the ranking format is for sample jobs (give 'sample')")
+            return self
+        if not ranking or self.output.cvat_task is not None:
+            raise ValueError("a sample job writes output.format 'ranking' to output.directory")
+        if self.review is not None or self.sam_refine is not None or self.source.video is not None:
+            raise ValueError("a sample job takes images, without review or sam_refine")
+        return self
 
     @model_validator(mode="after")
     def _review_settings(self) -> JobSpec:
