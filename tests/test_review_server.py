@@ -1,7 +1,7 @@
-"""A review as users run it: a `labelserve serve` process with the real person detector and MobileSAM (seeded
-random weights). Its own confident detections are the labels; a few are then shifted, and spurious boxes are
-added on the background. The review ranks those first, and a review right after a pre-labeling job with the
-same SAM model encodes no image again (the embedding cache)."""
+"""Review and sample jobs as users run them: a `labelserve serve` process with the real person detector and
+MobileSAM (seeded random weights). The detector's own confident boxes are the labels; a few are then shifted,
+and spurious boxes are added on the background. The review ranks those first; a review (and a sample job)
+right after a pre-labeling job with the same SAM model encodes no image again (the embedding cache)."""
 
 from __future__ import annotations
 
@@ -117,3 +117,22 @@ def test_review_with_the_real_detector_after_prelabeling(
     assert spurious <= top
     assert len(top & shifted) >= 2
     assert sum(d["kind"] == "sloppy_edge" for d in listed) <= 4  # random SAM weights: only these can be
+
+
+def test_a_sample_job_uses_the_cached_embeddings(server: ServerProcess, photos: Path, tmp_path: Path) -> None:
+    """After the review above (or on its own), the pool's MobileSAM embeddings come from the cache."""
+    run(server, {"source": {"directory": str(photos)}, "detector": "fall", "sam_refine": "mobile_sam",
+                 "output": {"format": "coco", "directory": str(tmp_path / "warm")}})  # fmt: skip
+    encoded = encodes(server)
+    status = run(server, {"source": {"directory": str(photos)}, "detector": "fall",
+                          "sample": {"budget": 3, "embeddings": "mobile_sam"},
+                          "output": {"format": "ranking", "directory": str(tmp_path / "next")}})  # fmt: skip
+    assert status["outputs"][0].endswith("ranking.json")
+    assert encodes(server) == encoded  # no image encoded again
+    ranking = json.loads((tmp_path / "next" / "ranking.json").read_text())
+    assert ranking["summary"]["pool"] == IMAGES and len({r["image"] for r in ranking["images"]}) == 3
+    spec = {"source": {"directory": str(photos)}, "detector": "fall",
+            "sample": {"budget": 99, "embeddings": "mobile_sam"},
+            "output": {"format": "ranking", "directory": str(tmp_path / "x")}}  # fmt: skip
+    too_many = server.http.post("/v1/jobs", json=spec)
+    assert (too_many.status_code, too_many.json()["error"]["code"]) == (400, "budget_too_large")

@@ -147,3 +147,43 @@ def test_a_sample_job_picks_one_image_per_look(tmp_path: Path) -> None:
         assert (no_sam.value.status, no_sam.value.code) == (422, "embed_unavailable")
     finally:
         bare.close()
+
+
+def test_the_cli_ranks_a_pool(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from server.cli import prelabel as cli
+    from tests.jobs_helpers import RectDetector, encode_png
+
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(20):
+        colour = (i % 4) * 60
+        (pool / f"p_{i:02d}.png").write_bytes(
+            encode_png(
+                np.full((30, 30, 3), colour, np.uint8) + rng.integers(0, 5, (30, 30, 3), dtype=np.uint8)
+            )
+        )
+    detector = RectDetector("detect")
+
+    def run(*argv: str, sample_runtime: object = None) -> int:
+        parser = argparse.ArgumentParser()
+        runtime = lambda model, sam: ((lambda _: detector), None)  # noqa: E731 -- pre-labeling's, unused
+        cli.add_prelabel_command(parser.add_subparsers(dest="command"), runtime, sample_runtime)  # type: ignore[arg-type]
+        args = parser.parse_args(["prelabel", *argv, "--no-progress"])
+        return args.func(args)
+
+    def sample_runtime(model: str, sam: str):
+        assert (model, sam) == ("rects", "sam_x")
+        return (lambda _: detector), colour_embedding
+
+    out = tmp_path / "next"
+    argv = (str(pool), "--model", "rects", "--out", str(out), "--sample", "4", "--sample-embeddings", "sam_x")
+    assert run(*argv, "--prefilter", "0", sample_runtime=sample_runtime) == 0
+    assert capsys.readouterr().out.split() == [str(out / "ranking.json"), str(out / "ranking.csv")]
+    picked = [row["image"] for row in json.loads((out / "ranking.json").read_text())["images"]]
+    assert sorted(int(name[2:4]) % 4 for name in picked) == [0, 1, 2, 3]  # one of each shade
+    assert run(*argv[:-2], sample_runtime=sample_runtime) == 2
+    assert "--sample needs --sample-embeddings" in capsys.readouterr().err
+    assert run(*argv) == 2  # a command without sampling
