@@ -307,11 +307,27 @@ def test_a_review_job_from_the_form_writes_its_findings(console: Console, tmp_pa
     console.page.click("#job-form button[type=submit]")
     status = console.page.locator("#job-form-status")
     status.filter(has_text="job ").wait_for()
-    row = console.page.locator(f"li[data-job='{status.inner_text().split()[1]}']")
+    findings_job = status.inner_text().split()[1]
+    row = console.page.locator(f"li[data-job='{findings_job}']")
     row.locator(".badge.completed").wait_for()
     findings = json.loads((tmp_path / "review" / "findings.json").read_text())
     assert findings["summary"]["conf"] == 0.01  # the review's default, not the form's 0.25
     assert any(f["shape_id"] == "7" and f["kind"] == "spurious" for f in findings["findings"])
+
+    # A sample job from the same form: format "ranking", the budget, and SAM refine's model as embeddings.
+    for i in range(3):
+        small.rotate(90 * i).save(images / f"bus_{i}.jpg", quality=90)
+    assert not console.page.locator("#job-budget").is_visible()
+    console.page.select_option("#job-format", "ranking")
+    console.page.fill("#job-budget", "2")
+    console.page.select_option("#job-refine", "mobile_sam")
+    console.page.fill("#job-output", str(tmp_path / "next"))
+    console.page.click("#job-form button[type=submit]")
+    status.filter(has_text="job ").filter(has_not_text=findings_job).wait_for()
+    row = console.page.locator(f"li[data-job='{status.inner_text().split()[1]}']")
+    row.locator(".badge.completed").wait_for()
+    ranking = json.loads((tmp_path / "next" / "ranking.json").read_text())
+    assert [r["rank"] for r in ranking["images"]] == [1, 2] and ranking["summary"]["pool"] == 4
     assert console.errors == []
 
 

@@ -13,6 +13,8 @@ export function initJobs() {
     const review = $("#job-format").value === "findings";
     $("#job-review").hidden = !review;
     $("#job-annotations").required = review;
+    // A sample job (format "ranking") picks which images to annotate next (docs/sampling.md).
+    $("#job-sample").hidden = $("#job-format").value !== "ranking";
   });
   $("#job-source-kind").addEventListener("change", () => {
     const kind = $("#job-source-kind").value;
@@ -61,6 +63,10 @@ function spec() {
     result.review = { annotations: $("#job-annotations").value.trim(), format: $("#job-annotation-format").value };
     if ($("#job-refine").value) result.review.sam = $("#job-refine").value;
     if ($("#job-conf").value === "0.25") delete result.params.conf; // a review's default, 0.01, keeps unsure boxes
+    return result;
+  }
+  if (result.output.format === "ranking") {
+    result.sample = { budget: Number($("#job-budget").value), embeddings: $("#job-refine").value };
     return result;
   }
   if ($("#job-refine").value) result.sam_refine = $("#job-refine").value;
