@@ -215,8 +215,8 @@ def colour_segmenter(model: str, data: bytes, image: np.ndarray, shapes: list[Sh
 def write_mask_dataset(
     directory: Path, count: int, rate: float = 0.15, seed: int = 5
 ) -> tuple[Path, set[int]]:
-    """make_scene images annotated with exact masks (COCO RLE), `rate` of them eroded or dilated; returns the
-    JSON's path and the annotation ids made sloppy."""
+    """make_scene images annotated with exact masks (COCO RLE) and polygons (odd ids), `rate` of them
+    eroded or dilated; returns the JSON's path and the annotation ids made sloppy."""
     import cv2
 
     from models.shapes import RegionMask
@@ -246,9 +246,14 @@ def write_mask_dataset(
                 sloppy.add(ann_id)
             mask = RegionMask.from_full(full)
             x, y, w, h = mask.bbox_xywh()
+            # Every other one a polygon: the rectangle's outline through its corner pixels' centres, which
+            # rasterises back to exactly these pixels.
+            outline = [
+                [x + 0.5, y + 0.5, x + w - 0.5, y + 0.5, x + w - 0.5, y + h - 0.5, x + 0.5, y + h - 0.5]
+            ]
             annotations.append(
                 {"id": ann_id, "image_id": i + 1, "category_id": ids[r.label], "bbox": [x, y, w, h],
-                 "area": mask.area(), "iscrowd": 0, "segmentation": coco_rle(mask)}
+                 "area": mask.area(), "iscrowd": 0, "segmentation": outline if ann_id % 2 else coco_rle(mask)}
             )  # fmt: skip
     path = directory / "masks.json"
     categories = [{"id": k, "name": n} for n, k in ids.items()]

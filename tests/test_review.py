@@ -457,7 +457,10 @@ def test_eroded_and_dilated_masks_are_flagged_by_the_sam_check(tmp_path: Path) -
     flagged = [int(d["shape_id"]) for d in edges]
     recall = len(set(flagged[: 2 * len(sloppy)]) & sloppy) / len(sloppy)
     precision = len(set(flagged[: len(sloppy)]) & sloppy) / len(sloppy)
-    print(f"\nsloppy masks {len(sloppy)} of {masks}: recall@2E {recall:.3f}, precision@E {precision:.3f}")
+    polygons = sum(i % 2 for i in sloppy)
+    print(f"\nsloppy masks and polygons {len(sloppy)} ({polygons} polygons) of {masks}: "
+          f"recall@2E {recall:.3f}, precision@E {precision:.3f}")  # fmt: skip
+    assert 0 < polygons < len(sloppy)
     assert recall >= 0.6 and set(flagged) == sloppy  # clean masks match the object exactly: IoU 1
     for d in edges:
         assert d["iou"] == d["score"] < 0.9 and d["suggested_mask"]["size"]
