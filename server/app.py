@@ -103,6 +103,7 @@ def job_engine(registry: ModelRegistry, detect: DetectService, settings: Setting
         registry.detector,
         refine=detect.refine_for_job,
         check_refine=registry.segmenter,
+        embed=detect.pooled_embedding_for_job,
         state_db=settings.data_dir / JOBS_DB_NAME,
         settings=settings,
         prefetch=settings.job_prefetch,

@@ -202,6 +202,9 @@ class CvatEmulator:
         self.cloud_storages: dict[int, EmulatedCloudStorage] = {}
         self.webhooks: dict[int, EmulatedWebhook] = {}
         self.deliveries: list[Delivery] = []
+        # Issues (CVAT's IssueRead without comments) and their comments; an issue's message is its first.
+        self.issues: dict[int, dict[str, Any]] = {}
+        self.comments: list[dict[str, Any]] = []
         self.requests: list[Recorded] = []
         self.on_write: Callable[[str], None] | None = None
         self.fail_writes_after_storing = 0
@@ -452,7 +455,10 @@ class CvatEmulator:
             "data_original_chunk_type": "video" if task.video else "imageset",
             "created_date": DATE,
             "updated_date": DATE,
-            "issues": {"url": f"{base}/api/issues?job_id={job.id}", "count": 0},
+            "issues": {
+                "url": f"{base}/api/issues?job_id={job.id}",
+                "count": sum(i["job"] == job.id for i in self.issues.values()),
+            },
             "labels": {"url": f"{base}/api/labels?job_id={job.id}"},
             "type": job.type,
             "organization": self._org_id(task.organization),
@@ -771,6 +777,8 @@ class CvatEmulator:
             if storage is None:
                 return handler.reply(404, NOT_FOUND)
             return handler.reply(200, self._cloud_storage_json(storage))
+        if path in ("/api/issues", "/api/comments"):
+            return self._route_issues(handler, method, path, query, body)
         if re.fullmatch(r"/api/webhooks(/\d+(/ping)?)?", path):
             return self._route_webhooks(handler, method, path, query, body)
         found = re.fullmatch(r"/api/tasks/(\d+)(/.*)?", path)
@@ -811,6 +819,81 @@ class CvatEmulator:
                     return handler.reply(500, {"detail": "Gateway gave up waiting (emulated)."})
                 return handler.reply(200, created)
         return handler.reply(405, {"detail": f'Method "{method}" not allowed.'})
+
+    def _route_issues(
+        self, handler: Any, method: str, path: str, query: dict[str, list[str]], body: Any
+    ) -> None:
+        """CVAT's issues (IssueWriteSerializer: frame, position, job, message; the message becomes the first
+        comment) and comments, listed with the job_id / issue_id filters."""
+        filters = {k: int(query[k][0]) for k in ("job_id", "issue_id", "frame_id") if k in query}
+        if method == "GET" and path == "/api/issues":
+            found = [
+                self._issue_json(i)
+                for i in self.issues.values()
+                if all(
+                    i[{"job_id": "job", "frame_id": "frame"}.get(k, "id")] == v for k, v in filters.items()
+                )
+            ]
+            return handler.reply(200, self._page(path, query, found, filters))
+        if method == "GET" and path == "/api/comments":
+            jobs = {i["id"]: i["job"] for i in self.issues.values()}
+            found = [
+                c
+                for c in self.comments
+                if filters.get("issue_id", c["issue"]) == c["issue"]
+                and filters.get("job_id", jobs[c["issue"]]) == jobs[c["issue"]]
+            ]
+            return handler.reply(200, self._page(path, query, found, filters))
+        if method != "POST" or path != "/api/issues":
+            return handler.reply(405, {"detail": f'Method "{method}" not allowed.'})
+        body = body or {}
+        errors: dict[str, list[str]] = {}
+        job = self.jobs.get(body.get("job")) if isinstance(body.get("job"), int) else None
+        if job is None:
+            errors["job"] = [f'Invalid pk "{body.get("job")}" - object does not exist.']
+        frame = body.get("frame")
+        if not isinstance(frame, int) or frame < 0:
+            errors["frame"] = ["A valid integer is required."]
+        elif job is not None and not job.start_frame <= frame <= job.stop_frame:
+            errors["frame"] = [
+                f"The frame number should be in the [{job.start_frame}, {job.stop_frame}] range"
+            ]
+        position = body.get("position")
+        if (
+            not isinstance(position, list)
+            or not position
+            or not all(isinstance(v, int | float) for v in position)
+        ):
+            errors["position"] = [
+                "This list may not be empty." if position == [] else "A valid number is required."
+            ]
+        if not isinstance(body.get("message"), str) or not body["message"]:
+            errors["message"] = ["This field may not be blank."]
+        if errors:
+            return handler.reply(400, errors)
+        with self._lock:
+            issue_id = self._new_id()
+            points = [float(v) for v in position]
+            resolved = bool(body.get("resolved", False))
+            self.issues[issue_id] = {
+                "id": issue_id, "frame": frame, "position": points, "job": body["job"], "resolved": resolved
+            }  # fmt: skip
+            self.comments.append(
+                {"id": self._new_id(), "issue": issue_id, "owner": self._user_json("alice"),
+                 "message": body["message"], "created_date": DATE, "updated_date": DATE}
+            )  # fmt: skip
+        return handler.reply(201, self._issue_json(self.issues[issue_id]))
+
+    def _issue_json(self, issue: dict[str, Any]) -> dict[str, Any]:
+        count = sum(c["issue"] == issue["id"] for c in self.comments)
+        return {
+            **issue,
+            "owner": self._user_json("alice"),
+            "assignee": None,
+            "created_date": DATE,
+            "updated_date": DATE,
+            "comments": {"count": count, "url": f"{self.url}/api/comments?issue_id={issue['id']}"},
+        }
 
     def _route_webhooks(
         self, handler: Any, method: str, path: str, query: dict[str, list[str]], body: Any

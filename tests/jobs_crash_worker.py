@@ -1,6 +1,7 @@
 """Runs one job with a slow RectDetector until it is killed: the first half of test_jobs' crash-resume test.
 
-Usage: python tests/jobs_crash_worker.py STATE_DB SPEC_JSON CALLS_LOG DELAY_S
+Usage: python tests/jobs_crash_worker.py STATE_DB SPEC_JSON CALLS_LOG DELAY_S [seeded]
+("seeded": test_review's SeededRectDetector, for a review job.)
 Prints the job id, then waits (the test kills it with SIGKILL midway).
 """
 
@@ -19,7 +20,12 @@ from tests.jobs_helpers import RectDetector  # noqa: E402
 
 def main() -> None:
     state_db, spec_json, log, delay = sys.argv[1:5]
-    detector = RectDetector("segment", delay=float(delay), log=Path(log))
+    if sys.argv[5:] == ["seeded"]:
+        from tests.review_helpers import SeededRectDetector
+
+        detector: RectDetector = SeededRectDetector(delay=float(delay), log=Path(log))
+    else:
+        detector = RectDetector("segment", delay=float(delay), log=Path(log))
     engine = LocalEngine(lambda _: detector, state_db=state_db, readers=2)
     status = engine.submit(JobSpec.model_validate_json(spec_json))
     print(status.id, flush=True)

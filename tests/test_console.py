@@ -359,6 +359,52 @@ def test_a_prefetch_started_from_the_page_embeds_every_image_and_a_rerun_finds_t
     assert console.errors == []
 
 
+def test_a_review_job_from_the_form_writes_its_findings(console: Console, tmp_path: Path) -> None:
+    """Format "findings" shows the review fields; the job scores a COCO file against the detector."""
+    small = Image.open(ultralytics_asset("bus.jpg")).resize((405, 540))
+    images = tmp_path / "images"
+    images.mkdir()
+    small.save(images / "bus.jpg", quality=90)
+    coco = {"images": [{"id": 1, "file_name": "bus.jpg", "width": 405, "height": 540}],
+            "annotations": [{"id": 7, "image_id": 1, "category_id": 1, "bbox": [5, 5, 40, 20]}],
+            "categories": [{"id": 1, "name": "Normal"}]}  # fmt: skip
+    (tmp_path / "coco.json").write_text(json.dumps(coco))
+    console.models_listed()
+    console.tab("jobs")
+    console.page.wait_for_selector("#job-detector option[value='fall']", state="attached")
+    assert not console.page.locator("#job-annotations").is_visible()
+    console.page.fill("#job-source", str(images))
+    console.page.select_option("#job-detector", "fall")
+    console.page.select_option("#job-format", "findings")
+    console.page.fill("#job-annotations", str(tmp_path / "coco.json"))
+    console.page.fill("#job-output", str(tmp_path / "review"))
+    console.page.click("#job-form button[type=submit]")
+    status = console.page.locator("#job-form-status")
+    status.filter(has_text="job ").wait_for()
+    findings_job = status.inner_text().split()[1]
+    row = console.page.locator(f"li[data-job='{findings_job}']")
+    row.locator(".badge.completed").wait_for()
+    findings = json.loads((tmp_path / "review" / "findings.json").read_text())
+    assert findings["summary"]["conf"] == 0.01  # the review's default, not the form's 0.25
+    assert any(f["shape_id"] == "7" and f["kind"] == "spurious" for f in findings["findings"])
+
+    # A sample job from the same form: format "ranking", the budget, and SAM refine's model as embeddings.
+    for i in range(3):
+        small.rotate(90 * i).save(images / f"bus_{i}.jpg", quality=90)
+    assert not console.page.locator("#job-budget").is_visible()
+    console.page.select_option("#job-format", "ranking")
+    console.page.fill("#job-budget", "2")
+    console.page.select_option("#job-refine", "mobile_sam")
+    console.page.fill("#job-output", str(tmp_path / "next"))
+    console.page.click("#job-form button[type=submit]")
+    status.filter(has_text="job ").filter(has_not_text=findings_job).wait_for()
+    row = console.page.locator(f"li[data-job='{status.inner_text().split()[1]}']")
+    row.locator(".badge.completed").wait_for()
+    ranking = json.loads((tmp_path / "next" / "ranking.json").read_text())
+    assert [r["rank"] for r in ranking["images"]] == [1, 2] and ranking["summary"]["pool"] == 4
+    assert console.errors == []
+
+
 def test_with_keys_the_page_refuses_to_act_without_a_key_and_works_with_one(browser, tmp_path: Path) -> None:
     full, jobs_only = new_key(), new_key()
     keys = [

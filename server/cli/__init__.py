@@ -32,13 +32,26 @@ def _serve(args: argparse.Namespace) -> int:
 def _prelabel_runtime(model: str, sam_refine: str | None):  # -> (get_detector, refine)
     """Models for `labelserve prelabel`, loaded in this process. MODEL is a manifest name or a local
     checkpoint path (.pt), as in LABELSERVE_DETECTOR_PATHS."""
+    registry, detect = _load_models(model, sam_refine)
+    return registry.detector, detect.refine_for_job if detect is not None else None
+
+
+def _sample_runtime(model: str, sam: str):  # -> (get_detector, embed)
+    """Models for `labelserve prelabel --sample`: the detector, and the SAM model whose pooled image
+    embeddings are the images' vectors."""
+    registry, detect = _load_models(model, sam)
+    assert detect is not None
+    return registry.detector, detect.pooled_embedding_for_job
+
+
+def _load_models(model: str, sam: str | None):  # -> (ModelRegistry, DetectService | None)
     from models.registry import ModelRegistry
     from server.services.detect import DetectService
     from server.services.sam import SamService
     from server.settings import Settings
 
     path = Path(model)
-    overrides: dict = {"models": [sam_refine] if sam_refine else []}
+    overrides: dict = {"models": [sam] if sam else []}
     if path.suffix in (".pt", ".yaml", ".yml"):
         overrides["detector_paths"] = {model: path}
     else:
@@ -47,11 +60,8 @@ def _prelabel_runtime(model: str, sam_refine: str | None):  # -> (get_detector, 
     registry = ModelRegistry(settings)
     registry.load_enabled()
     registry.detector(model)  # raises with the fix when the weights are missing
-    refine = None
-    if sam_refine:
-        detect = DetectService(registry, settings, SamService(registry, settings))
-        refine = detect.refine_for_job
-    return registry.detector, refine
+    detect = DetectService(registry, settings, SamService(registry, settings)) if sam else None
+    return registry, detect
 
 
 def _preload_allocator(argv: list[str]) -> None:
@@ -96,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
     add_weights_commands(commands)
     add_keys_commands(commands)
-    add_prelabel_command(commands, _prelabel_runtime)
+    add_prelabel_command(commands, _prelabel_runtime, _sample_runtime)
     add_cvat_commands(commands)
     return parser
 

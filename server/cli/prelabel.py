@@ -3,6 +3,12 @@
 A single video file (mp4, mkv, mov, webm, avi, ...) is pre-labelled with detection and multi-object tracking
 (`--tracker`, ByteTrack by default) into `--format cvat_video` (CVAT for video 1.1 tracks) or `mot`.
 
+`--review ANNOTATIONS` reviews instead: the dataset's labels (COCO, CVAT XML or YOLO) are scored against the
+model's opinion, and OUT gets findings.json and report.html (docs/review.md).
+
+`--sample BUDGET --sample-embeddings SAM_MODEL` ranks which images of SOURCE to annotate next: OUT gets
+ranking.json and ranking.csv (docs/sampling.md).
+
 `--cvat-task URL/tasks/ID` uploads the results into that CVAT task (as well as, or instead of, writing
 files); with no SOURCE the task's own frames are pre-labelled. Credentials come from the environment, as
 for cvat-cli: CVAT_ACCESS_TOKEN (a personal access token), or CVAT_USER and CVAT_PASSWORD.
@@ -35,7 +41,7 @@ from server.errors import ApiError
 from server.inputs.objectstore.locations import is_s3_url
 from server.inputs.video import is_video_path
 from server.jobs.engine import GetDetector, LocalEngine
-from server.jobs.image_job import Refine
+from server.jobs.image_job import Embed, Refine
 from server.jobs.spec import JobSpec
 from server.jobs.status import JobStatus
 from server.jobs.store import ACTIVE_STATES
@@ -43,13 +49,17 @@ from server.services.collections import IMAGE_EXTENSIONS
 from server.settings import get_settings
 
 Runtime = Callable[[str, str | None], tuple[GetDetector, Refine | None]]
+# (detector, SAM model) -> the detector lookup and the image embedder of a sample job
+SampleRuntime = Callable[[str, str], tuple[GetDetector, Embed]]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 STATE_DB_NAME = ".labelserve-jobs.sqlite3"  # default state database, inside the output directory
 CVAT_STATE_DB_NAME = "prelabel-jobs.sqlite3"  # ... under LABELSERVE_DATA_DIR when only uploading to CVAT
 
 
-def add_prelabel_command(subparsers: Any, runtime: Runtime) -> None:
+def add_prelabel_command(
+    subparsers: Any, runtime: Runtime, sample_runtime: SampleRuntime | None = None
+) -> None:
     """`subparsers` is what `ArgumentParser.add_subparsers()` returned; sets `func(args) -> int`."""
     p = subparsers.add_parser(
         "prelabel",
@@ -68,7 +78,11 @@ def add_prelabel_command(subparsers: Any, runtime: Runtime) -> None:
     p.add_argument(
         "--out", help="output directory (created if missing), or s3://bucket/prefix; needs --format"
     )
-    p.add_argument("--format", choices=("cvat_images", "coco", "yolo", "cvat_video", "mot"))
+    p.add_argument(
+        "--format",
+        choices=("cvat_images", "coco", "yolo", "cvat_video", "mot", "findings"),
+        help="findings: a review (--review), the default then",
+    )
     video = p.add_argument_group("video", "a single video SOURCE: detection + multi-object tracking")
     video.add_argument(
         "--tracker", choices=("bytetrack", "botsort"), help="multi-object tracker (default bytetrack)"
@@ -112,14 +126,43 @@ def add_prelabel_command(subparsers: Any, runtime: Runtime) -> None:
         help=f"job state database (default OUT/{STATE_DB_NAME}; LABELSERVE_DATA_DIR/{STATE_DB_NAME} for s3, "
         f"LABELSERVE_DATA_DIR/{CVAT_STATE_DB_NAME} without --out)",
     )
+    review = p.add_argument_group(
+        "review", "flag likely label errors in a dataset of SOURCE's images instead (docs/review.md); the "
+        "model must not have been trained on these labels",
+    )  # fmt: skip
+    review.add_argument("--review", metavar="ANNOTATIONS", help="COCO JSON, CVAT XML file or YOLO directory")
+    review.add_argument("--review-format", choices=("coco", "cvat_images", "yolo"), default="coco")
+    review.add_argument(
+        "--review-map",
+        action="append",
+        default=[],
+        metavar="CLASS=LABEL",
+        help="detector class -> dataset label",
+    )
+    review.add_argument("--review-sam", metavar="SAM_MODEL", help="check polygon and mask edges with SAM")
+    review.add_argument("--top-k", type=int, help="list at most this many findings")
+    sample = p.add_argument_group(
+        "sample", "rank which images of SOURCE to annotate next instead (docs/sampling.md)"
+    )  # fmt: skip
+    sample.add_argument("--sample", type=int, metavar="BUDGET", help="how many images to pick")
+    sample.add_argument("--sample-embeddings", metavar="SAM_MODEL", help="the SAM model giving image vectors")
+    sample.add_argument("--uncertainty", choices=("least_confidence", "margin", "entropy"), default="entropy")
+    sample.add_argument(
+        "--prefilter", type=float, default=3.0, help="k-center among PREFILTER x BUDGET (0: all)"
+    )
+    sample.add_argument("--seed", type=int, default=0, help="the first pick (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_prelabel, runtime=runtime)
+    p.set_defaults(func=cmd_prelabel, runtime=runtime, sample_runtime=sample_runtime)
 
 
 def build_spec(args: argparse.Namespace) -> JobSpec:
     """The job spec the arguments describe; paths are made absolute so a re-run from elsewhere matches.
     Raises ValueError (or pydantic's ValidationError) on bad arguments."""
     sources: list[str] = args.source
+    if args.review is not None and args.format is None:
+        args.format = "findings"
+    if args.sample is not None and args.format is None:
+        args.format = "ranking"
     if (args.out is None) != (args.format is None):
         raise ValueError("--out and --format go together")
     if args.out is None and args.cvat_task is None:
@@ -189,7 +232,28 @@ def build_spec(args: argparse.Namespace) -> JobSpec:
             "batch_size": args.batch_size,
         }
         | ({"tracker": tracking} if tracking else {})
+        | ({"review": _review(args)} if args.review is not None else {})
+        | ({"sample": _sample(args)} if args.sample is not None else {})
     )
+
+
+def _sample(args: argparse.Namespace) -> dict[str, Any]:
+    if args.sample_embeddings is None:
+        raise ValueError("--sample needs --sample-embeddings SAM_MODEL")
+    return {"budget": args.sample, "embeddings": args.sample_embeddings, "uncertainty": args.uncertainty,
+            "prefilter": args.prefilter, "seed": args.seed}  # fmt: skip
+
+
+def _review(args: argparse.Namespace) -> dict[str, Any]:
+    mapping = {}
+    for pair in args.review_map:
+        detector, sep, label = pair.partition("=")
+        if not sep or not detector or not label:
+            raise ValueError(f"--review-map wants CLASS=LABEL, got {pair!r}")
+        mapping[detector] = label
+    review: dict[str, Any] = {"annotations": str(Path(args.review).resolve()), "format": args.review_format}
+    optional = {"label_mapping": mapping or None, "sam": args.review_sam, "top_k": args.top_k}
+    return review | {k: v for k, v in optional.items() if v is not None}
 
 
 def output_directory(out: str) -> str:
@@ -237,7 +301,15 @@ def cmd_prelabel(args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
     try:
-        get_detector, refine = args.runtime(spec.detector, spec.sam_refine)
+        embed = None
+        if spec.sample is not None:
+            if args.sample_runtime is None:
+                raise ApiError(422, "embed_unavailable", "sampling is not available in this command")
+            get_detector, embed = args.sample_runtime(spec.detector, spec.sample.embeddings)
+            refine = None
+        else:
+            sam = spec.review.sam if spec.review is not None else spec.sam_refine
+            get_detector, refine = args.runtime(spec.detector, sam)
     except (ApiError, ModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -249,7 +321,9 @@ def cmd_prelabel(args: argparse.Namespace) -> int:
         state_db = args.state_db or (local_out or settings.data_dir) / STATE_DB_NAME
     try:
         readers = args.readers if args.readers is not None else 4 if torch.cuda.is_available() else 0
-        engine = LocalEngine(get_detector, refine, state_db=state_db, settings=settings, readers=readers)
+        engine = LocalEngine(
+            get_detector, refine, state_db=state_db, settings=settings, readers=readers, embed=embed
+        )
     except OSError as exc:
         print(f"error: cannot open the state database {state_db}: {exc}", file=sys.stderr)
         return EXIT_USAGE

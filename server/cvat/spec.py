@@ -115,5 +115,18 @@ class CvatTaskOutput(CvatConnection):
         return (self.profile, _server(self.url)) == (source.profile, _server(source.url))
 
 
+class CvatIssuesOutput(CvatConnection):
+    """Write a review's findings as issues on a CVAT job, idempotently (a key in each message)."""
+
+    job_id: int = Field(ge=1, description="The CVAT job the issues go on (its frames are reviewed).")
+    top_k: int = Field(default=50, ge=1, le=10_000, description="At most this many labelserve issues.")
+    per_frame: int = Field(default=5, ge=1, le=1000, description="At most this many issues on one frame.")
+
+    @model_validator(mode="after")
+    def _login(self) -> CvatIssuesOutput:
+        self._check_login()
+        return self
+
+
 def _server(url: str | None) -> str | None:
     return url.rstrip("/").lower() if url else None

@@ -166,7 +166,7 @@ class Connections:
     def source_frames(self, source: CvatTaskSource) -> list[tuple[str, str]]:
         """(ref, name) of every frame of a source task, in frame order."""
         info = self.task(source)
-        return [(FRAME_REF.format(task_id=info.id, index=f.index), _safe_name(f.name)) for f in info.frames]
+        return [(FRAME_REF.format(task_id=info.id, index=f.index), frame_name(f.name)) for f in info.frames]
 
     def frame_reader(self, source: CvatTaskSource) -> Callable[[str], bytes]:
         """Reads an item's frame (original quality) by its ref; errors become the item's failure reason."""
@@ -214,6 +214,10 @@ class Connections:
         if endpoint and _endpoint(endpoint) != _endpoint(profile.endpoint_url):
             return None  # the same bucket name at another S3 service
         return str(storage.resource)
+
+    def client(self, connection: CvatConnection) -> Any:
+        """A logged-in cvat-sdk client for `connection` (shared with the tasks read through it)."""
+        return self._client(Login.of(connection, self._settings))
 
     def client_for_profile(self, profile: str, organization: str | None = None) -> Any:
         """A logged-in cvat-sdk client for a server profile, in `organization`'s context (else the profile's);
@@ -273,7 +277,7 @@ def _server(url: str) -> str:
     return url.rstrip("/").lower()
 
 
-def _safe_name(name: str) -> str:
+def frame_name(name: str) -> str:
     """A frame name as an output name: only its plain segments, so it never climbs out of the directory."""
     return "/".join(s for s in name.replace("\\", "/").split("/") if s not in ("", ".", "..")) or "frame"
 

@@ -32,6 +32,9 @@ YOLO_LABELS = "labels"
 MOT_GT = "gt/gt.txt"  # video jobs' formats: server.formats.cvat_video and server.formats.mot
 MOT_LABELS = "gt/labels.txt"
 MOT_SEQINFO = "seqinfo.ini"
+FINDINGS_FILE = "findings.json"  # a review job's (server.formats.findings)
+REVIEW_REPORT = "report.html"  # and its HTML report (server.formats.review_html)
+RANKING_JSON, RANKING_CSV = "ranking.json", "ranking.csv"  # a sample job's (server.formats.ranking)
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,8 @@ def output_paths(fmt: str, directory: Path) -> list[Path]:
         "yolo": [directory / YOLO_YAML, directory / YOLO_LABELS],
         "cvat_video": [directory / CVAT_FILE],
         "mot": [directory / MOT_GT, directory / MOT_LABELS, directory / MOT_SEQINFO],
+        "findings": [directory / FINDINGS_FILE, directory / REVIEW_REPORT],
+        "ranking": [directory / RANKING_JSON, directory / RANKING_CSV],
     }[fmt]
 
 

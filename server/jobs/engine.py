@@ -29,12 +29,15 @@ from models.concept_detector import ConceptDetector
 from models.detector import Detector
 from server.cvat import tasks as cvat
 from server.errors import ApiError
+from server.formats.annotations import AnnotatedImage
 from server.formats.files import check_names
 from server.inputs.urls import read
 from server.inputs.video import copy_path, local_path
 from server.jobs.control import JobControl, JobFailed
-from server.jobs.image_job import ImageRun, Read, Refine
+from server.jobs.image_job import Embed, ImageRun, Read, Refine
 from server.jobs.outputs import output_locations, upload_to_cvat, write_files
+from server.jobs.review_job import annotated_items, review_entries, write_review
+from server.jobs.sample_job import check_budget, write_sample
 from server.jobs.spec import JobSpec
 from server.jobs.status import JobStatus, job_status, task_page
 from server.jobs.store import ACTIVE_STATES, JobRow, JobState, JobStore
@@ -99,8 +102,10 @@ class LocalEngine:
         readers: int = 4,
         concurrency: int = 1,
         check_refine: Callable[[str], object] | None = None,
+        embed: Embed | None = None,
     ) -> None:
         self._get_detector = get_detector
+        self._embed = embed
         self._refine = refine
         self._check_refine = check_refine
         self._settings = settings or get_settings()
@@ -137,13 +142,23 @@ class LocalEngine:
         if spec.output.directory is not None:
             check_output(spec.output.directory, self._settings)
         check_destinations(spec, self.store)
-        entries = (
-            cvat_checked_entries(spec, info, self._settings)
-            if spec.uses_cvat()
-            else spec.source.enumerate(self._settings)
-        )
+        if spec.sample is not None:
+            if self._embed is None:
+                raise ApiError(
+                    422, "embed_unavailable", "Sample jobs need SAM embeddings, which this server lacks."
+                )
+            if self._check_refine is not None:
+                model_call(spec.sample.embeddings, self._check_refine)
+        if spec.review is not None:
+            entries = review_entries(spec, info, self._settings)
+        elif spec.uses_cvat():
+            entries = cvat_checked_entries(spec, info, self._settings)
+        else:
+            entries = spec.source.enumerate(self._settings)
         if spec.output.format is not None:
             check_names(spec.output.format, (name for _, name in entries))
+        if spec.sample is not None:
+            check_budget(spec, len(entries))
 
         job_id = uuid.uuid4().hex
         secrets = spec.secrets()
@@ -293,11 +308,15 @@ class LocalEngine:
         secrets = self.store.secrets(job_id)
         if secrets is not None:
             spec = spec.with_secrets(json.loads(secrets))
-        for task in (spec.source.cvat_task, spec.output.cvat_task):
+        for task in (spec.source.cvat_task, spec.output.cvat_task, spec.issues()):
             if task is not None:  # credentials gone, or a profile removed: fail now, not after every image
                 _cvat_step("logging in to CVAT", cvat.Login.of, task, self._settings)
         if spec.sam_refine is not None and self._refine is None:  # resumed by a process without SAM
             raise JobFailed("the job asks for SAM refinement, which this process does not have")
+        if spec.review is not None and spec.review.sam is not None and self._refine is None:
+            raise JobFailed("the review asks for SAM, which this process does not have")
+        if spec.sample is not None and self._embed is None:
+            raise JobFailed("the sample job needs SAM embeddings, which this process does not have")
         with contextlib.ExitStack() as stack:
             connections = stack.enter_context(cvat.Connections(self._settings)) if spec.uses_cvat() else None
             read: Read = self._read
@@ -308,7 +327,13 @@ class LocalEngine:
                 read_ahead = self._prefetch if self._readers > 0 else 0
                 process_video(self.store, job_id, spec, detector, control, self._settings, read_ahead)
             elif detector is not None:
-                self._process(job_id, spec, detector, control, read)
+                annotated = None
+                if spec.review is not None and spec.review.sam is not None:
+                    with cvat.Connections(self._settings) as own:
+                        annotated = _review_step(
+                            annotated_items, self.store, job_id, spec, connections or own
+                        )
+                self._process(job_id, spec, detector, control, read, annotated)
             if control.stop.is_set():
                 self._stopped(job_id, control)
                 return
@@ -317,7 +342,16 @@ class LocalEngine:
                 raise JobFailed(f"image {left[0][0]} and maybe others were left unprocessed; resume the job")
             assert detector is not None
             outputs: list[str] = []
-            if spec.output.directory is not None:
+            if spec.sample is not None:
+                write_sample(self.store, job_id, spec, self._settings)
+                outputs += output_locations(spec)
+            elif spec.review is not None:
+                with cvat.Connections(self._settings) as own:
+                    write_review(
+                        self.store, job_id, spec, detector.info, self._settings, read, connections or own
+                    )
+                outputs += output_locations(spec)
+            elif spec.output.directory is not None:
                 write_files(self.store, job_id, spec, detector.info, self._total(job_id), self._settings)
                 outputs += output_locations(spec)
             if connections is not None and spec.output.cvat_task is not None:
@@ -366,7 +400,13 @@ class LocalEngine:
         return lambda: self._row(job_id).total
 
     def _process(
-        self, job_id: str, spec: JobSpec, detector: Detector, control: JobControl, read: Read
+        self,
+        job_id: str,
+        spec: JobSpec,
+        detector: Detector,
+        control: JobControl,
+        read: Read,
+        annotated: dict[int, AnnotatedImage] | None = None,
     ) -> None:
         run = ImageRun(
             self.store,
@@ -379,11 +419,21 @@ class LocalEngine:
             self._settings.max_image_pixels,
             self._readers,
             self._prefetch,
+            annotated,
+            self._embed,
         )
         run.process()
 
     def _read(self, ref: str) -> bytes:
         return read(ref, self._settings)
+
+
+def _review_step(step: Callable[..., T], *args: object) -> T:
+    """Reading a review's annotations while it runs: its ApiError fails the job with the message."""
+    try:
+        return step(*args)
+    except ApiError as exc:
+        raise JobFailed(f"reading the annotations failed: {exc.message}") from None
 
 
 def _cvat_step(doing: str, step: Callable[..., T], *args: object) -> T:

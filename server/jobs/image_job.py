@@ -11,13 +11,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from models.detector import Detector, DetectParams, run_detection
 from models.shapes import Shape
 from server.errors import ApiError
+from server.formats.annotations import AnnotatedImage
+from server.formats.ranking import embedding_shape
 from server.formats.stored import shape_to_dict
 from server.inputs.images import decode_image
 from server.jobs.control import JobControl, JobFailed
@@ -30,6 +32,8 @@ log = logging.getLogger("labelserve.jobs")
 Read = Callable[[str], bytes]  # an item's ref → its bytes
 # (SAM model name, image bytes, decoded RGB image, detections) -> refined shapes
 Refine = Callable[[str, bytes, np.ndarray, list[Shape]], list[Shape]]
+# (SAM model name, image bytes, decoded RGB image) -> the image's embedding vector (sample jobs)
+Embed = Callable[[str, bytes, np.ndarray], np.ndarray]
 
 FAILED_BATCHES_LIMIT = 3  # batches in a row on which the detector fails every image: the job fails
 
@@ -56,6 +60,14 @@ class ImageRun:
     max_pixels: int
     readers: int  # reader/decoder threads; 0 reads in the inference thread
     prefetch: int  # decoded images kept ahead of inference
+    # Review jobs with a SAM model: each item's annotations, whose polygons and masks SAM segments from
+    # their boxes; the masks are stored with the detections, marked with the annotation they answer.
+    annotated: dict[int, AnnotatedImage] | None = None
+    embed: Embed | None = None  # sample jobs: each image's vector is stored with its detections
+
+    @property
+    def sam(self) -> str | None:
+        return self.spec.sam_refine if self.spec.review is None else self.spec.review.sam
 
     def process(self) -> None:
         """Process the job's pending items; returns when none is left, or when stopped. JobFailed when the
@@ -67,7 +79,7 @@ class ImageRun:
         failed_batches, last_error = 0, ""
 
         def load(index: int, ref: str) -> _Loaded:
-            return self._load(index, ref, keep_bytes=spec.sam_refine is not None)
+            return self._load(index, ref, keep_bytes=self.sam is not None or spec.sample is not None)
 
         reader = (
             _Prefetch(self._pending(job_id), load, self.readers, self.prefetch, control.stop)
@@ -139,6 +151,29 @@ class ImageRun:
                     log.exception("SAM refinement failed on item %d", item.index)
                     outcomes.append(Outcome(item.index, error=f"SAM refinement failed: {exc}"))
                     continue
+            if self.annotated is not None and item.index in self.annotated:
+                assert self.refine is not None and self.sam is not None and item.data is not None
+                try:
+                    shapes = shapes + review_masks(self.refine, self.sam, item, self.annotated[item.index])
+                except ApiError as exc:
+                    outcomes.append(Outcome(item.index, error=f"SAM failed: {exc.message}"))
+                    continue
+                except Exception as exc:
+                    log.exception("SAM failed on item %d", item.index)
+                    outcomes.append(Outcome(item.index, error=f"SAM failed: {exc}"))
+                    continue
+            if self.spec.sample is not None:
+                assert self.embed is not None and item.data is not None
+                try:
+                    vector = self.embed(self.spec.sample.embeddings, item.data, item.image)
+                except ApiError as exc:
+                    outcomes.append(Outcome(item.index, error=f"embedding failed: {exc.message}"))
+                    continue
+                except Exception as exc:
+                    log.exception("embedding item %d failed", item.index)
+                    outcomes.append(Outcome(item.index, error=f"embedding failed: {exc}"))
+                    continue
+                shapes = [*shapes, embedding_shape(vector)]
             result = json.dumps([shape_to_dict(s) for s in shapes], separators=(",", ":"))
             outcomes.append(Outcome(item.index, width, height, result))
         return outcomes, None
@@ -158,6 +193,29 @@ class ImageRun:
             log.exception("decoding item %d (%s) failed", index, ref)
             return _Loaded(index, error=f"The image could not be decoded ({exc}).")
         return _Loaded(index, image, data if keep_bytes else None)
+
+
+REVIEW_OF = "labelserve_review_of"  # attribute of a stored SAM mask: the annotation id it answers
+
+
+def review_masks(refine: Refine, sam: str, item: _Loaded, annotated: AnnotatedImage) -> list[Shape]:
+    """SAM's mask for each polygon or mask annotation, prompted with the annotation's box."""
+    assert item.image is not None and item.data is not None
+    height, width = item.image.shape[:2]
+    prompts = [
+        a
+        for a in annotated.in_pixels(width, height)
+        if a.shape.kind in ("polygon", "mask") and a.shape.bounds() is not None
+    ]
+    boxes = [Shape("box", label=a.shape.label, box=a.shape.bounds()) for a in prompts]
+    if not boxes:
+        return []
+    masks = refine(sam, item.data, item.image, boxes)
+    return [
+        replace(mask, attributes={REVIEW_OF: a.shape_id})
+        for a, mask in zip(prompts, masks, strict=True)
+        if mask.kind == "mask"
+    ]
 
 
 def _detect(detector: Detector, images: list[np.ndarray | None], params: DetectParams) -> list[list[Shape]]:

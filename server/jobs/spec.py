@@ -14,12 +14,16 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.detector import TILE_DESCRIPTION, TILE_OVERLAP_DESCRIPTION, DetectParams
-from server.cvat.spec import CvatTaskOutput
+from server.cvat.spec import CvatIssuesOutput, CvatTaskOutput
+from server.formats.annotations import AnnotationFormat
 from server.services.collections import Source
 
-OutputFormat = Literal["cvat_images", "coco", "yolo", "cvat_video", "mot"]
+OutputFormat = Literal["cvat_images", "coco", "yolo", "cvat_video", "mot", "findings", "ranking"]
 VIDEO_FORMATS: tuple[str, ...] = ("cvat_video", "mot")  # tracks: video sources only
 TRACK_CONF = 0.1  # detector confidence of video jobs unless given: ByteTrack matches low scores too
+# Detector confidence of review jobs unless given: ObjectLab compares with low-confidence boxes too, and a
+# class the detector is unsure of would otherwise vanish from its opinion.
+REVIEW_CONF = 0.01
 
 
 class Params(BaseModel):
@@ -110,8 +114,74 @@ class Output(BaseModel):
         return found
 
 
+class ReviewSpec(BaseModel):
+    """A review job's annotations: the dataset whose labels are checked against the detector."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    annotations: str | None = Field(
+        default=None,
+        min_length=1,
+        description="The annotations, a local path: a COCO instances JSON file, a CVAT for images 1.1 XML "
+        "file, or a YOLO directory (data.yaml and labels/). Their image names are relative to the source "
+        "directory, whose images must all be there. Absent for the cvat_task format.",
+    )
+    format: AnnotationFormat | Literal["cvat_task"] = Field(
+        description="coco, cvat_images or yolo; or cvat_task: the source CVAT task's current annotations "
+        "(source.cvat_task, with source.frames for one job's frames), each finding keeping its CVAT shape id."
+    )
+    label_mapping: dict[str, str] | None = Field(
+        default=None,
+        description='Detector class name -> dataset label, where they differ (e.g. {"person": "human"}); '
+        "detections of classes mapped to no dataset label are ignored. Absent: the names as they are.",
+    )
+    max_score: float = Field(
+        default=0.9, gt=0.0, le=1.0, description="Findings scoring this or more (1 = no doubt) are left out."
+    )
+    top_k: int | None = Field(default=None, ge=1, description="Write at most this many findings.")
+    thumbnails: int = Field(
+        default=200, ge=0, le=10_000, description="report.html pictures the first this many findings."
+    )
+    cvat_issues: CvatIssuesOutput | None = Field(
+        default=None,
+        description="Also write the top findings as issues on this CVAT job (its task's frames matched to "
+        "the images by name); a rerun adds no duplicates.",
+    )
+    sam: str | None = Field(
+        default=None,
+        description="A SAM model: each polygon or mask annotation's box prompts it, and a low IoU between "
+        "SAM's mask and the annotated one flags a sloppy edge. Encodes go through the embedding cache, so "
+        "right after a pre-labeling job with the same SAM model they cost nothing. None: boxes only.",
+    )
+
+
+class SampleSpec(BaseModel):
+    """A sample job: which `budget` images of the source to annotate next."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    budget: int = Field(ge=1, description="How many images to pick; at most the source's size.")
+    uncertainty: Literal["least_confidence", "margin", "entropy"] = Field(
+        default="entropy",
+        description="Per-box uncertainty from the detector's confidence, averaged per image.",
+    )
+    prefilter: float = Field(
+        default=3.0,
+        ge=0.0,
+        le=1000.0,
+        description="k-center greedy runs among the prefilter x budget most uncertain images; 0: among all.",
+    )
+    embeddings: str = Field(
+        min_length=1,
+        description="The SAM model whose image embeddings (from the cache when there) give each image's "
+        "vector for diversity.",
+    )
+    seed: int = Field(default=0, ge=0, description="The first k-center pick; the same seed, the same picks.")
+
+
 class JobSpec(BaseModel):
-    """A pre-labeling job: run `detector` over every image of `source`, write `output`."""
+    """A pre-labeling job: run `detector` over every image of `source`, write `output`. With `review`, a
+    review job: score the annotations of `review` against the detector's opinion, write the findings."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -134,6 +204,53 @@ class JobSpec(BaseModel):
         description="Video sources: the multi-object tracker (ByteTrack with ultralytics' defaults when "
         "absent). Their params.conf defaults to 0.1, as in ultralytics' model.track.",
     )
+    review: ReviewSpec | None = Field(
+        default=None,
+        description="A review job: flag likely label errors in these annotations of the source's images; "
+        "output.format must be 'findings'. Its params.conf defaults to 0.01. The detector must not have "
+        "been trained on these labels.",
+    )
+
+    sample: SampleSpec | None = Field(
+        default=None,
+        description="A sample job: rank which images to annotate next (uncertainty, then diversity); "
+        "output.format must be 'ranking'.",
+    )
+
+    @model_validator(mode="after")
+    def _sample_settings(self) -> JobSpec:
+        ranking = self.output.format == "ranking"
+        if self.sample is None:
+            if ranking:
+                raise ValueError("the ranking format is for sample jobs (give 'sample')")
+            return self
+        if not ranking or self.output.cvat_task is not None:
+            raise ValueError("a sample job writes output.format 'ranking' to output.directory")
+        if self.review is not None or self.sam_refine is not None or self.source.video is not None:
+            raise ValueError("a sample job takes images, without review or sam_refine")
+        return self
+
+    @model_validator(mode="after")
+    def _review_settings(self) -> JobSpec:
+        findings = self.output.format == "findings"
+        if self.review is None:
+            if findings:
+                raise ValueError("the findings format is for review jobs (give 'review')")
+            return self
+        if not findings or self.output.cvat_task is not None:
+            raise ValueError("a review job writes output.format 'findings' to output.directory")
+        from_task = self.review.format == "cvat_task"
+        if from_task != (self.source.cvat_task is not None):
+            raise ValueError("the cvat_task annotation format goes with a source.cvat_task, and only with it")
+        if from_task != (self.review.annotations is None):
+            raise ValueError("give review.annotations, except with the cvat_task format")
+        if self.source.video is not None:
+            raise ValueError("a review job reads images, not a video")
+        if self.sam_refine is not None:
+            raise ValueError("sam_refine is for pre-labeling jobs")
+        if "conf" not in self.params.model_fields_set:
+            self.params.conf = REVIEW_CONF
+        return self
 
     @model_validator(mode="after")
     def _video_settings(self) -> JobSpec:
@@ -168,11 +285,19 @@ class JobSpec(BaseModel):
         return self
 
     def uses_cvat(self) -> bool:
-        return self.source.cvat_task is not None or self.output.cvat_task is not None
+        return (
+            self.source.cvat_task is not None
+            or self.output.cvat_task is not None
+            or self.issues() is not None
+        )
+
+    def issues(self) -> CvatIssuesOutput | None:
+        return self.review.cvat_issues if self.review is not None else None
 
     def secrets(self) -> dict[str, dict[str, str]]:
-        """CVAT credentials by place ("source", "output"); the JSON dump of the spec has them redacted."""
-        places = {"source": self.source.cvat_task, "output": self.output.cvat_task}
+        """CVAT credentials by place ("source", "output", "issues"); the JSON dump of the spec has them
+        redacted."""
+        places = {"source": self.source.cvat_task, "output": self.output.cvat_task, "issues": self.issues()}
         return {
             place: task.secrets() for place, task in places.items() if task is not None and task.secrets()
         }
@@ -184,4 +309,6 @@ class JobSpec(BaseModel):
             spec.source.cvat_task = spec.source.cvat_task.with_secrets(secrets["source"])
         if spec.output.cvat_task is not None and "output" in secrets:
             spec.output.cvat_task = spec.output.cvat_task.with_secrets(secrets["output"])
+        if spec.review is not None and spec.review.cvat_issues is not None and "issues" in secrets:
+            spec.review.cvat_issues = spec.review.cvat_issues.with_secrets(secrets["issues"])
         return spec

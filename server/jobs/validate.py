@@ -50,11 +50,12 @@ def check_spec(
             f"{spec.detector!r} classifies whole images (tags), which {spec.output.format} cannot hold; "
             "use the cvat_images format.",
         )
-    if spec.sam_refine is not None:
+    sam = spec.sam_refine if spec.review is None else spec.review.sam
+    if sam is not None:
         if not can_refine:
             raise ApiError(422, "refine_unavailable", "SAM refinement is not available on this server.")
         if check_refine is not None:
-            model_call(spec.sam_refine, check_refine)
+            model_call(sam, check_refine)
 
 
 def check_output(directory: str, settings: Settings) -> None:

@@ -139,6 +139,13 @@ class DetectService:
         and the image it decoded already is used as is."""
         return self.refine(model, data, shapes, Timings(), Priority.BACKGROUND, image)
 
+    def pooled_embedding_for_job(self, model: str, data: bytes, image: np.ndarray) -> np.ndarray:
+        """A sample job's image vector: the SAM model's cached image embedding (encoded at background
+        priority on a miss), its first feature map averaged over space into one float32 per channel."""
+        embedded = self.sam.embed(model, data, Timings(), Priority.BACKGROUND, image)
+        features = next(iter(embedded.embedding.tensors.values()))
+        return features.float().mean(dim=(0, 2, 3)).cpu().numpy().astype(np.float32)
+
     @staticmethod
     def _check_classes(detector: Detector, params: DetectParams) -> None:
         unknown = sorted(set(params.classes or ()) - set(detector.info.class_names))

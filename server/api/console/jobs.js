@@ -20,6 +20,14 @@ export function initJobs() {
       $(`#${kind.dataset.for}`).placeholder = SOURCE_HINTS[kind.value];
     });
   }
+  // A review (format "findings") scores a dataset's annotations against the detector (docs/review.md).
+  $("#job-format").addEventListener("change", () => {
+    const review = $("#job-format").value === "findings";
+    $("#job-review").hidden = !review;
+    $("#job-annotations").required = review;
+    // A sample job (format "ranking") picks which images to annotate next (docs/sampling.md).
+    $("#job-sample").hidden = $("#job-format").value !== "ranking";
+  });
 }
 
 export function setDetectors(models) {
@@ -65,6 +73,16 @@ function spec() {
     params: { conf: Number($("#job-conf").value) },
     output: { format: $("#job-format").value, directory: $("#job-output").value.trim() },
   };
+  if (result.output.format === "findings") {
+    result.review = { annotations: $("#job-annotations").value.trim(), format: $("#job-annotation-format").value };
+    if ($("#job-refine").value) result.review.sam = $("#job-refine").value;
+    if ($("#job-conf").value === "0.25") delete result.params.conf; // a review's default, 0.01, keeps unsure boxes
+    return result;
+  }
+  if (result.output.format === "ranking") {
+    result.sample = { budget: Number($("#job-budget").value), embeddings: $("#job-refine").value };
+    return result;
+  }
   if ($("#job-refine").value) result.sam_refine = $("#job-refine").value;
   return result;
 }
