@@ -393,12 +393,17 @@ def test_a_prefetch_runs_status_is_asked_of_the_replica_running_it(http: httpx.C
     run = http.post("/v1/prefetch", json={"model": MODEL, "images": images})
     assert run.status_code == 202, run.text
     holder = run.headers[REPLICA]
-    for _ in range(8):  # without the pin, any replica: the other one answers 404
+    # Until the run is over: without the pin, any replica (the other one answers 404). Waiting for the end
+    # also keeps its encodes out of the next test's counts.
+    deadline = time.monotonic() + 120
+    while True:
         status = http.get(f"/v1/prefetch/{run.json()['id']}")
         assert status.status_code == 200 and status.headers[REPLICA] == holder, status.text
-        if status.json()["state"] in ("completed", "failed"):
+        if status.json()["state"] not in ("queued", "running"):
             break
+        assert time.monotonic() < deadline, status.text
         time.sleep(0.5)
+    assert status.json()["state"] == "completed" and status.json()["done"] == 2, status.text
 
 
 def test_a_killed_owner_is_replaced_without_a_reencode(http: httpx.Client, embedded: dict) -> None:
