@@ -140,43 +140,44 @@ class ImageRun:
         for item, shapes in found:
             assert item.image is not None
             height, width = item.image.shape[:2]
-            if spec.sam_refine is not None:
-                assert self.refine is not None and item.data is not None
-                try:
-                    shapes = self.refine(spec.sam_refine, item.data, item.image, shapes)
-                except ApiError as exc:
-                    outcomes.append(Outcome(item.index, error=f"SAM refinement failed: {exc.message}"))
-                    continue
-                except Exception as exc:
-                    log.exception("SAM refinement failed on item %d", item.index)
-                    outcomes.append(Outcome(item.index, error=f"SAM refinement failed: {exc}"))
-                    continue
-            if self.annotated is not None and item.index in self.annotated:
-                assert self.refine is not None and self.sam is not None and item.data is not None
-                try:
-                    shapes = shapes + review_masks(self.refine, self.sam, item, self.annotated[item.index])
-                except ApiError as exc:
-                    outcomes.append(Outcome(item.index, error=f"SAM failed: {exc.message}"))
-                    continue
-                except Exception as exc:
-                    log.exception("SAM failed on item %d", item.index)
-                    outcomes.append(Outcome(item.index, error=f"SAM failed: {exc}"))
-                    continue
-            if self.spec.sample is not None:
-                assert self.embed is not None and item.data is not None
-                try:
-                    vector = self.embed(self.spec.sample.embeddings, item.data, item.image)
-                except ApiError as exc:
-                    outcomes.append(Outcome(item.index, error=f"embedding failed: {exc.message}"))
-                    continue
-                except Exception as exc:
-                    log.exception("embedding item %d failed", item.index)
-                    outcomes.append(Outcome(item.index, error=f"embedding failed: {exc}"))
-                    continue
-                shapes = [*shapes, embedding_shape(vector)]
+            stage = ""
+            try:
+                for name, step in self._after_detection(spec, item):
+                    stage = name  # for the failure message
+                    shapes = step(shapes)
+            except ApiError as exc:
+                outcomes.append(Outcome(item.index, error=f"{stage} failed: {exc.message}"))
+                continue
+            except Exception as exc:  # a model's own bug: the image fails, the job goes on
+                log.exception("%s failed on item %d", stage, item.index)
+                outcomes.append(Outcome(item.index, error=f"{stage} failed: {exc}"))
+                continue
             result = json.dumps([shape_to_dict(s) for s in shapes], separators=(",", ":"))
             outcomes.append(Outcome(item.index, width, height, result))
         return outcomes, None
+
+    def _after_detection(
+        self, spec: JobSpec, item: _Loaded
+    ) -> list[tuple[str, Callable[[list[Shape]], list[Shape]]]]:
+        """What runs on one image's detections, in order, each named for its failure message: SAM refinement,
+        a review's SAM masks of the annotated shapes, a sample job's image embedding."""
+        steps: list[tuple[str, Callable[[list[Shape]], list[Shape]]]] = []
+        data, image = item.data, item.image
+        if spec.sam_refine is not None:
+            refine, model = self.refine, spec.sam_refine
+            assert refine is not None and data is not None and image is not None
+            steps.append(("SAM refinement", lambda shapes: refine(model, data, image, shapes)))
+        if self.annotated is not None and item.index in self.annotated:
+            prompt, sam, annotated = self.refine, self.sam, self.annotated[item.index]
+            assert prompt is not None and sam is not None and data is not None
+            steps.append(("SAM", lambda shapes: shapes + review_masks(prompt, sam, item, annotated)))
+        if spec.sample is not None:
+            embed, embeddings = self.embed, spec.sample.embeddings
+            assert embed is not None and data is not None
+            steps.append(
+                ("embedding", lambda shapes: [*shapes, embedding_shape(embed(embeddings, data, image))])
+            )
+        return steps
 
     def _load(self, index: int, ref: str, keep_bytes: bool) -> _Loaded:
         """Read and decode one image; any problem becomes the item's failure reason, never an exception."""
