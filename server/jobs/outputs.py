@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
@@ -52,11 +53,7 @@ def write_files(
     redone whole when a job fails here and is resumed. `total()`: the job's item count (video formats)."""
     target, output_format = spec.output.directory, spec.output.format
     assert target is not None and output_format is not None
-    remote = is_s3_url(target)
-    directory = settings.data_dir / STAGING_DIR / job_id if remote else Path(target)
-    try:
-        if remote:
-            shutil.rmtree(directory, ignore_errors=True)  # no files left from an earlier attempt
+    with output_directory(target, job_id, settings, "output") as directory:
         if output_format in VIDEO_FORMATS:
             meta = _video_meta(spec, total, settings)
             write_video_output(output_format, directory, info, lambda: _tracks(store, job_id), meta)
@@ -68,12 +65,26 @@ def write_files(
                 lambda: _results(store, job_id),
                 settings.polygon_tolerance,
             )
+
+
+@contextmanager
+def output_directory(target: str, job_id: str, settings: Settings, what: str) -> Iterator[Path]:
+    """The folder a job writes its `what` into: `target` itself, or for an s3:// target a staging folder
+    (emptied first: no files left from an earlier attempt) uploaded to it when the block ends, and removed
+    either way. A write or upload error fails the job (JobFailed), to be redone whole on resume."""
+    remote = is_s3_url(target)
+    directory = settings.data_dir / STAGING_DIR / job_id if remote else Path(target)
+    try:
+        if remote:
+            shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True, exist_ok=True)
+        yield directory
         if remote:
             store_for(settings).upload_tree(directory, target)
     except OSError as exc:
-        raise JobFailed(f"writing the output failed: {exc}") from None
+        raise JobFailed(f"writing the {what} failed: {exc}") from None
     except ApiError as exc:
-        raise JobFailed(f"uploading the output failed: {exc.message}") from None
+        raise JobFailed(f"uploading the {what} failed: {exc.message}") from None
     finally:
         if remote:
             shutil.rmtree(directory, ignore_errors=True)

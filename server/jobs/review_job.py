@@ -9,7 +9,6 @@ detections is stored, so a resumed job scores what the annotations file says whe
 from __future__ import annotations
 
 import json
-import shutil
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -27,10 +26,9 @@ from server.formats.review_html import REPORT_FILE, write_report
 from server.formats.stored import shape_from_dict
 from server.inputs.images import decode_image
 from server.inputs.objectstore.locations import is_s3_url
-from server.inputs.objectstore.store import store_for
 from server.jobs.control import JobFailed
 from server.jobs.image_job import REVIEW_OF
-from server.jobs.outputs import STAGING_DIR
+from server.jobs.outputs import output_directory
 from server.jobs.spec import JobSpec, ReviewSpec
 from server.jobs.store import JobStore
 from server.services.collections import ImageEntry
@@ -65,13 +63,18 @@ def review_entries(spec: JobSpec, info: DetectorInfo, settings: Settings) -> lis
             return spec.source.frames.select(entries) if spec.source.frames is not None else entries
     entries = spec.source.enumerate(settings)
     if review.format == "yolo":
-        by_label = {yolo_label_path(name): (ref, name) for ref, name in entries}
+        by_label = {annotation_name(review, name): (ref, name) for ref, name in entries}
         stray = [image.name for image in dataset if image.name not in by_label]
         _no_images(stray, spec)
         return entries
     by_name = dict((name, (ref, name)) for ref, name in entries)
     _no_images([image.name for image in dataset if image.name not in by_name], spec)
     return [by_name[image.name] for image in dataset]
+
+
+def annotation_name(review: ReviewSpec, image_name: str) -> str:
+    """The name an image's annotations are filed under: its YOLO label file, or the image's own name."""
+    return yolo_label_path(image_name) if review.format == "yolo" else image_name
 
 
 def _no_images(names: list[str], spec: JobSpec) -> None:
@@ -156,7 +159,7 @@ def annotated_items(
     by_name = {image.name: image for image in load(spec, connections)}
     found = {}
     for item in store.items(job_id, status="pending"):
-        key = yolo_label_path(item.name) if review.format == "yolo" else item.name
+        key = annotation_name(review, item.name)
         if key in by_name:
             found[item.index] = by_name[key]
     return found
@@ -188,8 +191,7 @@ def write_review(
             failed += 1
             continue
         assert item.width is not None and item.height is not None and item.result is not None
-        key = yolo_label_path(item.name) if review.format == "yolo" else item.name
-        annotated = by_name.get(key)
+        annotated = by_name.get(annotation_name(review, item.name))
         annotations = annotated.in_pixels(item.width, item.height) if annotated is not None else []
         found, sam_masks = [], {}
         for data in json.loads(item.result):
@@ -227,26 +229,14 @@ def write_review(
         except ApiError as exc:
             raise JobFailed(f"writing CVAT issues failed: {exc.message} Resume the job to retry.") from None
         summary["cvat_issues"] = {"job_id": target_job.job_id, **asdict(written)}
-    remote = is_s3_url(target)
-    directory = settings.data_dir / STAGING_DIR / job_id if remote else Path(target)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
+
+    def image_of(frame: int) -> np.ndarray | None:
+        try:
+            return decode_image(read(refs[frame]), settings.max_image_pixels)
+        except (ApiError, OSError, ValueError):
+            return None
+
+    title = f"labelserve review: {len(listed)} findings, {len(images)} images, detector {spec.detector}"
+    with output_directory(target, job_id, settings, "findings") as directory:
         write_findings(directory / FINDINGS_FILE, listed, summary)
-
-        def image_of(frame: int) -> np.ndarray | None:
-            try:
-                return decode_image(read(refs[frame]), settings.max_image_pixels)
-            except (ApiError, OSError, ValueError):
-                return None
-
-        title = f"labelserve review: {len(listed)} findings, {len(images)} images, detector {spec.detector}"
         write_report(directory / REPORT_FILE, listed, image_of, review.thumbnails, title)
-        if remote:
-            store_for(settings).upload_tree(directory, target)
-    except OSError as exc:
-        raise JobFailed(f"writing the findings failed: {exc}") from None
-    except ApiError as exc:
-        raise JobFailed(f"uploading the findings failed: {exc.message}") from None
-    finally:
-        if remote:
-            shutil.rmtree(directory, ignore_errors=True)

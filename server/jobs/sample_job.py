@@ -6,18 +6,14 @@ budget: the most uncertain images first, then k-center greedy among them for div
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import numpy as np
 
 from server.errors import ApiError
 from server.formats.ranking import Pick, embedding_of, write_ranking
 from server.formats.stored import shape_from_dict
-from server.inputs.objectstore.locations import is_s3_url
-from server.inputs.objectstore.store import store_for
 from server.jobs.control import JobFailed
-from server.jobs.outputs import STAGING_DIR
+from server.jobs.outputs import output_directory
 from server.jobs.spec import JobSpec
 from server.jobs.store import JobStore
 from server.services.sampling import image_uncertainty, select
@@ -70,17 +66,5 @@ def write_sample(store: JobStore, job_id: str, spec: JobSpec, settings: Settings
         "prefilter": sample.prefilter,
         "seed": sample.seed,
     }
-    remote = is_s3_url(target)
-    directory = settings.data_dir / STAGING_DIR / job_id if remote else Path(target)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
+    with output_directory(target, job_id, settings, "ranking") as directory:
         write_ranking(directory, picks, summary)
-        if remote:
-            store_for(settings).upload_tree(directory, target)
-    except OSError as exc:
-        raise JobFailed(f"writing the ranking failed: {exc}") from None
-    except ApiError as exc:
-        raise JobFailed(f"uploading the ranking failed: {exc.message}") from None
-    finally:
-        if remote:
-            shutil.rmtree(directory, ignore_errors=True)
