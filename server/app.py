@@ -86,6 +86,15 @@ def create_app(settings: Settings | None = None, *, load_models_in_background: b
     app.state.latest_wins = app.state.services.latest_wins
     app.add_middleware(InflightMiddleware, limiter=inflight)
     app.state.prefetch = prefetcher
+
+    def drain() -> None:
+        """SIGTERM, before uvicorn waits for the requests in flight: prefetch runs stop and encodes not yet
+        started are answered 503, so the wait is one running encode, not the whole queue."""
+        prefetcher.close(timeout=0)
+        queued = sam_service.drain()
+        log.info("stopping: %d queued encodes answered 503 shutting_down", queued)
+
+    app.state.drain = drain
     app.state.warmup = warmup
     install_error_handlers(app)
     install_model_errors(app)

@@ -24,3 +24,15 @@ def busy(what: str, retry_after_s: float) -> ApiError:
         f"labelserve is at capacity ({what}); retry after {retry_after_s:g} s.",
         headers={"Retry-After": f"{max(round(retry_after_s), 1)}"},
     )
+
+
+def shutting_down() -> ApiError:
+    """What work that cannot finish before this process stops is told: another replica, or this one once
+    restarted, will take it."""
+    return ApiError(
+        503,
+        "shutting_down",
+        "labelserve is shutting down and starts no new encodes; retry in a few seconds (another replica, or "
+        "this one after its restart, will serve it).",
+        headers={"Retry-After": "2"},
+    )

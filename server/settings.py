@@ -109,6 +109,13 @@ class Settings(BaseSettings):
         "balancer or proxy in front (60 s on AWS ALB, nginx's upstream default), so that the server never "
         "closes a connection the proxy is about to reuse (which clients see as 502s or dropped requests).",
     )
+    shutdown_timeout_s: int = Field(
+        default=20,
+        ge=1,
+        description="On SIGTERM, the longest the server waits for requests in flight before it stops anyway. "
+        "Encodes not yet started are answered 503 `shutting_down` at once, so only running encodes and "
+        "clicks wait. Keep it below the orchestrator's grace period (Kubernetes: 30 s), then SIGKILL.",
+    )
 
     # Models
     models: Annotated[list[str], NoDecode] = Field(

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from models.base import ImageEmbedding, Segmenter
+from server.errors import ApiError
 from server.ops.timing import Timings
 from server.services.embeddings import TieredEmbeddings
 from server.services.embeddings.scheduler import EncodeScheduler, Priority
@@ -101,6 +102,31 @@ def test_close_fails_queued_work_instead_of_leaving_it_waiting() -> None:
     running.result()  # the encode that was running still completes
     with pytest.raises(RuntimeError, match="shut down"):
         scheduler.submit(image(3), Priority.INTERACTIVE)
+
+
+def test_drain_answers_queued_work_at_once_and_refuses_new_work() -> None:
+    """SIGTERM's drain: the running encode completes; queued clicks and prefetch fail with the given error
+    (each its own instance), and so does anything submitted afterwards."""
+    encoder = GatedEncoder()
+    scheduler = EncodeScheduler(encoder, "test")
+    running = scheduler.submit(image(1), Priority.INTERACTIVE)
+    assert encoder.started.acquire(timeout=10)
+    queued = [
+        scheduler.submit(image(label), p)
+        for label, p in ((2, Priority.INTERACTIVE), (3, Priority.BACKGROUND))
+    ]
+    assert scheduler.drain(lambda: ApiError(503, "shutting_down", "stopping")) == 2
+    errors = []
+    for ticket in queued:
+        with pytest.raises(ApiError, match="stopping") as raised:
+            ticket.result()
+        errors.append(raised.value)
+    assert errors[0] is not errors[1]
+    with pytest.raises(ApiError, match="stopping"):
+        scheduler.submit(image(4), Priority.INTERACTIVE)
+    encoder.release.release()
+    running.result()
+    assert encoder.order == [1]
 
 
 def test_promoted_background_ticket_runs_with_the_clicks_in_their_order() -> None:

@@ -7,8 +7,10 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import signal
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 
 import uvicorn
 from fastapi import FastAPI
@@ -30,7 +32,12 @@ class _Server(uvicorn.Server):
 def servers(app: FastAPI, settings: Settings) -> list[uvicorn.Server]:
     # log_config=None: the root handler (server.ops.logs) formats uvicorn's lines too. No access log: the
     # audit log has a line per request, with more in it.
-    common = {"log_config": None, "access_log": False, "timeout_keep_alive": settings.keep_alive_s}
+    common = {
+        "log_config": None,
+        "access_log": False,
+        "timeout_keep_alive": settings.keep_alive_s,
+        "timeout_graceful_shutdown": settings.shutdown_timeout_s,
+    }
     found = [_Server(uvicorn.Config(app, host=settings.host, port=settings.port, **common))]
     if settings.cvat_port is not None:
         host = settings.cvat_host or settings.host
@@ -63,11 +70,16 @@ async def announce_console(running: list[uvicorn.Server], url: str) -> None:
     log.info("web console: %s  (API docs: %sdocs)", url, url)
 
 
-async def serve_all(running: list[uvicorn.Server], console: str | None = None) -> None:
-    """Until SIGINT or SIGTERM; a second signal stops without waiting for open connections."""
+async def serve_all(
+    running: list[uvicorn.Server], console: str | None = None, drain: Callable[[], None] | None = None
+) -> None:
+    """Until SIGINT or SIGTERM; a second signal stops without waiting for open connections. `drain` runs on
+    the first signal, before the servers wait for the requests in flight."""
     loop = asyncio.get_running_loop()
 
     def stop() -> None:
+        if drain is not None and not any(server.should_exit for server in running):
+            drain()
         for server in running:
             server.force_exit = server.should_exit
             server.should_exit = True
@@ -83,4 +95,13 @@ async def serve_all(running: list[uvicorn.Server], console: str | None = None) -
 
 
 def serve(app: FastAPI, settings: Settings) -> None:
-    asyncio.run(serve_all(servers(app, settings), console_url(settings.host, settings.port)))
+    """Serves until a signal, then ends the process once the app has shut down."""
+    drain = getattr(app.state, "drain", None)
+    asyncio.run(serve_all(servers(app, settings), console_url(settings.host, settings.port), drain))
+    # The app's shutdown has run: jobs are back in their ledger, caches and clients closed. What is left is
+    # the interpreter's final garbage collection over torch's object graph: 2 s when idle, up to 12 s after a
+    # busy minute (measured), during which the process answers nothing and an orchestrator waits or kills.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -11,7 +11,7 @@ import numpy as np
 from models.base import ImageEmbedding, ImageEncoder, Prompt
 from models.registry import EncoderKind, ModelRegistry
 from models.shapes import RegionMask
-from server.errors import ApiError
+from server.errors import ApiError, shutting_down
 from server.formats.api_json import render_mask
 from server.formats.rle import coco_rle_decode, cvat_rle_decode
 from server.inputs.images import image_id
@@ -215,6 +215,10 @@ class SamService:
 
     def stats(self) -> dict:
         return {**self.embeddings.stats(), "refinement": self.history.snapshot()}
+
+    def drain(self) -> int:
+        """SIGTERM: clicks on cached embeddings go on, encodes not yet started are answered 503 at once."""
+        return self.embeddings.drain(shutting_down)
 
     def close(self) -> None:
         self.embeddings.close()

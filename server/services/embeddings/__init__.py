@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import Counter
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -62,9 +62,12 @@ class TieredEmbeddings:
         self._background: dict[Hashable, tuple[EncodeScheduler, EncodeTicket]] = {}
         self._awaited: Counter[Hashable] = Counter()
         self.aliases: ByteLRU[str] = ByteLRU(ALIASES_KEPT, lambda _: 1)  # pixel id → image id
+        self._draining: Callable[[], Exception] | None = None  # set by drain(): why no encode starts
 
     def scheduler(self, segmenter: ImageEncoder) -> EncodeScheduler:
         with self._lock:
+            if self._draining is not None:
+                raise self._draining()
             if segmenter in self._forgotten:
                 raise unloaded(segmenter.name)
             scheduler = self._schedulers.get(segmenter.queue_name)
@@ -227,6 +230,14 @@ class TieredEmbeddings:
             "l2": self.l2.stats() if self.l2 is not None else None,
             "encoders": {name: scheduler.snapshot() for name, scheduler in schedulers.items()},
         }
+
+    def drain(self, reason: Callable[[], Exception]) -> int:
+        """The server is stopping: no encode starts any more (queued ones fail with `reason()`); embeddings
+        already cached still serve clicks. Returns how many queued encodes failed."""
+        with self._lock:
+            self._draining = reason
+            schedulers = list(self._schedulers.values())
+        return sum(scheduler.drain(reason) for scheduler in schedulers)
 
     def close(self) -> None:
         with self._lock:

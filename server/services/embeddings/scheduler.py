@@ -123,17 +123,38 @@ class EncodeScheduler:
             self._retired = reason
             self._ready.notify()
 
+    def drain(self, reason: Callable[[], Exception]) -> int:
+        """The server is stopping: the running encode finishes, and the queued ones fail at once with
+        `reason()`, so their requests get an answer instead of holding the shutdown for an encode each. New
+        submissions are refused the same way. Returns how many queued encodes failed."""
+        with self._ready:
+            self._retired = reason()
+            queued = self._take_all()
+        return self._fail(queued, reason)
+
     def close(self) -> None:
         """Fail whatever is still queued and stop the worker after the running encode."""
         with self._ready:
             self._closed = True
-            queued = [t for q in self._queues.values() for t in q]
-            for queue in self._queues.values():
-                queue.clear()
-            self._ready.notify()
-        for ticket in queued:
-            if ticket.future.set_running_or_notify_cancel():
-                ticket.future.set_exception(RuntimeError("the encoder was shut down"))
+            queued = self._take_all()
+        self._fail(queued, lambda: RuntimeError("the encoder was shut down"))
+
+    def _take_all(self) -> list[EncodeTicket]:
+        """Call with self._ready held: empties the queues (and wakes the worker to notice why)."""
+        queued = [t for q in self._queues.values() for t in q]
+        for queue in self._queues.values():
+            queue.clear()
+        self._ready.notify()
+        return queued
+
+    @staticmethod
+    def _fail(tickets: list[EncodeTicket], reason: Callable[[], Exception]) -> int:
+        failed = 0
+        for ticket in tickets:
+            if ticket.future.set_running_or_notify_cancel():  # False: cancelled while queued
+                ticket.future.set_exception(reason())  # one exception per waiter: each gets its own traceback
+                failed += 1
+        return failed
 
     def snapshot(self) -> dict:
         with self._ready:
