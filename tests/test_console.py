@@ -629,3 +629,12 @@ def test_tracker_steps_and_propagates_through_a_short_video(
     assert {"/v1/video/frame", "/v1/track/medianflow/step", "/v1/track/medianflow/propagate"} <= asked
     assert [call for call in console.calls if call[2] >= 400] == []
     assert console.errors == []
+    # A file that is not a video: the API's refusal is what the page says.
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"not a video" * 100)
+    console.page.set_input_files("#track-files", str(junk))
+    console.page.locator("#track-status.error").filter(
+        has_text="400 bad_video: The video cannot be opened"
+    ).wait_for()
+    assert [call for call in console.calls if call[2] >= 400] == [("POST", "/v1/video/frame", 400)]
+    assert all("400" in error for error in console.errors)  # the browser's own line for a failed request

@@ -152,7 +152,7 @@ async function frame(index) {
 
 async function show(index) {
   const { src } = await frame(index);
-  if (index !== state.index && !state.results.size) state.boxes = []; // boxes belong to the frame they were drawn on
+  if (index !== state.index && !state.results.size) state.boxes = []; // drawn on the frame being left
   state.index = index;
   await stage.show(src);
   draw(state.results.size ? state.results.get(index) || [] : state.boxes);
@@ -209,7 +209,8 @@ function begin() {
 
 async function start() {
   const shapes = begin();
-  const reply = await api("POST", `/v1/track/${encodeURIComponent(state.tracker)}`, upload((await frame(state.index)).blob, { shapes }));
+  const { blob } = await frame(state.index);
+  const reply = await api("POST", `/v1/track/${encodeURIComponent(state.tracker)}`, upload(blob, { shapes }));
   if (!reply.ok) {
     state.results.clear();
     return status(errorText(reply.error), true);
