@@ -231,6 +231,20 @@ class PropagateRequest(BaseModel):
         return self
 
 
+class VideoFrameRequest(BaseModel):
+    """One frame of a short video, as a PNG: what a client that cannot decode the video steps through."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    video: ImageRef | None = Field(default=None, description="The video file (mp4, mkv, webm, avi, ...).")
+    frame: int = Field(default=0, ge=0, description="The frame's number, from 0, in presentation order.")
+
+    @model_validator(mode="after")
+    def _video(self, info: ValidationInfo) -> VideoFrameRequest:
+        _one_image(self.video, info)
+        return self
+
+
 class ConceptExample(BaseModel):
     """One object shown by clicks and/or a box, as /v1/sam/{model}/segment takes them."""
 

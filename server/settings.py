@@ -351,6 +351,13 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(
         default=64 * 1024**2, description="Larger request bodies are refused (413)."
     )
+    max_video_frames: int = Field(
+        default=3000,
+        ge=1,
+        description="Videos of more frames are refused by POST /v1/video/frame (413): each request decodes "
+        "the video from its start, so stepping frame by frame is for short clips (propagate and jobs read "
+        "any length).",
+    )
     sam_max_boxes: int = Field(
         default=64,
         ge=1,

@@ -11,8 +11,12 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +29,7 @@ from server.formats.rle import cvat_rle_decode
 
 from .conftest import encode_image, fall_checkpoint, ultralytics_asset
 from .server_process import ROOT, ServerProcess
+from .synthetic_video import SyntheticVideo, box_iou
 
 playwright_api = pytest.importorskip("playwright.sync_api", reason="pip install -e '.[test]' (playwright)")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -44,6 +49,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
         "LABELSERVE_DATA_DIR": str(tmp / "data"),
         "LABELSERVE_MODELS": "mobile_sam,sam3",
         "LABELSERVE_DETECTOR_PATHS": json.dumps({"fall": str(fall_checkpoint())}),
+        "LABELSERVE_URL_ALLOW_HOSTS": "127.0.0.1",  # the tests' own file server (file_server)
     }
     with ServerProcess(env, tmp / "server.log", random_init=True) as process:
         yield process
@@ -98,6 +104,23 @@ def console(browser, server: ServerProcess) -> Iterator[Console]:
     page = Console(browser, server.url + "/")
     yield page
     page.close()
+
+
+@contextmanager
+def file_server(directory: Path) -> Iterator[str]:
+    """An http:// server of `directory` on loopback; yields its base URL."""
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *_: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(directory)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_port}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 def scene(width: int, height: int) -> np.ndarray:
@@ -498,3 +521,120 @@ def test_tracker_steps_through_an_image_sequence(console: Console, tmp_path: Pat
     assert abs(x - (180 + 12)) <= 3  # moved with the patch, in image pixels
     console.shot("track-step")
     assert console.errors == []
+
+
+def test_tracker_steps_and_propagates_through_a_short_video(
+    console: Console, server: ServerProcess, tmp_path: Path
+) -> None:
+    """A 1280x720 H.264 clip uploaded through the page (shown scaled, boxes in image pixels): its frames come
+    from POST /v1/video/frame, Median Flow follows the green square step by step and then by propagation, and
+    each box drawn is the one the API answers a plain client for the same requests, near the truth by
+    construction. Then the same clip by URL."""
+    clip = tmp_path / "clip.mp4"
+    truth = [boxes[1] for boxes in SyntheticVideo(width=1280, height=720, frames=16).write(clip)]
+    console.models_listed()
+    console.tab("track")
+    console.page.wait_for_selector("#track-tracker option[value='medianflow']", state="attached")
+    console.page.set_input_files("#track-files", str(clip))
+    console.page.locator("#track-frame").filter(has_text="frame 1 of 16: clip.mp4").wait_for()
+
+    def drag(box: tuple[float, ...]) -> list[float]:
+        """Drags `box` (image pixels) on the shown frame; returns the box the page drew, in image pixels."""
+        shown = console.page.locator("#track-stage img").bounding_box()
+        assert shown["width"] < 1280 and shown["y"] + shown["height"] <= 720  # scaled to fit the screen
+        scale = 1280 / shown["width"]
+        console.page.mouse.move(shown["x"] + box[0] / scale, shown["y"] + box[1] / scale)
+        console.page.mouse.down()
+        console.page.mouse.move(shown["x"] + box[2] / scale, shown["y"] + box[3] / scale, steps=4)
+        console.page.mouse.up()
+        return drawn()
+
+    def drawn() -> list[float]:
+        rect = console.page.locator("#track-stage .track-box")
+        assert rect.count() == 1
+        x, y, w, h = (float(rect.get_attribute(name)) for name in ("x", "y", "width", "height"))
+        return [x, y, x + w, y + h]
+
+    # Step by step, then one frame back.
+    box = drag(truth[0])
+    assert box_iou(tuple(box), truth[0]) > 0.95
+    console.page.click("#track-start")
+    console.page.locator("#track-status").filter(has_text="following 1 object").wait_for()
+    for frame in (2, 3, 4):
+        console.page.click("#track-step")
+        console.page.locator("#track-status").filter(has_text=f"frame {frame}: 1 found").wait_for()
+    on_page = drawn()
+    console.page.click("#track-back")
+    console.page.locator("#track-frame").filter(has_text="frame 3 of 16").wait_for()
+    back = drawn()
+
+    # The same requests from a plain client: frames as PNGs, then start and step with them.
+    frames = []
+    for number in range(4):
+        reply = server.http.post(
+            "/v1/video/frame",
+            files={"file": clip.read_bytes()},
+            data={"params": json.dumps({"frame": number})},
+        )
+        assert reply.status_code == 200 and reply.headers["x-labelserve-video-frames"] == "16"
+        frames.append(reply.content)
+    shapes = [{"type": "rectangle", "points": box}]
+    reply = server.http.post(
+        "/v1/track/medianflow", files={"file": frames[0]}, data={"params": json.dumps({"shapes": shapes})}
+    )
+    states = reply.json()["states"]
+    answered = []
+    for data in frames[1:]:
+        reply = server.http.post(
+            "/v1/track/medianflow/step", files={"file": data}, data={"params": json.dumps({"states": states})}
+        )
+        answered.append(reply.json()["shapes"][0]["points"])
+    assert np.allclose(on_page, answered[2], atol=1e-6) and np.allclose(back, answered[1], atol=1e-6)
+    assert box_iou(tuple(on_page), truth[3]) > 0.85
+
+    # Reset, the same box on the first frame, and propagate to the end in one streamed request.
+    console.page.click("#track-reset")
+    console.page.locator("#track-frame").filter(has_text="frame 1 of 16").wait_for()
+    assert drag(truth[0]) == box
+    console.page.click("#track-play")
+    console.page.locator("#track-status").filter(
+        has_text="propagated frames 1 to 16; frame 16: 1 found"
+    ).wait_for()
+    console.page.locator("#track-frame").filter(has_text="frame 16 of 16").wait_for()
+    last = drawn()
+    console.shot("track-video")
+    params = {"start": 0, "shapes": shapes}
+    reply = server.http.post(
+        "/v1/track/medianflow/propagate",
+        files={"file": clip.read_bytes()},
+        data={"params": json.dumps(params)},
+    )
+    lines = [json.loads(line) for line in reply.text.splitlines()]
+    assert [line["frame"] for line in lines] == list(range(16))
+    assert np.allclose(last, lines[-1]["shapes"][0]["points"], atol=1e-6)
+    assert box_iou(tuple(last), truth[15]) > 0.85
+    # Stepping and propagating see the same pixels: frame 4's box is the same both ways.
+    assert np.allclose(answered[2], lines[3]["shapes"][0]["points"], atol=1e-6)
+
+    # The same clip by URL: the page sends {"video": {"url": ...}} to /v1/video/frame and /propagate.
+    with file_server(tmp_path) as base:
+        console.page.fill("#track-url", f"{base}/clip.mp4")
+        console.page.click("#track-url-form button")
+        console.page.locator("#track-frame").filter(has_text=f"frame 1 of 16: {base}/clip.mp4").wait_for()
+        assert drag(truth[0]) == box
+        console.page.click("#track-play")
+        console.page.locator("#track-status").filter(has_text="propagated frames 1 to 16").wait_for()
+    assert np.allclose(drawn(), lines[-1]["shapes"][0]["points"], atol=1e-6)
+    asked = {path for method, path, status in console.calls if method == "POST" and status == 200}
+    assert {"/v1/video/frame", "/v1/track/medianflow/step", "/v1/track/medianflow/propagate"} <= asked
+    assert [call for call in console.calls if call[2] >= 400] == []
+    assert console.errors == []
+    # A file that is not a video: the API's refusal is what the page says.
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"not a video" * 100)
+    console.page.set_input_files("#track-files", str(junk))
+    console.page.locator("#track-status.error").filter(
+        has_text="400 bad_video: The video cannot be opened"
+    ).wait_for()
+    assert [call for call in console.calls if call[2] >= 400] == [("POST", "/v1/video/frame", 400)]
+    assert all("400" in error for error in console.errors)  # the browser's own line for a failed request

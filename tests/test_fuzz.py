@@ -51,6 +51,7 @@ OPERATIONS = (
     "POST /v1/track/{tracker}/step",
     "DELETE /v1/track/{tracker}/states/{state}",
     "POST /v1/track/{tracker}/propagate",
+    "POST /v1/video/frame",
     "GET /v1/models",
     "POST /v1/models/{model}/load",
     "POST /v1/models/{model}/unload",

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import io
 from pathlib import Path
 
 import numpy as np
@@ -12,15 +13,18 @@ import PIL.Image
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from httpx import Response
 
 from models.box_tracker import MedianFlowTracker
 from models.sam import SamSegmenter, build_sam
 from models.sam_tracker import SamPropagationTracker
 from models.shapes import Shape, mask_from_polygon
 from models.tracker import Frame, TrackerInputError
+from server.app import create_app
 from server.formats.rle import cvat_rle, cvat_rle_decode
+from server.inputs.video import iter_frames
 
-from .conftest import encode_image
+from .conftest import encode_image, make_settings
 from .synthetic_video import SyntheticVideo, box_iou
 
 NUCLIO = {"x-nuclio-function-name": "labelserve-track-medianflow"}
@@ -230,6 +234,59 @@ def test_propagate_refuses_a_corrupt_video(client: TestClient) -> None:
         json={"video": {"base64": junk}, "shapes": [{"type": "rectangle", "points": [1, 1, 9, 9]}]},
     )
     assert reply.status_code == 400 and reply.json()["error"]["code"] == "bad_video"
+
+
+def frame_request(client: TestClient, video: bytes, frame: int, name: str = "v.mp4") -> Response:
+    return client.post(
+        "/v1/video/frame",
+        files={"file": (name, video, "application/octet-stream")},
+        data={"params": orjson.dumps({"frame": frame}).decode()},
+    )
+
+
+@pytest.mark.parametrize(("name", "codec"), [("v.mp4", "libx264"), ("v.webm", "libvpx")])
+def test_video_frame_is_the_frame_propagate_decodes(
+    client: TestClient, tmp_path: Path, name: str, codec: str
+) -> None:
+    """A webm records no frame count: it is counted from its packets."""
+    SyntheticVideo(width=320, height=180, frames=12).write(tmp_path / name, codec=codec)
+    video = (tmp_path / name).read_bytes()
+    decoded = dict(iter_frames(video))
+    for number in (0, 7, 11):
+        reply = frame_request(client, video, number, name)
+        assert reply.status_code == 200 and reply.headers["content-type"] == "image/png"
+        assert reply.headers["x-labelserve-video-frames"] == "12"
+        assert np.array_equal(np.asarray(PIL.Image.open(io.BytesIO(reply.content))), decoded[number])
+    inline = client.post(
+        "/v1/video/frame", json={"video": {"base64": base64.b64encode(video).decode()}, "frame": 3}
+    )
+    assert np.array_equal(np.asarray(PIL.Image.open(io.BytesIO(inline.content))), decoded[3])
+    past = frame_request(client, video, 12, name)
+    assert past.status_code == 422 and past.json()["error"]["code"] == "frame_out_of_range"
+    assert "12 frames" in past.json()["error"]["message"]
+
+
+def test_video_frame_refuses_bad_and_long_videos(client: TestClient, tmp_path: Path) -> None:
+    junk = frame_request(client, b"\x00\x01not a video" * 100, 0)
+    assert junk.status_code == 400 and junk.json()["error"]["code"] == "bad_video"
+    no_file = client.post("/v1/video/frame", json={"frame": 0})
+    assert no_file.status_code == 422
+    SyntheticVideo(width=160, height=96, frames=8).write(tmp_path / "v.mp4")
+    video = (tmp_path / "v.mp4").read_bytes()
+    app = create_app(
+        make_settings(tmp_path, models=[], max_video_frames=7, max_image_pixels=160 * 96),
+        load_models_in_background=False,
+    )
+    with TestClient(app) as small:
+        long = frame_request(small, video, 0)
+        assert long.status_code == 413 and long.json()["error"]["code"] == "video_too_long"
+        assert "8 frames, more than 7" in long.json()["error"]["message"]
+    app = create_app(
+        make_settings(tmp_path, models=[], max_image_pixels=160 * 95), load_models_in_background=False
+    )
+    with TestClient(app) as small:
+        large = frame_request(small, video, 0)
+        assert large.status_code == 413 and large.json()["error"]["code"] == "video_too_large"
 
 
 # ---- CVAT -------------------------------------------------------------------------------------------------

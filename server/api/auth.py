@@ -45,6 +45,7 @@ ROUTE_SCOPES: tuple[tuple[str, str, frozenset[Scope]], ...] = (
     ("*", "/v1/detect", frozenset({"interactive"})),
     ("*", "/v1/track", frozenset({"interactive"})),
     ("GET", "/v1/trackers", frozenset({"interactive"})),
+    ("POST", "/v1/video", frozenset({"interactive"})),  # frames of a short video, to track
     ("*", "/v1/prefetch", frozenset({"interactive"})),
     # CVAT's webhooks carry no key: the body's HMAC with the profile's webhook secret authenticates them.
     ("POST", "/v1/cvat/webhooks", OPEN),

@@ -13,6 +13,7 @@ from server.schemas import (
     SegmentRequest,
     TrackStartRequest,
     TrackStepRequest,
+    VideoFrameRequest,
 )
 from server.services.prefetch import PrefetchRequest
 from server.services.warmup import LookaheadRequest
@@ -26,7 +27,7 @@ def openapi(app: FastAPI) -> dict:
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         # Request bodies are parsed by hand (JSON or multipart), so their models are added explicitly.
         for model in (EmbedRequest, SegmentRequest, DetectRequest, PrefetchRequest, TrackStartRequest,
-                      TrackStepRequest, PropagateRequest, LookaheadRequest):  # fmt: skip
+                      TrackStepRequest, PropagateRequest, LookaheadRequest, VideoFrameRequest):  # fmt: skip
             body = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(body.pop("$defs", {}))
             components[model.__name__] = body

@@ -17,6 +17,7 @@ from server.api.routes import (
     storage,
     system,
     track,
+    video,
 )
 
 ROUTERS: tuple[APIRouter, ...] = (
@@ -24,6 +25,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     concepts.router,
     detect.router,
     track.router,
+    video.router,
     system.router,
     nuclio.router,
     jobs.router,

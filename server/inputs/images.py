@@ -90,3 +90,10 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
             image = image.convert("RGBA")
         return np.ascontiguousarray(np.asarray(image.convert("RGB")))
     return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """RGB pixels as PNG: lossless, so a frame sent back (to /v1/track) is the frame that was decoded."""
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=1)  # fast to write; size matters less
+    return buffer.getvalue()

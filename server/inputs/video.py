@@ -1,7 +1,8 @@
-"""Video, through PyAV (its one home): uploaded bytes streamed to RGB frames (the tracking API's propagate),
-and video files for jobs: probing at submit (a clear 4xx for anything that cannot be decoded), streaming
-decode in frame order (one decoded frame at a time), resuming after a given frame, and local copies of
-remote videos. One frame in memory at a time, however long the video.
+"""Video, through PyAV (its one home): uploaded bytes streamed to RGB frames (the tracking API's propagate)
+or one frame of them (POST /v1/video/frame, the web console's video stepping), and video files for jobs:
+probing at submit (a clear 4xx for anything that cannot be decoded), streaming decode in frame order (one
+decoded frame at a time), resuming after a given frame, and local copies of remote videos. One frame in
+memory at a time, however long the video.
 
 Frames are numbered 0, 1, 2... in presentation order, as CVAT numbers the frames of a video task.
 PyAV is imported where a video is opened: it loads FFmpeg's libraries, which a server that never reads a
@@ -226,17 +227,8 @@ def iter_frames(data: bytes, start: int = 0, stop: int | None = None) -> Iterato
     """(index, RGB frame) for frames start..stop-1 of the first video stream, in order."""
     import av
 
-    try:
-        container = av.open(io.BytesIO(data), mode="r")
-    except (av.error.FFmpegError, ValueError) as exc:
-        raise ApiError(
-            400, "bad_video", f"The video cannot be opened ({exc}); send an mp4, mkv, webm or avi file."
-        ) from None
+    container, stream = _open_upload(data)
     with container:
-        if not container.streams.video:
-            raise ApiError(400, "no_video_stream", "The file has no video stream (audio only?).")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
         index = -1
         try:
             for frame in container.decode(stream):
@@ -252,6 +244,71 @@ def iter_frames(data: bytes, start: int = 0, stop: int | None = None) -> Iterato
             raise ApiError(
                 422, "frame_out_of_range", f"The video has {index + 1} frames; start {start} is past its end."
             )
+
+
+def frame_at(data: bytes, number: int, max_frames: int, max_pixels: int) -> tuple[np.ndarray, int]:
+    """Frame `number` (RGB) of an uploaded video, and the video's frame count. Each call decodes from the
+    start, so a video of more than `max_frames` frames is refused whole (413): stepping this way is for short
+    clips; /propagate and jobs read videos of any length in one pass."""
+    import av
+
+    container, stream = _open_upload(data)
+    with container:
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if width * height > max_pixels:
+            raise ApiError(
+                413,
+                "video_too_large",
+                f"The video has {width}x{height} frames, more than {max_pixels} pixels "
+                "(LABELSERVE_MAX_IMAGE_PIXELS).",
+            )
+        count = stream.frames or _count_upload_packets(data)
+        if count > max_frames:
+            raise ApiError(
+                413,
+                "video_too_long",
+                f"The video has {count} frames, more than {max_frames} (LABELSERVE_MAX_VIDEO_FRAMES): "
+                "each frame request decodes it from the start. Cut a shorter clip, or track it with "
+                "/v1/track/{tracker}/propagate or a job.",
+            )
+        if number >= count:
+            raise ApiError(422, "frame_out_of_range", f"The video has {count} frames (0 to {count - 1}).")
+        try:
+            for index, frame in enumerate(container.decode(stream)):
+                if index == number:
+                    return frame.to_ndarray(format="rgb24"), count
+        except av.error.FFmpegError as exc:
+            raise ApiError(400, "bad_video", f"The video is corrupt before frame {number}: {exc}.") from None
+    raise ApiError(422, "frame_out_of_range", f"The video ends before frame {number} ({count} announced).")
+
+
+def _open_upload(data: bytes) -> tuple[Any, Any]:
+    """The container of uploaded bytes and its first video stream; 400 when there is none."""
+    import av
+
+    try:
+        container = av.open(io.BytesIO(data), mode="r")
+    except (av.error.FFmpegError, ValueError) as exc:
+        raise ApiError(
+            400, "bad_video", f"The video cannot be opened ({exc}); send an mp4, mkv, webm or avi file."
+        ) from None
+    if not container.streams.video:
+        container.close()
+        raise ApiError(400, "no_video_stream", "The file has no video stream (audio only?).")
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    return container, stream
+
+
+def _count_upload_packets(data: bytes) -> int:
+    """Frames of uploaded bytes whose container does not record their number (webm, mkv): one per packet."""
+    import av
+
+    with av.open(io.BytesIO(data), mode="r") as container:
+        try:
+            return sum(1 for packet in container.demux(container.streams.video[0]) if packet.size)
+        except av.error.FFmpegError as exc:
+            raise ApiError(400, "bad_video", f"The video cannot be read to its end ({exc}).") from None
 
 
 # -- local copies of remote videos -----------------------------------------------------------------------

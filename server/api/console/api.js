@@ -69,8 +69,9 @@ export function serverTiming(header) {
 }
 
 // Returns {ok, status, data, error, headers, timing}; never throws for an HTTP error. `json` sends a JSON
-// body; `body` sends anything fetch takes (a File, FormData) as it is.
-export async function api(method, path, { json, body, headers = {}, quiet = false, blob = false } = {}) {
+// body; `body` sends anything fetch takes (a File, FormData) as it is. `lines` takes an NDJSON reply one
+// parsed line at a time, as the server streams it.
+export async function api(method, path, { json, body, headers = {}, quiet = false, blob = false, lines } = {}) {
   const sent = { ...headers };
   const key = storedKey();
   if (key) sent.Authorization = `Bearer ${key}`;
@@ -91,6 +92,10 @@ export async function api(method, path, { json, body, headers = {}, quiet = fals
     timing: serverTiming(response.headers.get("Server-Timing")),
   };
   const type = response.headers.get("Content-Type") || "";
+  if (response.ok && lines) {
+    await readLines(response.body, lines);
+    return reply;
+  }
   if (response.ok) {
     reply.data = blob ? await response.blob() : type.includes("json") ? await response.json() : await response.text();
     return reply;
@@ -105,6 +110,19 @@ export async function api(method, path, { json, body, headers = {}, quiet = fals
   reply.error = new ApiError(response.status, code, message);
   if (response.status === 401 && !quiet && who.checked && who.id) checkKey(); // revoked meanwhile
   return reply;
+}
+
+async function readLines(stream, onLine) {
+  const reader = stream.pipeThrough(new TextDecoderStream()).getReader();
+  let rest = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    const parts = (rest + value).split("\n");
+    rest = parts.pop();
+    for (const part of parts) if (part.trim()) onLine(JSON.parse(part));
+  }
+  if (rest.trim()) onLine(JSON.parse(rest));
 }
 
 // The same, for callers that want the data or an exception.

@@ -1,21 +1,43 @@
-// Track: open an image sequence, drag boxes around objects on its first frame, start a tracker, then step
-// frame by frame; each step draws where the tracker found each object (or says it is lost).
+// Track: open an image sequence or a short video, drag boxes around objects on a frame, start a tracker, then
+// step frame by frame; each step draws where the tracker found each object (or says it is lost). A video can
+// also be propagated to its end in one streamed request. The page never decodes a video itself: each frame
+// comes from POST /v1/video/frame as a lossless PNG, and that PNG is what the tracker is sent, so a step sees
+// the pixels /propagate decodes.
 
-import { api, can, needs } from "./api.js";
+import { api, call, can, needs } from "./api.js";
 import { Stage, colour } from "./stage.js";
 import { $, el, errorText } from "./ui.js";
 
-const state = { frames: [], index: 0, boxes: [], states: [], tracker: null, drag: null, urls: [] };
+const VIDEO_NAME = /\.(mp4|m4v|mov|mkv|webm|avi|mpe?g|ts|wmv|flv|3gp)$/i;
+
+const state = {
+  source: null, // {name, count, files: [File]} for images; {name, count, video: {file} | {url}} for a video
+  frames: new Map(), // frame index -> {blob, src}: frames fetched once, shown again without asking
+  index: 0,
+  boxes: [], // drawn on the current frame, before tracking
+  results: new Map(), // frame index -> each object's box, or null where it was lost
+  states: [],
+  tracker: null,
+  drag: null,
+  playing: false,
+};
 let stage;
 
 export function initTrack() {
   stage = new Stage($("#track-stage"));
-  $("#track-files").addEventListener("change", (event) => open([...event.target.files]));
-  $("#track-start").addEventListener("click", start);
-  $("#track-step").addEventListener("click", step);
-  $("#track-reset").addEventListener("click", () => show(0, true));
+  $("#track-files").addEventListener("change", (event) => safely(() => openFiles([...event.target.files])));
+  $("#track-url-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const url = $("#track-url").value.trim();
+    if (url) safely(() => openVideo({ url }, url));
+  });
+  $("#track-start").addEventListener("click", () => safely(start));
+  $("#track-back").addEventListener("click", () => safely(() => show(state.index - 1)));
+  $("#track-step").addEventListener("click", () => safely(step));
+  $("#track-play").addEventListener("click", () => safely(play));
+  $("#track-reset").addEventListener("click", () => safely(reset));
   stage.svg.addEventListener("pointerdown", (event) => {
-    if (state.states.length || !state.frames.length) return;
+    if (!state.source || state.results.size || state.playing) return;
     stage.svg.setPointerCapture(event.pointerId);
     state.drag = { start: stage.toImage(event) };
   });
@@ -58,67 +80,185 @@ function status(text, isError = false) {
   $("#track-status").classList.toggle("error", isError);
 }
 
-async function open(files) {
-  for (const url of state.urls) URL.revokeObjectURL(url);
-  state.frames = files.sort((a, b) => a.name.localeCompare(b.name, undefined, { numeric: true }));
-  state.urls = state.frames.map((f) => URL.createObjectURL(f));
-  await show(0, true);
-}
-
-async function show(index, reset = false) {
-  if (!state.frames.length) return;
-  state.index = index;
-  if (reset) {
-    for (const id of state.states) api("DELETE", `/v1/track/${state.tracker}/states/${id}`, { quiet: true });
-    state.states = [];
-    state.boxes = [];
+// Runs a button's action; an API error (thrown by `call`) or a browser one becomes the status line.
+async function safely(action) {
+  try {
+    await action();
+  } catch (exc) {
+    state.playing = false;
+    buttons();
+    status(exc.code ? errorText(exc) : exc.message, true);
   }
-  await stage.show(state.urls[index]);
-  $("#track-frame").textContent = `frame ${index + 1} of ${state.frames.length}: ${state.frames[index].name}`;
-  $("#track-step").disabled = !state.states.length || index + 1 >= state.frames.length;
-  $("#track-start").disabled = Boolean(state.states.length);
-  if (reset) status("Drag a box around each object to follow, then Start.");
 }
 
-function draw(shapes) {
-  stage.clear();
-  const group = stage.group("tracks");
-  shapes.forEach((shape, i) => {
-    if (!shape) return;
-    stage.box(group, shape, "det-box track-box", colour(i));
-    stage.label(group, shape[0], shape[1] - 3 * stage.unit, `#${i + 1}`, colour(i));
-  });
+async function openFiles(files) {
+  if (!files.length) return;
+  if (files.length === 1 && (files[0].type.startsWith("video/") || VIDEO_NAME.test(files[0].name))) {
+    return openVideo({ file: files[0] }, files[0].name);
+  }
+  const sorted = files.sort((a, b) => a.name.localeCompare(b.name, undefined, { numeric: true }));
+  forget({ name: null, count: sorted.length, files: sorted });
+  await reset();
 }
 
-function frameBody(params, index) {
+async function openVideo(video, name) {
+  status(`reading ${name}…`);
+  const reply = await call("POST", "/v1/video/frame", { ...videoBody({ frame: 0 }, video), blob: true });
+  forget({ name, count: Number(reply.headers.get("X-Labelserve-Video-Frames")), video });
+  state.frames.set(0, { blob: reply.data, src: URL.createObjectURL(reply.data) });
+  await reset();
+}
+
+// A new source: the old one's frames and tracking states are let go.
+function forget(source) {
+  for (const frame of state.frames.values()) URL.revokeObjectURL(frame.src);
+  state.frames.clear();
+  dropStates();
+  state.source = source;
+}
+
+function dropStates() {
+  for (const id of state.states) api("DELETE", `/v1/track/${state.tracker}/states/${id}`, { quiet: true });
+  state.states = [];
+}
+
+async function reset() {
+  dropStates();
+  state.results.clear();
+  state.boxes = [];
+  if (!state.source) return;
+  await show(0);
+  status(`Drag a box around each object to follow, then Start${state.source.video ? " or Propagate" : ""}.`);
+}
+
+// The video (its upload or its URL) with `params`, as /v1/video/frame and /propagate take it.
+function videoBody(params, video = state.source.video) {
+  if (video.url) return { json: { video: { url: video.url }, ...params } };
   const form = new FormData();
-  form.append("file", state.frames[index], state.frames[index].name);
+  form.append("file", video.file, video.file.name);
   form.append("params", JSON.stringify(params));
   return { body: form };
 }
 
-async function start() {
-  if (!state.boxes.length) return status("Drag at least one box first.", true);
+async function frame(index) {
+  if (!state.frames.has(index)) {
+    const blob = state.source.video
+      ? (await call("POST", "/v1/video/frame", { ...videoBody({ frame: index }), blob: true })).data
+      : state.source.files[index];
+    state.frames.set(index, { blob, src: URL.createObjectURL(blob) });
+  }
+  return state.frames.get(index);
+}
+
+async function show(index) {
+  const { src } = await frame(index);
+  if (index !== state.index && !state.results.size) state.boxes = []; // drawn on the frame being left
+  state.index = index;
+  await stage.show(src);
+  draw(state.results.size ? state.results.get(index) || [] : state.boxes);
+  const name = state.source.name ?? state.source.files[index].name;
+  $("#track-frame").textContent = `frame ${index + 1} of ${state.source.count}: ${name}`;
+  buttons();
+}
+
+function buttons() {
+  const open = Boolean(state.source) && !state.playing;
+  for (const input of ["#track-files", "#track-url-form button"]) $(input).disabled = state.playing;
+  $("#track-start").disabled = !open || state.results.size > 0;
+  $("#track-play").hidden = !state.source?.video;
+  $("#track-play").disabled = !open || state.results.size > 0;
+  $("#track-back").disabled = !open || state.index === 0;
+  $("#track-step").disabled = !open || state.index + 1 >= state.source.count;
+}
+
+function draw(boxes) {
+  stage.clear();
+  const group = stage.group("tracks");
+  boxes.forEach((box, i) => {
+    if (!box) return;
+    stage.box(group, box, "det-box track-box", colour(i));
+    stage.label(group, box[0], box[1] - 3 * stage.unit, `#${i + 1}`, colour(i));
+  });
+}
+
+function upload(blob, params) {
+  const form = new FormData();
+  form.append("file", blob, blob.name || "frame.png");
+  form.append("params", JSON.stringify(params));
+  return { body: form };
+}
+
+// Records where the tracker found each object on frame `index`; returns what to tell the user.
+function tracked(index, shapes) {
+  state.results.set(index, shapes.map((shape) => (shape ? shapeBox(shape) : null)));
+  return found(index);
+}
+
+function found(index) {
+  const boxes = state.results.get(index);
+  const lost = boxes.filter((b) => !b).length;
+  return `frame ${index + 1}: ${boxes.length - lost} found${lost ? `, ${lost} lost` : ""}`;
+}
+
+function begin() {
+  if (!state.boxes.length) throw new Error("Drag at least one box first.");
   state.tracker = $("#track-tracker").value;
-  const shapes = state.boxes.map((box) => ({ type: "rectangle", points: box }));
-  const reply = await api("POST", `/v1/track/${encodeURIComponent(state.tracker)}`, frameBody({ shapes }, state.index));
-  if (!reply.ok) return status(errorText(reply.error), true);
+  state.results.set(state.index, state.boxes);
+  return state.boxes.map((box) => ({ type: "rectangle", points: box }));
+}
+
+async function start() {
+  const shapes = begin();
+  const { blob } = await frame(state.index);
+  const reply = await api("POST", `/v1/track/${encodeURIComponent(state.tracker)}`, upload(blob, { shapes }));
+  if (!reply.ok) {
+    state.results.clear();
+    return status(errorText(reply.error), true);
+  }
   state.states = reply.data.states;
-  $("#track-start").disabled = true;
-  $("#track-step").disabled = state.index + 1 >= state.frames.length;
+  buttons();
   status(`${state.tracker}: following ${state.states.length} object(s); Step to the next frame.`);
 }
 
+// The next frame: tracked now if it is the one after the last tracked frame, otherwise only shown.
 async function step() {
   const next = state.index + 1;
-  if (next >= state.frames.length) return;
-  const reply = await api("POST", `/v1/track/${encodeURIComponent(state.tracker)}/step`, frameBody({ states: state.states }, next));
+  if (!state.states.length || state.results.has(next) || !state.results.has(state.index)) return show(next);
+  const { blob } = await frame(next);
+  const reply = await api("POST", `/v1/track/${encodeURIComponent(state.tracker)}/step`, upload(blob, { states: state.states }));
   if (!reply.ok) return status(errorText(reply.error), true);
+  const text = tracked(next, reply.data.shapes);
   await show(next);
-  const boxes = reply.data.shapes.map((shape) => (shape ? shapeBox(shape) : null));
-  draw(boxes);
-  const lost = boxes.filter((b) => !b).length;
-  status(`frame ${next + 1}: ${boxes.length - lost} found${lost ? `, ${lost} lost` : ""}.`);
+  status(`${text}.`);
+}
+
+// Propagate the boxes from this frame to the video's end (one NDJSON line per frame, as it is tracked),
+// showing the latest tracked frame whenever the previous one is on screen.
+async function play() {
+  const shapes = begin();
+  const first = state.index;
+  state.playing = true;
+  buttons();
+  let last = first;
+  let showing = null;
+  let failed = null;
+  const path = `/v1/track/${encodeURIComponent(state.tracker)}/propagate`;
+  const reply = await api("POST", path, { ...videoBody({ start: first, shapes }), lines: (line) => {
+    if (line.error) return (failed = line.error);
+    last = line.frame;
+    status(`propagating: ${tracked(line.frame, line.shapes)}…`);
+    // A frame that fails to show here fails again, and is reported, when the last one is shown below.
+    showing ??= show(line.frame).catch(() => null).finally(() => (showing = null));
+  } }); // prettier-ignore
+  await showing;
+  state.playing = false;
+  if (!reply.ok || failed) {
+    if (!reply.ok) state.results.clear();
+    await show(state.index);
+    return status(reply.ok ? `${failed.code}: ${failed.message}` : errorText(reply.error), true);
+  }
+  await show(last);
+  status(`${state.tracker}: propagated frames ${first + 1} to ${last + 1}; ${found(last)}.`);
 }
 
 // The tracker answers in the type each object was started as: a rectangle here.
