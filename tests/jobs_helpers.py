@@ -137,15 +137,20 @@ class RectDetector(Detector):
         return sorted(shapes, key=lambda s: (s.label, s.bounds()))
 
 
-def wait_for(engine: object, job_id: str, states: Sequence[str] = ("completed", "failed", "cancelled")):
-    """Poll the engine until the job reaches one of `states` (30 s at most)."""
-    deadline = time.monotonic() + 30
+def wait_for(
+    engine: object,
+    job_id: str,
+    states: Sequence[str] = ("completed", "failed", "cancelled"),
+    timeout: float = 30,
+):
+    """Poll the engine until the job reaches one of `states` (`timeout` seconds at most)."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status = engine.status(job_id)  # type: ignore[attr-defined]
         if status.state in states:
             return status
         time.sleep(0.02)
-    raise AssertionError(f"job {job_id} still {status.state} after 30 s: {status}")
+    raise AssertionError(f"job {job_id} still {status.state} after {timeout} s: {status}")
 
 
 def rect_models(settings: Settings, detector: str, sam: str | None) -> tuple[Callable[[str], Detector], None]:
