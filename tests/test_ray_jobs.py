@@ -185,6 +185,39 @@ def test_ray_output_is_the_local_engines_byte_for_byte(cluster: str, tmp_path: P
     assert ray_files == local_files and local_files
 
 
+def test_a_video_job_on_ray_writes_the_local_engines_tracks(cluster: str, tmp_path: Path) -> None:
+    """A video's frames are decoded and tracked on the driver, detected on a Ray actor: the same CVAT for
+    video file, byte for byte, as the local engine's."""
+    from server.scale.batch import RayBatchEngine
+
+    from .video_helpers import bus_pan
+
+    video = tmp_path / "pan.mp4"
+    bus_pan(frames=20).write(video)
+    fall = str(fall_checkpoint())
+    settings = make_settings(tmp_path, models=[], data_dir=tmp_path / "data")
+    registry, _ = load_job_models(settings, fall, None)
+    found = {}
+    for name in ("local", "ray"):
+        engine = LocalEngine(
+            registry.detector,
+            state_db=tmp_path / f"{name}.sqlite3",
+            settings=settings,
+            readers=0,
+            ray=RayBatchEngine(settings) if name == "ray" else None,
+        )
+        output = {"format": "cvat_video", "directory": str(tmp_path / name)}
+        body = {"source": {"video": str(video)}, "detector": fall, "params": {"imgsz": 320}, "batch_size": 4,
+                "output": output, "engine": name}  # fmt: skip
+        try:
+            status = wait_for(engine, engine.submit(JobSpec.model_validate(body)).id, timeout=120)
+        finally:
+            engine.close()
+        assert (status.state, status.done) == ("completed", 20), status
+        found[name] = (tmp_path / name / "annotations.xml").read_bytes()
+    assert found["ray"] == found["local"] and b"<track" in found["local"]
+
+
 def kill_when_done(db: Path, at_least: int, kill: object, deadline_s: float = 120) -> int:
     deadline = time.monotonic() + deadline_s
     with sqlite3.connect(db) as reader:
