@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from models.base import UnknownModel
 from models.detector import Detector, DetectorInfo, DetectParams
 from models.shapes import RegionMask, Shape
 from server.settings import Settings
@@ -156,7 +157,10 @@ def wait_for(
 def rect_models(settings: Settings, detector: str, sam: str | None) -> tuple[Callable[[str], Detector], None]:
     """The Ray engine's `models` for the job tests: a RectDetector built in each Ray actor, which appends its
     process id to DATA_DIR/actor-pids (so a test can kill it) and the item indices it sees to
-    DATA_DIR/calls.log. A detector named `rects-slow` sleeps 0.25 s per batch (slow enough to interrupt)."""
+    DATA_DIR/calls.log. A detector named `rects-slow` sleeps 0.25 s per batch (slow enough to interrupt);
+    `rects-missing` cannot be loaded."""
+    if detector == "rects-missing":  # as the registry does when a worker lacks the weights
+        raise UnknownModel(detector)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     with open(settings.data_dir / "actor-pids", "a") as f:
         f.write(f"{os.getpid()}\n")

@@ -297,6 +297,26 @@ def test_a_killed_actor_loses_and_duplicates_nothing_and_progress_is_reported(
     assert coco in found or found
 
 
+def test_an_actor_that_cannot_load_its_model_fails_the_job_clearly(cluster: str, tmp_path: Path) -> None:
+    """The driver has the model but the workers do not: the job fails with the reason, its items pending
+    (a resume retries them), instead of hanging or dying as an internal error."""
+    from server.scale.batch import RayBatchEngine
+
+    write_dataset(tmp_path / "images", 4)
+    settings = make_settings(tmp_path, data_dir=tmp_path / "data")
+    engine = LocalEngine(
+        lambda _: RectDetector(), state_db=tmp_path / "j.sqlite3", ray=RayBatchEngine(settings, rect_models)
+    )
+    try:
+        body = job_body({"directory": str(tmp_path / "images")}, tmp_path / "out", detector="rects-missing",
+                        engine="ray")  # fmt: skip
+        status = wait_for(engine, engine.submit(JobSpec.model_validate(body)).id, timeout=120)
+    finally:
+        engine.close()
+    assert (status.state, status.done, status.failed) == ("failed", 0, 0), status
+    assert status.error and status.error.startswith("the Ray job failed") and "rects-missing" in status.error
+
+
 def test_a_killed_driver_resumes_from_the_ledger_into_identical_output(cluster: str, tmp_path: Path) -> None:
     """`labelserve prelabel --engine ray` joins the cluster from its own process and is SIGKILLed mid-job;
     the same command again resumes the job from the ledger (the same job, nothing redone) and writes the

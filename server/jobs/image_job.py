@@ -83,10 +83,6 @@ class BatchWorker:
             return _Loaded(index, error=f"The image could not be decoded ({exc}).")
         return _Loaded(index, image, data if keep_bytes else None)
 
-    def run(self, refs: list[tuple[int, str]]) -> tuple[list[Outcome], str | None]:
-        """Load and infer one batch of (index, ref), as the Ray engine's actors do."""
-        return self.infer([self.load(index, ref) for index, ref in refs])
-
     def infer(self, batch: list[_Loaded]) -> tuple[list[Outcome], str | None]:
         """Outcomes of one batch, and the detector's error when it failed on every image of the batch."""
         detector, spec, params = self.detector, self.spec, self.spec.params.detect_params()

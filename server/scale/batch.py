@@ -40,6 +40,7 @@ from models.detector import Detector, DetectParams
 from models.shapes import Shape
 from server.cvat import tasks as cvat
 from server.inputs.urls import read as read_url
+from server.jobs.control import JobFailed
 from server.jobs.engine import GetDetector, job_detector
 from server.jobs.image_job import BatchRecorder, BatchWorker, ImageRun, Read, Refine, aligned_batches
 from server.jobs.spec import JobSpec
@@ -159,6 +160,7 @@ class RayBatchEngine:
 
     def process_images(self, run: ImageRun) -> None:
         import ray.data
+        import ray.exceptions
 
         self._connect()
         control = run.control
@@ -181,11 +183,17 @@ class RayBatchEngine:
         )
         log.info("job %s: %d batches on Ray Data (%s per actor)", run.job_id, len(batches), resources)
         recorder = BatchRecorder(run.store, run.job_id, control)
-        for row in results.iter_rows():
-            found = json.loads(row["result"])
-            recorder.add([Outcome(**o) for o in found["outcomes"]], found["error"])
-            if control.stop.is_set():
-                return  # leaving the iterator shuts the dataset's execution down
+        try:
+            for row in results.iter_rows():
+                found = json.loads(row["result"])
+                recorder.add([Outcome(**o) for o in found["outcomes"]], found["error"])
+                if control.stop.is_set():
+                    return  # leaving the iterator shuts the dataset's execution down
+        except (
+            ray.exceptions.RayError
+        ) as exc:  # e.g. an actor that cannot load the model: pending stays pending
+            first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise JobFailed(f"the Ray job failed: {first}") from exc
         recorder.finish()
 
     def video_detector(self, spec: JobSpec, local: Detector) -> Detector:
