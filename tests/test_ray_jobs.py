@@ -3,7 +3,9 @@
 fall detector and MobileSAM refinement, an s3:// source and output on moto); an actor killed mid-job loses
 and duplicates nothing, with progress on GET /v1/jobs/{id}; a driver killed mid-job (`labelserve prelabel
 --engine ray` in its own process, joined to the cluster) resumes from the ledger into byte-identical output.
-The refusals and the RayJob manifest are checked too. Skipped without the `ray` extra."""
+A video job and a CVAT task job (frames read by the actors, upload by the driver) equal the local engine's.
+The refusals, an actor that cannot load its model, and the RayJob manifest are checked too. Skipped without
+the `ray` extra."""
 
 from __future__ import annotations
 
@@ -216,6 +218,48 @@ def test_a_video_job_on_ray_writes_the_local_engines_tracks(cluster: str, tmp_pa
         assert (status.state, status.done) == ("completed", 20), status
         found[name] = (tmp_path / name / "annotations.xml").read_bytes()
     assert found["ray"] == found["local"] and b"<track" in found["local"]
+
+
+def test_a_cvat_task_job_on_ray_reads_its_frames_and_uploads_what_the_local_engine_does(
+    cluster: str, tmp_path: Path
+) -> None:
+    """A CVAT task as source (its frames read by the actors, logging in with the job's inline credentials,
+    which reach them apart from the redacted spec) and as output (uploaded by the driver), on the loopback
+    CVAT emulation: the same annotations in the task and the same COCO bytes as the local engine's job on an
+    identical task, each frame read once."""
+    from server.scale.batch import RayBatchEngine
+
+    from .cvat_emulator import CvatEmulator
+    from .jobs_helpers import encode_png, make_scene
+    from .test_cvat_task import stored
+
+    frames = [(f"frames/f{i}.png", encode_png(make_scene(i)[0])) for i in range(6)]
+    labels = [{"name": "red"}, {"name": "green"}, {"name": "blue"}]
+    settings = make_settings(tmp_path, data_dir=tmp_path / "data", cvat_upload_chunk=3, cvat_timeout_s=10)
+    found = {}
+    with CvatEmulator(token="good-token") as cvat:
+        for name in ("local", "ray"):
+            task = cvat.add_task(labels, frames, deleted={4})
+            source = {"url": cvat.url, "task_id": task.id, "username": "alice", "password": "wonderland"}
+            output = {"format": "coco", "directory": str(tmp_path / name), "cvat_task": {}}
+            body = {"source": {"cvat_task": source}, "detector": "rects", "batch_size": 2, "engine": name,
+                    "output": output}  # fmt: skip
+            engine = LocalEngine(
+                lambda _: RectDetector(),
+                state_db=tmp_path / f"{name}.sqlite3",
+                settings=settings,
+                ray=RayBatchEngine(settings, rect_models) if name == "ray" else None,
+            )
+            reads_before = len(cvat.calls("GET", "/data/"))
+            try:
+                status = wait_for(engine, engine.submit(JobSpec.model_validate(body)).id, timeout=120)
+            finally:
+                engine.close()
+            assert (status.state, status.done) == ("completed", 5), status
+            reads = [r for r in cvat.calls("GET", "/data/")[reads_before:] if "number" in r.query]
+            assert sorted(int(r.query["number"][0]) for r in reads) == [0, 1, 2, 3, 5], name
+            found[name] = (stored(task), (tmp_path / name / "annotations.json").read_bytes())
+    assert found["ray"] == found["local"] and found["local"][0]
 
 
 def kill_when_done(db: Path, at_least: int, kill: object, deadline_s: float = 120) -> int:
