@@ -10,6 +10,9 @@ to an uninterrupted run's. A CVAT task output is uploaded after that, in chunks 
 
 A video source runs differently (server.jobs.video_job): its frames are decoded in order and tracked, and the
 tracker's state is checkpointed with the results, so that a resumed job's tracks are an uninterrupted run's.
+
+A job whose spec says `"engine": "ray"` goes through all of this too, in this process (the driver); only its
+detection runs elsewhere, on Ray Data actors, through the RayJobs given to LocalEngine (server.scale.batch).
 """
 
 from __future__ import annotations

@@ -2,6 +2,9 @@
 inference thread reads them itself), the detector runs on batches of `batch_size` in item order, SAM
 refines the boxes when asked, and each batch's results are committed in one transaction. So a crash loses at
 most the batches in flight, and resuming processes only what is still pending.
+
+BatchWorker (one batch's reading and inference) and BatchRecorder (committing batches) are shared with the Ray
+engine (server.scale.batch), whose actors run BatchWorker on the same batches (aligned_batches).
 """
 
 from __future__ import annotations
