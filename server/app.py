@@ -20,6 +20,7 @@ from server.api.routers import ROUTERS
 from server.jobs.engine import LocalEngine
 from server.jobs.store import JOBS_DB_NAME
 from server.ops import allocator
+from server.scale.batch import RayBatchEngine, ray_available
 from server.services.concepts import ConceptService
 from server.services.detect import DetectService
 from server.services.prefetch import PrefetchManager
@@ -118,4 +119,5 @@ def job_engine(registry: ModelRegistry, detect: DetectService, settings: Setting
         prefetch=settings.job_prefetch,
         readers=settings.job_reader_threads(registry.device.type == "cuda"),
         concurrency=settings.job_concurrency,
+        ray=RayBatchEngine(settings) if ray_available() else None,  # `"engine": "ray"` jobs
     )

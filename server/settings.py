@@ -345,6 +345,19 @@ class Settings(BaseSettings):
     ray_gpu_memory_fraction: float | None = Field(
         default=None, gt=0, le=1, description="Share of the GPU's memory one worker replica may allocate."
     )
+    # Batch jobs on Ray Data (`"engine": "ray"` in a job spec, `labelserve prelabel --engine ray`).
+    ray_job_actors: int = Field(
+        default=1,
+        ge=1,
+        description="Detector actors of a Ray job (each loads the job's models once); one per GPU.",
+    )
+    ray_job_num_gpus: float | None = Field(
+        default=None,
+        ge=0,
+        description="GPUs Ray reserves per job actor; unset: 1 when the cluster has GPUs, else 0 (Ray hides "
+        "the GPUs from an actor that reserved none).",
+    )
+    ray_job_num_cpus: float = Field(default=1.0, gt=0, description="CPUs Ray reserves per job actor.")
 
     # Input limits
     max_image_pixels: int = Field(default=64_000_000, description="Larger images are refused (413).")

@@ -4,10 +4,11 @@ deterministic Detector that finds the coloured rectangles in them (threshold + c
 from __future__ import annotations
 
 import io
+import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,8 +16,10 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from models.base import UnknownModel
 from models.detector import Detector, DetectorInfo, DetectParams
 from models.shapes import RegionMask, Shape
+from server.settings import Settings
 
 CLASS_NAMES = {0: "red", 1: "green", 2: "blue"}
 COLORS = {"red": (230, 40, 40), "green": (40, 230, 40), "blue": (40, 40, 230)}
@@ -135,12 +138,31 @@ class RectDetector(Detector):
         return sorted(shapes, key=lambda s: (s.label, s.bounds()))
 
 
-def wait_for(engine: object, job_id: str, states: Sequence[str] = ("completed", "failed", "cancelled")):
-    """Poll the engine until the job reaches one of `states` (30 s at most)."""
-    deadline = time.monotonic() + 30
+def wait_for(
+    engine: object,
+    job_id: str,
+    states: Sequence[str] = ("completed", "failed", "cancelled"),
+    timeout: float = 30,
+):
+    """Poll the engine until the job reaches one of `states` (`timeout` seconds at most)."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status = engine.status(job_id)  # type: ignore[attr-defined]
         if status.state in states:
             return status
         time.sleep(0.02)
-    raise AssertionError(f"job {job_id} still {status.state} after 30 s: {status}")
+    raise AssertionError(f"job {job_id} still {status.state} after {timeout} s: {status}")
+
+
+def rect_models(settings: Settings, detector: str, sam: str | None) -> tuple[Callable[[str], Detector], None]:
+    """The Ray engine's `models` for the job tests: a RectDetector built in each Ray actor, which appends its
+    process id to DATA_DIR/actor-pids (so a test can kill it) and the item indices it sees to
+    DATA_DIR/calls.log. A detector named `rects-slow` sleeps 0.25 s per batch (slow enough to interrupt);
+    `rects-missing` cannot be loaded."""
+    if detector == "rects-missing":  # as the registry does when a worker lacks the weights
+        raise UnknownModel(detector)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    with open(settings.data_dir / "actor-pids", "a") as f:
+        f.write(f"{os.getpid()}\n")
+    found = RectDetector(delay=0.25 if detector == "rects-slow" else 0.0, log=settings.data_dir / "calls.log")
+    return (lambda _: found), None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -45,23 +44,10 @@ def _sample_runtime(model: str, sam: str):  # -> (get_detector, embed)
 
 
 def _load_models(model: str, sam: str | None):  # -> (ModelRegistry, DetectService | None)
-    from models.registry import ModelRegistry
-    from server.services.detect import DetectService
-    from server.services.sam import SamService
+    from server.services.detect import load_job_models
     from server.settings import Settings
 
-    path = Path(model)
-    overrides: dict = {"models": [sam] if sam else []}
-    if path.suffix in (".pt", ".yaml", ".yml"):
-        overrides["detector_paths"] = {model: path}
-    else:
-        overrides["models"].append(model)
-    settings = Settings(**overrides)
-    registry = ModelRegistry(settings)
-    registry.load_enabled()
-    registry.detector(model)  # raises with the fix when the weights are missing
-    detect = DetectService(registry, settings, SamService(registry, settings)) if sam else None
-    return registry, detect
+    return load_job_models(Settings(), model, sam)
 
 
 def _preload_allocator(argv: list[str]) -> None:

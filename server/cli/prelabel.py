@@ -45,6 +45,7 @@ from server.jobs.image_job import Embed, Refine
 from server.jobs.spec import JobSpec
 from server.jobs.status import JobStatus
 from server.jobs.store import ACTIVE_STATES
+from server.scale.batch import RayBatchEngine, ray_available
 from server.services.collections import IMAGE_EXTENSIONS
 from server.settings import get_settings
 
@@ -117,6 +118,13 @@ def add_prelabel_command(
     p.add_argument("--max-det", type=int, help="most detections per image (default 300)")
     p.add_argument("--sam-refine", metavar="SAM_MODEL", help="refine each detection into a mask with SAM")
     p.add_argument("--batch-size", type=int, default=8, help="images per detector call (default 8)")
+    p.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local (default): threads in this process; ray: an actor pool on Ray Data, joining "
+        "LABELSERVE_RAY_ADDRESS or starting a local Ray instance (needs the `ray` extra; docs/scale-out.md)",
+    )
     p.add_argument(
         "--readers", type=int, help="reader/decoder threads ahead of inference (default: 4 with CUDA, else 0)"
     )
@@ -230,6 +238,7 @@ def build_spec(args: argparse.Namespace) -> JobSpec:
             "sam_refine": args.sam_refine,
             "output": output,
             "batch_size": args.batch_size,
+            "engine": args.engine,
         }
         | ({"tracker": tracking} if tracking else {})
         | ({"review": _review(args)} if args.review is not None else {})
@@ -321,8 +330,9 @@ def cmd_prelabel(args: argparse.Namespace) -> int:
         state_db = args.state_db or (local_out or settings.data_dir) / STATE_DB_NAME
     try:
         readers = args.readers if args.readers is not None else 4 if torch.cuda.is_available() else 0
+        ray = RayBatchEngine(settings) if ray_available() else None
         engine = LocalEngine(
-            get_detector, refine, state_db=state_db, settings=settings, readers=readers, embed=embed
+            get_detector, refine, state_db=state_db, settings=settings, readers=readers, embed=embed, ray=ray
         )
     except OSError as exc:
         print(f"error: cannot open the state database {state_db}: {exc}", file=sys.stderr)

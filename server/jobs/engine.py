@@ -10,6 +10,9 @@ to an uninterrupted run's. A CVAT task output is uploaded after that, in chunks 
 
 A video source runs differently (server.jobs.video_job): its frames are decoded in order and tracked, and the
 tracker's state is checkpointed with the results, so that a resumed job's tracks are an uninterrupted run's.
+
+A job whose spec says `"engine": "ray"` goes through all of this too, in this process (the driver); only its
+detection runs elsewhere, on Ray Data actors, through the RayJobs given to LocalEngine (server.scale.batch).
 """
 
 from __future__ import annotations
@@ -59,6 +62,22 @@ GetDetector = Callable[[str], Detector]
 T = TypeVar("T")
 
 
+class RayJobs(Protocol):
+    """The Ray Data engine for `"engine": "ray"` jobs (server/scale/batch.py), given to LocalEngine by the
+    composition root, so that jobs/ imports no Ray. Everything but the detection runs here as for a local
+    job: validation, the store, outputs, the CVAT upload."""
+
+    def process_images(self, run: ImageRun) -> None:
+        """Process the run's pending items on an actor pool, committing each batch through the run's store;
+        returns when none is left or the run's control is stopped (JobFailed as ImageRun.process)."""
+        ...
+
+    def video_detector(self, spec: JobSpec, local: Detector) -> Detector:
+        """A Detector with `local`'s info whose detect() runs on a Ray actor (a video's frames are tracked
+        in order in this process)."""
+        ...
+
+
 class Engine(Protocol):
     """What the routes need from an execution engine: this one, or a distributed one running the same spec."""
 
@@ -84,6 +103,7 @@ class LocalEngine:
       resuming).
     - `refine(sam_model, image_bytes, image, shapes)` turns detections into SAM masks for jobs with
       `sam_refine`; `check_refine(sam_model)` (raising like get_detector) validates that name at submit.
+    - `ray` runs the images of `"engine": "ray"` jobs on Ray Data; without it such jobs are refused (422).
     - `settings` gives max_image_pixels, polygon_tolerance, the URL fetch settings, the storage profiles of
       s3:// sources and outputs, and data_dir, where s3:// outputs are staged before their upload.
 
@@ -103,8 +123,10 @@ class LocalEngine:
         concurrency: int = 1,
         check_refine: Callable[[str], object] | None = None,
         embed: Embed | None = None,
+        ray: RayJobs | None = None,
     ) -> None:
         self._get_detector = get_detector
+        self._ray = ray
         self._embed = embed
         self._refine = refine
         self._check_refine = check_refine
@@ -136,6 +158,7 @@ class LocalEngine:
     def submit(self, spec: JobSpec) -> JobStatus:
         """Validate everything that can be checked now (ApiError otherwise), store the job, queue it."""
         self._purge_old_jobs()
+        self._check_engine(spec)
         detector = self.detector(spec.detector, spec.vocabulary)
         info = detector.info
         check_spec(spec, info, self._refine is not None, self._check_refine)
@@ -170,6 +193,24 @@ class LocalEngine:
         log.info("job %s: %d images, %s -> %s", job_id, total, spec.detector, ", ".join(destinations(spec)))
         self._enqueue(job_id)
         return self.status(job_id)
+
+    def _check_engine(self, spec: JobSpec) -> None:
+        if spec.engine != "ray":
+            return
+        if self._ray is None:
+            raise ApiError(
+                422,
+                "engine_unavailable",
+                "This process cannot run jobs on Ray: install the `ray` extra "
+                "(pip install 'labelserve[ray]') and restart it, "
+                'or submit the job with "engine": "local".',
+            )
+        if spec.review is not None or spec.sample is not None:
+            raise ApiError(
+                422,
+                "engine_unsupported",
+                'Review and sample jobs run on the local engine only: submit them with "engine": "local".',
+            )
 
     def cancel(self, job_id: str) -> JobStatus:
         row = self._row(job_id)
@@ -228,26 +269,7 @@ class LocalEngine:
     def detector(self, name: str, vocabulary: dict[str, list[str]] | None = None) -> Detector:
         """The named detector, with lookup errors as ApiErrors (404 unknown, 503 unavailable or loading); a
         concept detector answers `vocabulary`'s labels when one is given (a job's)."""
-        detector = model_call(name, self._get_detector)
-        if vocabulary is None:
-            if isinstance(detector, ConceptDetector) and not detector.info.class_names:
-                raise ApiError(
-                    422,
-                    "no_vocabulary",
-                    f"{name!r} finds concepts: give the job a 'vocabulary' {{label: [phrases]}}, or "
-                    "configure LABELSERVE_CONCEPT_VOCABULARY on the server.",
-                )
-            return detector
-        if not isinstance(detector, ConceptDetector):
-            raise ApiError(
-                422,
-                "vocabulary_unsupported",
-                f"{name!r} has fixed classes; 'vocabulary' is for concept detectors (SAM 3).",
-            )
-        try:
-            return detector.with_vocabulary(vocabulary)
-        except ValueError as exc:
-            raise ApiError(422, "bad_vocabulary", f"vocabulary: {exc}") from None
+        return job_detector(self._get_detector, name, vocabulary)
 
     def list(self, state: JobState | None = None, limit: int = 100) -> list[JobStatus]:
         rows = self.store.jobs([state] if state else None, limit=limit)
@@ -317,6 +339,8 @@ class LocalEngine:
             raise JobFailed("the review asks for SAM, which this process does not have")
         if spec.sample is not None and self._embed is None:
             raise JobFailed("the sample job needs SAM embeddings, which this process does not have")
+        if spec.engine == "ray" and self._ray is None:  # resumed by a process without Ray
+            raise JobFailed("the job runs on Ray, which this process does not have (the `ray` extra)")
         with contextlib.ExitStack() as stack:
             connections = stack.enter_context(cvat.Connections(self._settings)) if spec.uses_cvat() else None
             read: Read = self._read
@@ -325,6 +349,9 @@ class LocalEngine:
             detector = self._ready_detector(spec.detector, control, spec.vocabulary)
             if detector is not None and spec.source.video is not None:
                 read_ahead = self._prefetch if self._readers > 0 else 0
+                if spec.engine == "ray":
+                    assert self._ray is not None
+                    detector = self._ray.video_detector(spec, detector)
                 process_video(self.store, job_id, spec, detector, control, self._settings, read_ahead)
             elif detector is not None:
                 annotated = None
@@ -422,10 +449,42 @@ class LocalEngine:
             annotated,
             self._embed,
         )
-        run.process()
+        if spec.engine == "ray":
+            assert self._ray is not None
+            self._ray.process_images(run)
+        else:
+            run.process()
 
     def _read(self, ref: str) -> bytes:
         return read(ref, self._settings)
+
+
+def job_detector(
+    get_detector: GetDetector, name: str, vocabulary: dict[str, list[str]] | None = None
+) -> Detector:
+    """The named detector, with lookup errors as ApiErrors (404 unknown, 503 unavailable or loading); a
+    concept detector answers `vocabulary`'s labels when one is given (a job's). The Ray engine's actors look
+    their detector up the same way."""
+    detector = model_call(name, get_detector)
+    if vocabulary is None:
+        if isinstance(detector, ConceptDetector) and not detector.info.class_names:
+            raise ApiError(
+                422,
+                "no_vocabulary",
+                f"{name!r} finds concepts: give the job a 'vocabulary' {{label: [phrases]}}, or "
+                "configure LABELSERVE_CONCEPT_VOCABULARY on the server.",
+            )
+        return detector
+    if not isinstance(detector, ConceptDetector):
+        raise ApiError(
+            422,
+            "vocabulary_unsupported",
+            f"{name!r} has fixed classes; 'vocabulary' is for concept detectors (SAM 3).",
+        )
+    try:
+        return detector.with_vocabulary(vocabulary)
+    except ValueError as exc:
+        raise ApiError(422, "bad_vocabulary", f"vocabulary: {exc}") from None
 
 
 def _review_step(step: Callable[..., T], *args: object) -> T:

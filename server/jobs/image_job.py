@@ -2,6 +2,9 @@
 inference thread reads them itself), the detector runs on batches of `batch_size` in item order, SAM
 refines the boxes when asked, and each batch's results are committed in one transaction. So a crash loses at
 most the batches in flight, and resuming processes only what is still pending.
+
+BatchWorker (one batch's reading and inference) and BatchRecorder (committing batches) are shared with the Ray
+engine (server.scale.batch), whose actors run BatchWorker on the same batches (aligned_batches).
 """
 
 from __future__ import annotations
@@ -10,8 +13,8 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -47,19 +50,16 @@ class _Loaded:
 
 
 @dataclass(frozen=True)
-class ImageRun:
-    """One run of an image job's pending items, and what it runs them with."""
+class BatchWorker:
+    """What turns a batch of item references into outcomes: reading, decoding, detecting, SAM refinement.
+    The local engine runs one in its inference thread; the Ray engine one in each actor, so both produce
+    the same results for the same batch."""
 
-    store: JobStore
-    job_id: str
     spec: JobSpec
     detector: Detector
-    control: JobControl
     read: Read
     refine: Refine | None
     max_pixels: int
-    readers: int  # reader/decoder threads; 0 reads in the inference thread
-    prefetch: int  # decoded images kept ahead of inference
     # Review jobs with a SAM model: each item's annotations, whose polygons and masks SAM segments from
     # their boxes; the masks are stored with the detections, marked with the annotation they answer.
     annotated: dict[int, AnnotatedImage] | None = None
@@ -69,57 +69,26 @@ class ImageRun:
     def sam(self) -> str | None:
         return self.spec.sam_refine if self.spec.review is None else self.spec.review.sam
 
-    def process(self) -> None:
-        """Process the job's pending items; returns when none is left, or when stopped. JobFailed when the
-        detector fails on every image of several batches in a row."""
-        job_id, spec, detector, control = self.job_id, self.spec, self.detector, self.control
-        params = spec.params.detect_params()
-        control.started = time.monotonic()
-        held: list[Outcome] = []  # outcomes of batches where the detector failed on every image
-        failed_batches, last_error = 0, ""
+    def load(self, index: int, ref: str) -> _Loaded:
+        """Read and decode one image; any problem becomes the item's failure reason, never an exception."""
+        keep_bytes = self.sam is not None or self.spec.sample is not None
+        try:
+            data = self.read(ref)
+            image = decode_image(data, self.max_pixels)
+        except ApiError as exc:
+            return _Loaded(index, error=exc.message)
+        except FileNotFoundError:
+            return _Loaded(index, error=f"The file {ref!r} does not exist.")
+        except OSError as exc:
+            return _Loaded(index, error=f"The file {ref!r} cannot be read ({exc.strerror or exc}).")
+        except Exception as exc:  # a decoder's own bug: the image fails, the job goes on
+            log.exception("decoding item %d (%s) failed", index, ref)
+            return _Loaded(index, error=f"The image could not be decoded ({exc}).")
+        return _Loaded(index, image, data if keep_bytes else None)
 
-        def load(index: int, ref: str) -> _Loaded:
-            return self._load(index, ref, keep_bytes=self.sam is not None or spec.sample is not None)
-
-        reader = (
-            _Prefetch(self._pending(job_id), load, self.readers, self.prefetch, control.stop)
-            if self.readers > 0
-            else _Inline(self._pending(job_id), load, control.stop)
-        )
-        with reader as prefetch:
-            for batch in prefetch.batches(spec.batch_size):
-                outcomes, detector_error = self._infer(detector, spec, params, batch)
-                if detector_error is not None:
-                    # Maybe a broken detector rather than bad images: hold these back, and after several
-                    # batches in a row fail the job with the items still pending, to be retried on resume.
-                    held += outcomes
-                    failed_batches, last_error = failed_batches + 1, detector_error
-                    if failed_batches >= FAILED_BATCHES_LIMIT:
-                        raise JobFailed(
-                            f"the detector failed on {failed_batches} batches in a row: {last_error}"
-                        )
-                    continue
-                self.store.record(job_id, held + outcomes)
-                control.processed += len(held) + len(outcomes)
-                held, failed_batches = [], 0
-                if self.store.job(job_id).state != "running":  # cancelled, maybe by another process
-                    control.halt("cancel")
-                if control.stop.is_set():
-                    return
-        if held:
-            self.store.record(job_id, held)
-            control.processed += len(held)
-
-    def _pending(self, job_id: str, page: int = 512) -> Iterator[tuple[int, str]]:
-        after = -1
-        while rows := self.store.pending(job_id, after, page):
-            yield from rows
-            after = rows[-1][0]
-
-    def _infer(
-        self, detector: Detector, spec: JobSpec, params: DetectParams, batch: list[_Loaded]
-    ) -> tuple[list[Outcome], str | None]:
+    def infer(self, batch: list[_Loaded]) -> tuple[list[Outcome], str | None]:
         """Outcomes of one batch, and the detector's error when it failed on every image of the batch."""
+        detector, spec, params = self.detector, self.spec, self.spec.params.detect_params()
         outcomes = [Outcome(item.index, error=item.error) for item in batch if item.error is not None]
         ready = [item for item in batch if item.error is None]
         if not ready:
@@ -179,21 +148,104 @@ class ImageRun:
             )
         return steps
 
-    def _load(self, index: int, ref: str, keep_bytes: bool) -> _Loaded:
-        """Read and decode one image; any problem becomes the item's failure reason, never an exception."""
-        try:
-            data = self.read(ref)
-            image = decode_image(data, self.max_pixels)
-        except ApiError as exc:
-            return _Loaded(index, error=exc.message)
-        except FileNotFoundError:
-            return _Loaded(index, error=f"The file {ref!r} does not exist.")
-        except OSError as exc:
-            return _Loaded(index, error=f"The file {ref!r} cannot be read ({exc.strerror or exc}).")
-        except Exception as exc:  # a decoder's own bug: the image fails, the job goes on
-            log.exception("decoding item %d (%s) failed", index, ref)
-            return _Loaded(index, error=f"The image could not be decoded ({exc}).")
-        return _Loaded(index, image, data if keep_bytes else None)
+
+@dataclass
+class BatchRecorder:
+    """Commits batches' outcomes to the store, one transaction each, and counts them for the job's rate.
+    A batch on which the detector failed every image is held back (maybe a broken detector rather than bad
+    images): it is committed with the next good batch, and after several in a row the job fails with its
+    items still pending, to be retried on resume."""
+
+    store: JobStore
+    job_id: str
+    control: JobControl
+    held: list[Outcome] = field(default_factory=list)
+    failed_batches: int = 0
+
+    def add(self, outcomes: list[Outcome], detector_error: str | None) -> None:
+        """JobFailed after FAILED_BATCHES_LIMIT failed batches in a row; halts the job once cancelled."""
+        if detector_error is not None:
+            self.held += outcomes
+            self.failed_batches += 1
+            if self.failed_batches >= FAILED_BATCHES_LIMIT:
+                raise JobFailed(
+                    f"the detector failed on {self.failed_batches} batches in a row: {detector_error}"
+                )
+            return
+        self.store.record(self.job_id, self.held + outcomes)
+        self.control.processed += len(self.held) + len(outcomes)
+        self.held, self.failed_batches = [], 0
+        job = self.store.job(self.job_id)
+        if job is None or job.state != "running":  # cancelled, maybe by another process
+            self.control.halt("cancel")
+
+    def finish(self) -> None:
+        if self.held:
+            self.store.record(self.job_id, self.held)
+            self.control.processed += len(self.held)
+            self.held = []
+
+
+def aligned_batches(refs: Iterable[tuple[int, str]], size: int) -> Iterator[list[tuple[int, str]]]:
+    """Pending (index, ref) in item order, grouped by index // size: the batches of a straight run, whatever
+    was done before, since every engine commits whole batches (detector numerics depend on a batch's
+    composition, so the same items must share a batch for resumed output to be byte-identical)."""
+    batch: list[tuple[int, str]] = []
+    for ref in refs:
+        if batch and batch[0][0] // size != ref[0] // size:
+            yield batch
+            batch = []
+        batch.append(ref)
+    if batch:
+        yield batch
+
+
+@dataclass(frozen=True)
+class ImageRun:
+    """One run of an image job's pending items, and what it runs them with."""
+
+    store: JobStore
+    job_id: str
+    spec: JobSpec
+    detector: Detector
+    control: JobControl
+    read: Read
+    refine: Refine | None
+    max_pixels: int
+    readers: int  # reader/decoder threads; 0 reads in the inference thread
+    prefetch: int  # decoded images kept ahead of inference
+    annotated: dict[int, AnnotatedImage] | None = None  # see BatchWorker
+    embed: Embed | None = None
+
+    def worker(self) -> BatchWorker:
+        return BatchWorker(
+            self.spec, self.detector, self.read, self.refine, self.max_pixels, self.annotated, self.embed
+        )
+
+    def process(self) -> None:
+        """Process the job's pending items; returns when none is left, or when stopped. JobFailed when the
+        detector fails on every image of several batches in a row."""
+        worker, control = self.worker(), self.control
+        control.started = time.monotonic()
+        recorder = BatchRecorder(self.store, self.job_id, control)
+        reader = (
+            _Prefetch(self.pending(), worker.load, self.readers, self.prefetch, control.stop)
+            if self.readers > 0
+            else _Inline(self.pending(), worker.load, control.stop)
+        )
+        with reader as prefetch:
+            for batch in prefetch.batches(self.spec.batch_size):
+                recorder.add(*worker.infer(batch))
+                if control.stop.is_set():
+                    return
+        recorder.finish()
+
+    def pending(self, page: int = 512) -> Iterator[tuple[int, str]]:
+        """The job's pending (index, ref), in item order, page by page."""
+        after = -1
+        while rows := self.store.pending(self.job_id, after, page):
+            yield from rows
+            after = rows[-1][0]
 
 
 REVIEW_OF = "labelserve_review_of"  # attribute of a stored SAM mask: the annotation id it answers

@@ -199,6 +199,11 @@ class JobSpec(BaseModel):
     )
     output: Output
     batch_size: int = Field(default=8, ge=1, le=256, description="Images per detector call.")
+    engine: Literal["local", "ray"] = Field(
+        default="local",
+        description="Where the images run: 'local', this process's threads; 'ray', an actor pool on Ray Data "
+        "(needs the `ray` extra; results and output are the local engine's, byte for byte).",
+    )
     tracker: TrackerSpec | None = Field(
         default=None,
         description="Video sources: the multi-object tracker (ByteTrack with ultralytics' defaults when "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -155,3 +156,23 @@ class DetectService:
                 f"classes {unknown} are not classes of {detector.info.name!r}; it has "
                 f"{len(detector.info.class_names)} classes (GET /v1/models lists them).",
             )  # fmt: skip
+
+
+def load_job_models(
+    settings: Settings, detector: str, sam: str | None
+) -> tuple[ModelRegistry, DetectService | None]:
+    """A registry holding only a job's models, loaded now: the detector (a manifest name, or a local
+    checkpoint path, .pt or .yaml, as in LABELSERVE_DETECTOR_PATHS) and the SAM model of its refinement if
+    any; with the DetectService that refines when there is one. For `labelserve prelabel` and the Ray
+    engine's actors."""
+    models = [sam] if sam else []
+    paths = dict(settings.detector_paths)
+    if Path(detector).suffix in (".pt", ".yaml", ".yml"):
+        paths[detector] = Path(detector)
+    else:
+        models.append(detector)
+    settings = settings.model_copy(update={"models": models, "detector_paths": paths})
+    registry = ModelRegistry(settings)
+    registry.load_enabled()
+    registry.detector(detector)  # raises with the fix when the weights are missing
+    return registry, DetectService(registry, settings, SamService(registry, settings)) if sam else None
