@@ -15,7 +15,11 @@ ids of the task, shape type against label type, frames within the task. Endpoint
     GET  /api/tasks/{id}/data/?type=frame&number=N&quality=original
     GET  /api/tasks/{id}/annotations/
     PUT  /api/tasks/{id}/annotations/           replaces every annotation of the task
-    PATCH /api/tasks/{id}/annotations/?action=create
+    PATCH /api/tasks/{id}/annotations/?action=create|update|delete
+                                                update and delete name annotations by id; an update
+                                                replaces the stored annotation and keeps its id, with the
+                                                `source` the client sends (cvat-core computes it: an edited
+                                                auto shape comes back as semi-auto)
     GET  /api/jobs?task_id=&page=
     GET  /api/jobs/{id}
     GET  /api/cloudstorages/{id}
@@ -642,6 +646,40 @@ class CvatEmulator:
             return f"source {annotation.get('source')!r} is not one of {sorted(SOURCES)}"
         return None
 
+    def _check_ids(self, task: EmulatedTask, data: dict[str, Any], action: str) -> str | None:
+        """An update or delete names stored annotations by id; an update is also checked as an upload is."""
+        if data.get("tracks"):
+            return "tracks are not emulated"
+        for kind in ("tags", "shapes"):
+            ids = {a["id"] for a in task.annotations[kind]}
+            for annotation in data.get(kind, []):
+                if annotation.get("id") not in ids:
+                    return f"{kind}: no annotation {annotation.get('id')} in task {task.id}"
+        if action == "delete":
+            return None
+        without_ids = {k: [{**a, "id": None} for a in data.get(k, [])] for k in ("tags", "shapes")}
+        return self._validate(task, without_ids)
+
+    def _change(self, task: EmulatedTask, data: dict[str, Any], action: str) -> dict[str, Any]:
+        """Apply an update (the annotation replaced, its id kept) or a delete; CVAT answers with the data."""
+        for kind in ("tags", "shapes"):
+            given = {a["id"]: a for a in data.get(kind, [])}
+            kept = []
+            for stored in task.annotations[kind]:
+                if stored["id"] not in given:
+                    kept.append(stored)
+                elif action == "update":
+                    new = copy.deepcopy(given[stored["id"]])
+                    new.pop("id")
+                    kept.append({**_with_defaults(new, kind, self._new_id), "id": stored["id"]})
+            task.annotations[kind] = kept
+        task.annotations["version"] += 1
+        return {
+            "version": task.annotations["version"],
+            "tracks": [],
+            **{k: data.get(k, []) for k in ("tags", "shapes")},
+        }
+
     def _store(self, task: EmulatedTask, data: dict[str, Any], replace: bool) -> dict[str, Any]:
         created: dict[str, Any] = {"version": 0, "tags": [], "shapes": [], "tracks": []}
         for kind in ("tags", "shapes"):
@@ -801,8 +839,16 @@ class CvatEmulator:
         if rest == "/annotations/":
             if method == "GET":
                 return handler.reply(200, {**copy.deepcopy(task.annotations), "tracks": []})
-            if method == "PATCH" and query.get("action") != ["create"]:
-                return handler.reply(400, {"detail": "Only action=create is emulated."})
+            action = query.get("action", [""])[0]
+            if method == "PATCH" and action in ("update", "delete"):
+                problem = self._check_ids(task, body or {}, action)
+                if problem is not None:
+                    return handler.reply(400, {"detail": problem})
+                with self._lock:
+                    changed = self._change(task, body or {}, action)
+                return handler.reply(200, changed)
+            if method == "PATCH" and action != "create":
+                return handler.reply(400, {"detail": "action must be create, update or delete."})
             if method in ("PUT", "PATCH"):
                 if self.fail_writes:
                     self.fail_writes -= 1

@@ -169,7 +169,7 @@ def build_spec(args: argparse.Namespace) -> JobSpec:
         raise ValueError("give --out and --format, or --cvat-task, or both")
     if not sources and args.cvat_task is None:
         raise ValueError("give a SOURCE, or --cvat-task to pre-label the task's own frames")
-    cvat_task = _cvat_task(args) if args.cvat_task is not None else None
+    cvat_task = cvat_task_fields(args) if args.cvat_task is not None else None
     urls = ["://" in s and not s.startswith("file://") for s in sources]
     if any(urls) and not all(urls):
         raise ValueError("give either image URLs or local paths, not both")
@@ -260,7 +260,7 @@ def output_directory(out: str) -> str:
     return out if is_s3_url(out) else str(Path(out).resolve())
 
 
-def _cvat_task(args: argparse.Namespace) -> dict[str, Any]:
+def cvat_task_fields(args: argparse.Namespace) -> dict[str, Any]:
     """--cvat-task and the environment's credentials as a spec's connection fields."""
     found = re.fullmatch(r"(?P<url>.+?)(?:/tasks/(?P<page>\d+)(?:/.*)?|#(?P<id>\d+))", args.cvat_task.strip())
     if found is None:

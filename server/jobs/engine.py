@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from models.concept_detector import ConceptDetector
 from models.detector import Detector
@@ -34,6 +34,7 @@ from server.formats.files import check_names
 from server.inputs.urls import read
 from server.inputs.video import copy_path, local_path
 from server.jobs.control import JobControl, JobFailed
+from server.jobs.corrections import CorrectionsRequest, corrections_report
 from server.jobs.image_job import Embed, ImageRun, Read, Refine
 from server.jobs.outputs import output_locations, upload_to_cvat, write_files
 from server.jobs.review_job import annotated_items, review_entries, write_review
@@ -73,6 +74,8 @@ class Engine(Protocol):
     def resume(self, job_id: str, credentials: JobSpec | None = None) -> JobStatus: ...
 
     def list(self, state: JobState | None = None, limit: int = 100) -> list[JobStatus]: ...
+
+    def corrections(self, request: CorrectionsRequest) -> dict[str, Any]: ...
 
 
 class LocalEngine:
@@ -252,6 +255,10 @@ class LocalEngine:
     def list(self, state: JobState | None = None, limit: int = 100) -> list[JobStatus]:
         rows = self.store.jobs([state] if state else None, limit=limit)
         return [self._status(row) for row in rows]
+
+    def corrections(self, request: CorrectionsRequest) -> dict[str, Any]:
+        """The corrections report of a pre-labelled CVAT task (server.jobs.corrections)."""
+        return corrections_report(self.store, self._settings, request)
 
     # -- status ----------------------------------------------------------------------------------------------
 

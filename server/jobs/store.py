@@ -62,6 +62,17 @@ CREATE TABLE IF NOT EXISTS uploads (
     tags INTEGER NOT NULL DEFAULT 0,
     skipped INTEGER NOT NULL DEFAULT 0
 );
+-- What each acknowledged chunk created in CVAT: the annotation's kind ('shape' or 'tag'), CVAT id, CVAT
+-- label id and frame. A corrections report compares them with the task's annotations now: an id gone is a
+-- pre-label someone deleted.
+CREATE TABLE IF NOT EXISTS uploaded (
+    job_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    cvat_id INTEGER NOT NULL,
+    label_id INTEGER NOT NULL,
+    frame INTEGER NOT NULL,
+    PRIMARY KEY (job_id, kind, cvat_id)
+) WITHOUT ROWID;
 -- Video jobs: the tracker's state after item next_index - 1, committed with that item's result, and where the
 -- decoder stood (JSON); resuming restores the tracker and decodes on from there.
 CREATE TABLE IF NOT EXISTS checkpoints (
@@ -106,6 +117,14 @@ class UploadRow:
     shapes: int  # annotations acknowledged so far
     tags: int
     skipped: int  # shapes left out (no CVAT label, or a kind the label cannot hold)
+
+
+@dataclass(frozen=True)
+class UploadedAnnotation:
+    kind: Literal["shape", "tag"]
+    cvat_id: int
+    label_id: int
+    frame: int
 
 
 @dataclass(frozen=True)
@@ -208,7 +227,7 @@ class JobStore:
             if not ids:
                 return 0
             self._db.execute("BEGIN")
-            for table in ("items", "job_secrets", "uploads", "checkpoints"):
+            for table in ("items", "job_secrets", "uploads", "uploaded", "checkpoints"):
                 self._db.executemany(f"DELETE FROM {table} WHERE job_id = ?", [(i,) for i in ids])
             self._db.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in ids])
             self._db.execute("COMMIT")
@@ -388,9 +407,19 @@ class JobStore:
                 (job_id, last),
             )
 
-    def upload_confirmed(self, job_id: str, last: int, shapes: int, tags: int, skipped: int) -> None:
-        """CVAT acknowledged the chunk ending at item `last`, holding these counts."""
+    def upload_confirmed(
+        self,
+        job_id: str,
+        last: int,
+        shapes: int,
+        tags: int,
+        skipped: int,
+        created: Iterable[UploadedAnnotation] = (),
+    ) -> None:
+        """CVAT acknowledged the chunk ending at item `last`, holding these counts; `created` are the CVAT
+        annotations it made (committed in the same transaction)."""
         with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
             self._db.execute(
                 "INSERT INTO uploads (job_id, confirmed, shapes, tags, skipped) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT (job_id) DO UPDATE SET confirmed = excluded.confirmed, started = NULL, "
@@ -398,6 +427,21 @@ class JobStore:
                 "skipped = skipped + excluded.skipped",
                 (job_id, last, shapes, tags, skipped),
             )
+            self._db.executemany(
+                "INSERT OR REPLACE INTO uploaded (job_id, kind, cvat_id, label_id, frame) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(job_id, a.kind, a.cvat_id, a.label_id, a.frame) for a in created],
+            )
+            self._db.execute("COMMIT")
+
+    def uploaded(self, job_id: str) -> list[UploadedAnnotation]:
+        """The CVAT annotations the job's confirmed chunks created, by kind and id."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT kind, cvat_id, label_id, frame FROM uploaded WHERE job_id = ? ORDER BY kind, cvat_id",
+                (job_id,),
+            ).fetchall()
+        return [UploadedAnnotation(*row) for row in rows]
 
     def done_through(self, job_id: str, last: int) -> int:
         """How many items up to index `last` are done."""
