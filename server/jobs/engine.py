@@ -38,7 +38,7 @@ from server.jobs.corrections import CorrectionsRequest, corrections_report
 from server.jobs.image_job import Embed, ImageRun, Read, Refine
 from server.jobs.outputs import output_locations, upload_to_cvat, write_files
 from server.jobs.review_job import annotated_items, review_entries, write_review
-from server.jobs.sample_job import check_budget, write_sample
+from server.jobs.sample_job import check_budget, check_new_task, write_sample
 from server.jobs.spec import JobSpec
 from server.jobs.status import JobStatus, job_status, task_page
 from server.jobs.store import ACTIVE_STATES, JobRow, JobState, JobStore
@@ -162,6 +162,7 @@ class LocalEngine:
             check_names(spec.output.format, (name for _, name in entries))
         if spec.sample is not None:
             check_budget(spec, len(entries))
+            check_new_task(spec, entries, self._settings)
 
         job_id = uuid.uuid4().hex
         secrets = spec.secrets()
@@ -315,7 +316,7 @@ class LocalEngine:
         secrets = self.store.secrets(job_id)
         if secrets is not None:
             spec = spec.with_secrets(json.loads(secrets))
-        for task in (spec.source.cvat_task, spec.output.cvat_task, spec.issues()):
+        for task in (spec.source.cvat_task, spec.output.cvat_task, spec.issues(), spec.new_task()):
             if task is not None:  # credentials gone, or a profile removed: fail now, not after every image
                 _cvat_step("logging in to CVAT", cvat.Login.of, task, self._settings)
         if spec.sam_refine is not None and self._refine is None:  # resumed by a process without SAM
@@ -350,8 +351,8 @@ class LocalEngine:
             assert detector is not None
             outputs: list[str] = []
             if spec.sample is not None:
-                write_sample(self.store, job_id, spec, self._settings)
-                outputs += output_locations(spec)
+                page = write_sample(self.store, job_id, spec, self._settings)
+                outputs += output_locations(spec) + ([page] if page is not None else [])
             elif spec.review is not None:
                 with cvat.Connections(self._settings) as own:
                     write_review(

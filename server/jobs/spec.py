@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.detector import TILE_DESCRIPTION, TILE_OVERLAP_DESCRIPTION, DetectParams
-from server.cvat.spec import CvatIssuesOutput, CvatTaskOutput
+from server.cvat.spec import CvatIssuesOutput, CvatNewTask, CvatTaskOutput
 from server.formats.annotations import AnnotationFormat
 from server.services.collections import Source
 
@@ -177,6 +177,11 @@ class SampleSpec(BaseModel):
         "vector for diversity.",
     )
     seed: int = Field(default=0, ge=0, description="The first k-center pick; the same seed, the same picks.")
+    cvat_task: CvatNewTask | None = Field(
+        default=None,
+        description="Also make a new CVAT task of the picked images, in rank order, from the CVAT cloud "
+        "storage of the bucket the pool is in (an s3:// source): no image bytes are copied.",
+    )
 
 
 class JobSpec(BaseModel):
@@ -294,10 +299,18 @@ class JobSpec(BaseModel):
     def issues(self) -> CvatIssuesOutput | None:
         return self.review.cvat_issues if self.review is not None else None
 
+    def new_task(self) -> CvatNewTask | None:
+        return self.sample.cvat_task if self.sample is not None else None
+
     def secrets(self) -> dict[str, dict[str, str]]:
-        """CVAT credentials by place ("source", "output", "issues"); the JSON dump of the spec has them
-        redacted."""
-        places = {"source": self.source.cvat_task, "output": self.output.cvat_task, "issues": self.issues()}
+        """CVAT credentials by place ("source", "output", "issues", "new_task"); the JSON dump of the spec
+        has them redacted."""
+        places = {
+            "source": self.source.cvat_task,
+            "output": self.output.cvat_task,
+            "issues": self.issues(),
+            "new_task": self.new_task(),
+        }
         return {
             place: task.secrets() for place, task in places.items() if task is not None and task.secrets()
         }
@@ -311,4 +324,6 @@ class JobSpec(BaseModel):
             spec.output.cvat_task = spec.output.cvat_task.with_secrets(secrets["output"])
         if spec.review is not None and spec.review.cvat_issues is not None and "issues" in secrets:
             spec.review.cvat_issues = spec.review.cvat_issues.with_secrets(secrets["issues"])
+        if spec.sample is not None and spec.sample.cvat_task is not None and "new_task" in secrets:
+            spec.sample.cvat_task = spec.sample.cvat_task.with_secrets(secrets["new_task"])
         return spec

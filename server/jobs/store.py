@@ -73,6 +73,12 @@ CREATE TABLE IF NOT EXISTS uploaded (
     frame INTEGER NOT NULL,
     PRIMARY KEY (job_id, kind, cvat_id)
 ) WITHOUT ROWID;
+-- The CVAT task a sample job made of its picks, so that a job resumed after making it does not make another.
+CREATE TABLE IF NOT EXISTS created_tasks (
+    job_id TEXT PRIMARY KEY,
+    task_id INTEGER NOT NULL,
+    url TEXT NOT NULL
+);
 -- Video jobs: the tracker's state after item next_index - 1, committed with that item's result, and where the
 -- decoder stood (JSON); resuming restores the tracker and decodes on from there.
 CREATE TABLE IF NOT EXISTS checkpoints (
@@ -227,7 +233,7 @@ class JobStore:
             if not ids:
                 return 0
             self._db.execute("BEGIN")
-            for table in ("items", "job_secrets", "uploads", "uploaded", "checkpoints"):
+            for table in ("items", "job_secrets", "uploads", "uploaded", "created_tasks", "checkpoints"):
                 self._db.executemany(f"DELETE FROM {table} WHERE job_id = ?", [(i,) for i in ids])
             self._db.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in ids])
             self._db.execute("COMMIT")
@@ -442,6 +448,21 @@ class JobStore:
                 (job_id,),
             ).fetchall()
         return [UploadedAnnotation(*row) for row in rows]
+
+    def created_task(self, job_id: str) -> tuple[int, str] | None:
+        """(CVAT task id, its page) of the task the job made, if it made one."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT task_id, url FROM created_tasks WHERE job_id = ?", (job_id,)
+            ).fetchone()
+        return (int(row[0]), str(row[1])) if row else None
+
+    def set_created_task(self, job_id: str, task_id: int, url: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO created_tasks (job_id, task_id, url) VALUES (?, ?, ?)",
+                (job_id, task_id, url),
+            )
 
     def done_through(self, job_id: str, last: int) -> int:
         """How many items up to index `last` are done."""
