@@ -50,7 +50,7 @@ from server.settings import get_settings
 
 Runtime = Callable[[str, str | None], tuple[GetDetector, Refine | None]]
 # (detector, SAM model) -> the detector lookup and the image embedder of a sample job
-SampleRuntime = Callable[[str, str], tuple[GetDetector, Embed]]
+SampleRuntime = Callable[[str, str | None], tuple[GetDetector, Embed | None]]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 STATE_DB_NAME = ".labelserve-jobs.sqlite3"  # default state database, inside the output directory
@@ -145,7 +145,11 @@ def add_prelabel_command(
         "sample", "rank which images of SOURCE to annotate next instead (docs/sampling.md)"
     )  # fmt: skip
     sample.add_argument("--sample", type=int, metavar="BUDGET", help="how many images to pick")
-    sample.add_argument("--sample-embeddings", metavar="SAM_MODEL", help="the SAM model giving image vectors")
+    sample.add_argument(
+        "--sample-embeddings",
+        metavar="SAM_MODEL",
+        help="the SAM model giving image vectors, or 'detector' for the detector's own pooled features",
+    )
     sample.add_argument("--uncertainty", choices=("least_confidence", "margin", "entropy"), default="entropy")
     sample.add_argument(
         "--prefilter", type=float, default=3.0, help="k-center among PREFILTER x BUDGET (0: all)"
@@ -239,9 +243,14 @@ def build_spec(args: argparse.Namespace) -> JobSpec:
 
 def _sample(args: argparse.Namespace) -> dict[str, Any]:
     if args.sample_embeddings is None:
-        raise ValueError("--sample needs --sample-embeddings SAM_MODEL")
-    return {"budget": args.sample, "embeddings": args.sample_embeddings, "uncertainty": args.uncertainty,
-            "prefilter": args.prefilter, "seed": args.seed}  # fmt: skip
+        raise ValueError("--sample needs --sample-embeddings SAM_MODEL (or detector)")
+    vectors = (
+        {"embedding": "detector"}
+        if args.sample_embeddings == "detector"
+        else {"embedding": "sam", "embeddings": args.sample_embeddings}
+    )
+    return vectors | {"budget": args.sample, "uncertainty": args.uncertainty, "prefilter": args.prefilter,
+                      "seed": args.seed}  # fmt: skip
 
 
 def _review(args: argparse.Namespace) -> dict[str, Any]:

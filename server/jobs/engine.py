@@ -145,13 +145,23 @@ class LocalEngine:
         if spec.output.directory is not None:
             check_output(spec.output.directory, self._settings)
         check_destinations(spec, self.store)
-        if spec.sample is not None:
+        if spec.sample is not None and spec.sample.embeddings is not None:
             if self._embed is None:
                 raise ApiError(
-                    422, "embed_unavailable", "Sample jobs need SAM embeddings, which this server lacks."
+                    422,
+                    "embed_unavailable",
+                    "This server has no SAM embeddings for sample jobs; use the detector's own features "
+                    '("embedding": "detector").',
                 )
             if self._check_refine is not None:
                 model_call(spec.sample.embeddings, self._check_refine)
+        elif spec.sample is not None and not detector.pools_features:
+            raise ApiError(
+                422,
+                "embed_unsupported",
+                f"{spec.detector!r} gives no pooled features (only Ultralytics YOLO models do); use SAM "
+                'embeddings ("embedding": "sam" with a SAM model in "embeddings").',
+            )
         if spec.review is not None:
             entries = review_entries(spec, info, self._settings)
         elif spec.uses_cvat():
@@ -323,7 +333,7 @@ class LocalEngine:
             raise JobFailed("the job asks for SAM refinement, which this process does not have")
         if spec.review is not None and spec.review.sam is not None and self._refine is None:
             raise JobFailed("the review asks for SAM, which this process does not have")
-        if spec.sample is not None and self._embed is None:
+        if spec.sample is not None and spec.sample.embeddings is not None and self._embed is None:
             raise JobFailed("the sample job needs SAM embeddings, which this process does not have")
         with contextlib.ExitStack() as stack:
             connections = stack.enter_context(cvat.Connections(self._settings)) if spec.uses_cvat() else None

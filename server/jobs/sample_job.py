@@ -93,6 +93,7 @@ def write_sample(store: JobStore, job_id: str, spec: JobSpec, settings: Settings
     ]
     summary = {
         "detector": spec.detector,
+        "embedding": sample.embedding,
         "embeddings": sample.embeddings,
         "pool": len(vectors),
         "failed": failed,

@@ -171,12 +171,25 @@ class SampleSpec(BaseModel):
         le=1000.0,
         description="k-center greedy runs among the prefilter x budget most uncertain images; 0: among all.",
     )
-    embeddings: str = Field(
+    embedding: Literal["sam", "detector"] = Field(
+        default="sam",
+        description="Each image's vector for diversity: sam, the pooled image embedding of the SAM model "
+        "`embeddings` (from the cache when there); or detector, the detector's own features (Ultralytics "
+        "YOLO: its second-to-last layer, average-pooled), which need no SAM model.",
+    )
+    embeddings: str | None = Field(
+        default=None,
         min_length=1,
-        description="The SAM model whose image embeddings (from the cache when there) give each image's "
-        "vector for diversity.",
+        description="The SAM model of embedding 'sam'.",
     )
     seed: int = Field(default=0, ge=0, description="The first k-center pick; the same seed, the same picks.")
+
+    @model_validator(mode="after")
+    def _vectors(self) -> SampleSpec:
+        if (self.embedding == "sam") != (self.embeddings is not None):
+            raise ValueError("embedding 'sam' needs embeddings (a SAM model); 'detector' takes none")
+        return self
+
     cvat_task: CvatNewTask | None = Field(
         default=None,
         description="Also make a new CVAT task of the picked images, in rank order, from the CVAT cloud "
