@@ -130,7 +130,9 @@ def add_prelabel_command(
         "review", "flag likely label errors in a dataset of SOURCE's images instead (docs/review.md); the "
         "model must not have been trained on these labels",
     )  # fmt: skip
-    review.add_argument("--review", metavar="ANNOTATIONS", help="COCO JSON, CVAT XML file or YOLO directory")
+    review.add_argument(
+        "--review", metavar="ANNOTATIONS", help="COCO JSON, CVAT XML file or YOLO directory (local or s3://)"
+    )
     review.add_argument("--review-format", choices=("coco", "cvat_images", "yolo"), default="coco")
     review.add_argument(
         "--review-map",
@@ -260,7 +262,8 @@ def _review(args: argparse.Namespace) -> dict[str, Any]:
         if not sep or not detector or not label:
             raise ValueError(f"--review-map wants CLASS=LABEL, got {pair!r}")
         mapping[detector] = label
-    review: dict[str, Any] = {"annotations": str(Path(args.review).resolve()), "format": args.review_format}
+    annotations = args.review if is_s3_url(args.review) else str(Path(args.review).resolve())
+    review: dict[str, Any] = {"annotations": annotations, "format": args.review_format}
     optional = {"label_mapping": mapping or None, "sam": args.review_sam, "top_k": args.top_k}
     return review | {k: v for k, v in optional.items() if v is not None}
 

@@ -162,8 +162,9 @@ class LocalEngine:
                 f"{spec.detector!r} gives no pooled features (only Ultralytics YOLO models do); use SAM "
                 'embeddings ("embedding": "sam" with a SAM model in "embeddings").',
             )
+        annotations = None
         if spec.review is not None:
-            entries = review_entries(spec, info, self._settings)
+            entries, annotations = review_entries(spec, info, self._settings)
         elif spec.uses_cvat():
             entries = cvat_checked_entries(spec, info, self._settings)
         else:
@@ -179,7 +180,7 @@ class LocalEngine:
         # The spec's JSON has the credentials redacted; the real ones are kept apart until the job completes.
         stored = spec.model_dump_json()
         total = self.store.create_job(
-            job_id, stored, entries, time.time(), json.dumps(secrets) if secrets else None
+            job_id, stored, entries, time.time(), json.dumps(secrets) if secrets else None, annotations
         )
         log.info("job %s: %d images, %s -> %s", job_id, total, spec.detector, ", ".join(destinations(spec)))
         self._enqueue(job_id)
@@ -349,7 +350,7 @@ class LocalEngine:
                 if spec.review is not None and spec.review.sam is not None:
                     with cvat.Connections(self._settings) as own:
                         annotated = _review_step(
-                            annotated_items, self.store, job_id, spec, connections or own
+                            annotated_items, self.store, job_id, spec, connections or own, self._settings
                         )
                 self._process(job_id, spec, detector, control, read, annotated)
             if control.stop.is_set():

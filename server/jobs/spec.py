@@ -122,9 +122,10 @@ class ReviewSpec(BaseModel):
     annotations: str | None = Field(
         default=None,
         min_length=1,
-        description="The annotations, a local path: a COCO instances JSON file, a CVAT for images 1.1 XML "
-        "file, or a YOLO directory (data.yaml and labels/). Their image names are relative to the source "
-        "directory, whose images must all be there. Absent for the cvat_task format.",
+        description="The annotations, a local path or s3:// URL: a COCO instances JSON file, a CVAT for "
+        "images 1.1 XML file, or a YOLO directory (data.yaml and labels/). Their image names are relative "
+        "to the source directory, whose images must all be there. Read once, at submit, and stored with the "
+        "job. Absent for the cvat_task format.",
     )
     format: AnnotationFormat | Literal["cvat_task"] = Field(
         description="coco, cvat_images or yolo; or cvat_task: the source CVAT task's current annotations "

@@ -73,6 +73,12 @@ CREATE TABLE IF NOT EXISTS uploaded (
     frame INTEGER NOT NULL,
     PRIMARY KEY (job_id, kind, cvat_id)
 ) WITHOUT ROWID;
+-- A review job's annotations as they were at submit (server.formats.annotations.dump_dataset): what it
+-- scores, however the file or CVAT task changes while it runs or before it is resumed.
+CREATE TABLE IF NOT EXISTS annotations (
+    job_id TEXT PRIMARY KEY,
+    data BLOB NOT NULL
+);
 -- The CVAT task a sample job made of its picks, so that a job resumed after making it does not make another.
 CREATE TABLE IF NOT EXISTS created_tasks (
     job_id TEXT PRIMARY KEY,
@@ -178,8 +184,10 @@ class JobStore:
         entries: Iterable[tuple[str, str]],
         now: float,
         secrets: str | None = None,
+        annotations: bytes | None = None,
     ) -> int:
-        """Insert a queued job and all its items in one transaction: a crash never leaves half a job."""
+        """Insert a queued job and all its items (and a review's annotations) in one transaction: a crash
+        never leaves half a job."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -190,6 +198,10 @@ class JobStore:
                 if secrets is not None:
                     self._db.execute(
                         "INSERT INTO job_secrets (job_id, secrets) VALUES (?, ?)", (job_id, secrets)
+                    )
+                if annotations is not None:
+                    self._db.execute(
+                        "INSERT INTO annotations (job_id, data) VALUES (?, ?)", (job_id, annotations)
                     )
                 cur = self._db.executemany(
                     "INSERT INTO items (job_id, idx, ref, name) VALUES (?, ?, ?, ?)",
@@ -233,7 +245,16 @@ class JobStore:
             if not ids:
                 return 0
             self._db.execute("BEGIN")
-            for table in ("items", "job_secrets", "uploads", "uploaded", "created_tasks", "checkpoints"):
+            tables = (
+                "items",
+                "job_secrets",
+                "uploads",
+                "uploaded",
+                "created_tasks",
+                "annotations",
+                "checkpoints",
+            )
+            for table in tables:
                 self._db.executemany(f"DELETE FROM {table} WHERE job_id = ?", [(i,) for i in ids])
             self._db.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in ids])
             self._db.execute("COMMIT")
@@ -448,6 +469,12 @@ class JobStore:
                 (job_id,),
             ).fetchall()
         return [UploadedAnnotation(*row) for row in rows]
+
+    def annotations(self, job_id: str) -> bytes | None:
+        """A review job's annotations as stored at submit; None for a job stored without them."""
+        with self._lock:
+            row = self._db.execute("SELECT data FROM annotations WHERE job_id = ?", (job_id,)).fetchone()
+        return bytes(row[0]) if row else None
 
     def created_task(self, job_id: str) -> tuple[int, str] | None:
         """(CVAT task id, its page) of the task the job made, if it made one."""
