@@ -164,9 +164,61 @@ def test_bad_new_task_requests_are_refused_before_anything_runs(
             "manifest_not_attached",
         )
         assert refused(s3_pool, cloud_storage_id=999)[:2] == (400, "cvat_cloud_storage_not_found")
+        assert refused(s3_pool)[:2] == (422, "cloud_storage_required")
         assert refused(s3_pool, cloud_storage_id=storage, token="bad")[:2] == (400, "cvat_auth_failed")
         assert engine.list() == [] and not cvat.calls("POST", "/api/tasks")
     finally:
         engine.close()
     with pytest.raises(ValueError, match="labels, or a project_id"):
         spec(tmp_path, s3_pool, base | {"cloud_storage_id": storage, "project_id": 3})
+
+
+def test_a_cvat_task_pool_in_a_cloud_storage_gives_a_task_of_its_picked_frames(
+    cvat: CvatEmulator, tmp_path: Path
+) -> None:
+    """The pool is a CVAT task whose data are in a cloud storage: its frame names are the objects' keys, and
+    the new task takes the picked ones from the same storage (cloud_storage_id may be left out)."""
+    rng = np.random.default_rng(3)
+    looks = rng.integers(0, 256, (LOOKS, 3))
+    objects, look_of = {}, {}
+    for i in range(3 * LOOKS):
+        image = np.clip(looks[i % LOOKS] + rng.normal(0, 6, (30, 40, 3)), 0, 255).astype(np.uint8)
+        key = f"frames/f_{i:03d}.png"
+        objects[key], look_of[key] = encode_png(image), i % LOOKS
+    storage = cvat.add_cloud_storage(
+        BUCKET, endpoint_url="http://127.0.0.1:9", manifests=["frames/manifest.jsonl"], objects=objects
+    )
+    pool_task = cvat.add_task([{"name": "thing"}], list(objects.items()), cloud_storage_id=storage)
+    local = cvat.add_task([{"name": "thing"}], list(objects.items()))
+    detector = RectDetector("detect")
+    engine = LocalEngine(
+        lambda _: detector, embed=colour_embedding, check_refine=lambda n: {"sam_x": 1}[n],
+        state_db=tmp_path / "jobs.sqlite3", settings=Settings(data_dir=tmp_path / "data", cvat_timeout_s=10),
+        readers=0,
+    )  # fmt: skip
+    connection = {"url": cvat.url, "token": TOKEN}
+    new_task = connection | {"name": "from the task", "project_id": cvat.add_project("next")}
+    try:
+        job = engine.submit(spec(tmp_path, {"cvat_task": connection | {"task_id": pool_task.id}}, new_task))
+        status = wait_for(engine, job.id)
+        assert status.state == "completed", status.error
+        ranking = json.loads((tmp_path / "next" / "ranking.json").read_text())
+        picked = [row["image"] for row in ranking["images"]]
+        assert {look_of[key] for key in picked} == set(range(LOOKS))
+        (task,) = [t for t in cvat.tasks.values() if t.name == "from the task"]
+        assert task.data_request is not None and task.project_id is not None
+        assert task.data_request["server_files"] == [*picked, "frames/manifest.jsonl"]
+        assert task.data_request["cloud_storage_id"] == storage
+        assert [f.name for f in task.frames] == picked
+
+        with pytest.raises(ApiError) as local_pool:
+            engine.submit(spec(tmp_path, {"cvat_task": connection | {"task_id": local.id}}, new_task))
+        assert (local_pool.value.status, local_pool.value.code) == (400, "pool_not_in_cloud_storage")
+        with pytest.raises(ApiError) as other:
+            engine.submit(
+                spec(tmp_path, {"cvat_task": connection | {"task_id": pool_task.id}},
+                     new_task | {"cloud_storage_id": storage + 100})
+            )  # fmt: skip
+        assert (other.value.status, other.value.code) == (400, "wrong_cloud_storage")
+    finally:
+        engine.close()

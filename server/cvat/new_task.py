@@ -21,12 +21,11 @@ class CreatedTask:
     url: str  # the task's page
 
 
-def check_storage(connections: Connections, target: CvatNewTask, bucket: str) -> str:
-    """The manifest to use, after checking that the cloud storage exists, is the S3 bucket `bucket`, and has
-    that manifest attached. ApiError 400 otherwise."""
+def check_storage(connections: Connections, target: CvatNewTask, storage_id: int, bucket: str | None) -> str:
+    """The manifest to use, after checking that the cloud storage exists, is the S3 bucket `bucket` (when
+    given), and has that manifest attached. ApiError 400 otherwise."""
     client = connections.client(target)
     url = client.api_map.host
-    storage_id = target.cloud_storage_id
     try:
         with cvat_errors(f"reading cloud storage {storage_id}", url):
             storage = client.api_client.cloudstorages_api.retrieve(storage_id)[0]
@@ -38,7 +37,9 @@ def check_storage(connections: Connections, target: CvatNewTask, bucket: str) ->
                 f"CVAT at {url} has no cloud storage {storage_id} (or the user cannot see it).",
             ) from None
         raise
-    if str(storage.provider_type) != "AWS_S3_BUCKET" or str(storage.resource) != bucket:
+    if bucket is not None and (
+        str(storage.provider_type) != "AWS_S3_BUCKET" or str(storage.resource) != bucket
+    ):
         raise ApiError(
             400,
             "wrong_bucket",
@@ -63,7 +64,9 @@ def check_storage(connections: Connections, target: CvatNewTask, bucket: str) ->
     return target.manifest or manifests[0]
 
 
-def create_task(connections: Connections, target: CvatNewTask, keys: list[str], manifest: str) -> CreatedTask:
+def create_task(
+    connections: Connections, target: CvatNewTask, storage_id: int, keys: list[str], manifest: str
+) -> CreatedTask:
     """Make the task: `keys` (object keys in the storage's bucket) are its frames, in this order.
     ApiError when CVAT refuses (e.g. a key its manifest does not list)."""
     from cvat_sdk import models
@@ -80,7 +83,7 @@ def create_task(connections: Connections, target: CvatNewTask, keys: list[str], 
     if target.segment_size is not None:
         spec["segment_size"] = target.segment_size
     data = {
-        "cloud_storage_id": target.cloud_storage_id,
+        "cloud_storage_id": storage_id,
         "sorting_method": "predefined",  # the frames keep the ranking's order
         "use_cache": True,  # CVAT reads cloud storage data on demand: nothing is copied
         "image_quality": 70,
@@ -95,6 +98,5 @@ def create_task(connections: Connections, target: CvatNewTask, keys: list[str], 
             )
     except BackgroundRequestException as exc:
         raise ApiError(502, "cvat_rejected", f"CVAT at {url} could not make the task's data: {exc}") from None
-    log.info("created CVAT task %s with %d images from cloud storage %s", task.id, len(keys),
-             target.cloud_storage_id)  # fmt: skip
+    log.info("created CVAT task %s with %d images from cloud storage %s", task.id, len(keys), storage_id)
     return CreatedTask(int(task.id), f"{url.rstrip('/')}/tasks/{task.id}")

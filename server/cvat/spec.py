@@ -144,8 +144,11 @@ class CvatNewTask(CvatConnection):
     picks): made through cvat-sdk from the storage's files and manifest, so no image bytes are copied."""
 
     name: str = Field(min_length=1, max_length=256, description="The new task's name.")
-    cloud_storage_id: int = Field(
-        ge=1, description="The CVAT cloud storage attached to the bucket the pool's images are in."
+    cloud_storage_id: int | None = Field(
+        default=None,
+        ge=1,
+        description="The CVAT cloud storage attached to the bucket the pool's images are in; absent for a "
+        "pool that is a CVAT task: the cloud storage its data come from.",
     )
     manifest: str | None = Field(
         default=None,
