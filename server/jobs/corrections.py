@@ -54,10 +54,17 @@ class CorrectionsRequest(BaseModel):
     )
 
 
-def corrections_report(store: JobStore, settings: Settings, request: CorrectionsRequest) -> dict[str, Any]:
-    """The report as JSON-ready data; ApiError (4xx) for a job that did not upload into this task, or a task
-    without pre-labels."""
-    uploaded = _uploaded(store, settings, request) if request.prelabel_job is not None else None
+def corrections_report(
+    store: JobStore | None, settings: Settings, request: CorrectionsRequest
+) -> dict[str, Any]:
+    """The report as JSON-ready data; `store` holds the named pre-labeling job (None: no job store, so no
+    prelabel_job). ApiError (4xx) for a job that did not upload into this task, or a task without
+    pre-labels."""
+    uploaded = None
+    if request.prelabel_job is not None:
+        if store is None:
+            raise ApiError(400, "unknown_job", f"No job store to find job {request.prelabel_job!r} in.")
+        uploaded = _uploaded(store, settings, request)
     from server.cvat.annotations import task_objects  # imports cvat-sdk
 
     with Connections(settings) as connections:
@@ -146,7 +153,7 @@ def _server(connection: CvatConnection, settings: Settings) -> str:
 
 def latest_upload(store: JobStore, settings: Settings, task: CvatTaskSource) -> str | None:
     """The newest completed job of the store that uploaded into `task`, if any."""
-    for row in store.jobs(["completed"], limit=10_000):
+    for row in store.jobs(["completed"]):
         output = JobSpec.model_validate_json(row.spec).output.cvat_task
         same = output is not None and output.task_id == task.task_id
         if same and _server(output, settings) == _server(task, settings):
