@@ -52,11 +52,17 @@ class DetectorInfo:
 
 class Detector(ABC):
     info: DetectorInfo
+    pools_features: bool = False  # whether pooled_features() is available
 
     @abstractmethod
     def detect(self, images: Sequence[np.ndarray], params: DetectParams) -> list[list[Shape]]:
         """One list of shapes per RGB uint8 image [H, W, 3], in full-image pixel-edge coordinates.
         Thread-safe; a batch of images runs as one forward pass where the backend allows it."""
+
+    def pooled_features(self, images: Sequence[np.ndarray], imgsz: int) -> list[np.ndarray]:
+        """One float32 feature vector per RGB uint8 image: the detector's own features, pooled over space
+        (what a sample job's diversity compares). Only where `pools_features` is true."""
+        raise NotImplementedError(f"{self.info.name!r} gives no pooled features")
 
 
 TILE_DESCRIPTION = (

@@ -80,6 +80,21 @@ class UltralyticsDetector(Detector):
                 out[index] = shapes
         return out
 
+    pools_features = True
+
+    def pooled_features(self, images: Sequence[np.ndarray], imgsz: int) -> list[np.ndarray]:
+        """ultralytics' `Model.embed`: the second-to-last layer's feature map, average-pooled per image (its
+        BaseModel._predict_once), at the letterbox a single-image predict gives; one image per call, so a
+        vector never depends on what it was batched with."""
+        vectors = []
+        for image in images:
+            bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+            with self._lock:
+                (found,) = self.model.embed([bgr], imgsz=imgsz, device=self.device, verbose=False)
+                self._restore_threads()
+            vectors.append(found.detach().float().cpu().numpy().astype(np.float32))
+        return vectors
+
     def _predict(self, images: list[np.ndarray], params: DetectParams) -> list[list[Shape]]:
         # Ultralytics reads arrays as BGR. cvtColor, not a ::-1 copy: 22 against 106 ms for a 12 MP image.
         bgr = [cv2.cvtColor(image, cv2.COLOR_RGB2BGR) for image in images]

@@ -15,7 +15,18 @@ ids of the task, shape type against label type, frames within the task. Endpoint
     GET  /api/tasks/{id}/data/?type=frame&number=N&quality=original
     GET  /api/tasks/{id}/annotations/
     PUT  /api/tasks/{id}/annotations/           replaces every annotation of the task
-    PATCH /api/tasks/{id}/annotations/?action=create
+    PATCH /api/tasks/{id}/annotations/?action=create|update|delete
+                                                update and delete name annotations by id; an update
+                                                replaces the stored annotation and keeps its id, with the
+                                                `source` the client sends (cvat-core computes it: an edited
+                                                auto shape comes back as semi-auto)
+    POST /api/tasks                             a task without data yet (name, labels or project_id,
+                                                segment_size)
+    POST /api/tasks/{id}/data/                  JSON DataRequest from a cloud storage only: server_files
+                                                (object keys, and its manifest as the one .jsonl) with
+                                                cloud_storage_id; `sorting_method` predefined keeps their
+                                                order; recorded in the task's `data_request`; 202 rq_id
+    GET  /api/requests/{rq_id}                  finished, or failed with CVAT's reason
     GET  /api/jobs?task_id=&page=
     GET  /api/jobs/{id}
     GET  /api/cloudstorages/{id}
@@ -59,7 +70,7 @@ from dataclasses import dataclass, field
 from http.cookies import SimpleCookie
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 from PIL import Image
 
@@ -123,6 +134,8 @@ class EmulatedTask:
     segment_size: int = 0  # frames per job
     cloud_storage_id: int | None = None  # frame names are then the objects' keys in its bucket
     jobs: list[EmulatedJob] = field(default_factory=list)
+    name: str = ""
+    data_request: dict[str, Any] | None = None  # the body of POST /api/tasks/{id}/data/, for a created task
 
 
 @dataclass
@@ -152,6 +165,7 @@ class EmulatedCloudStorage:
     manifests: list[str]
     prefix: str = ""
     organization: str | None = None
+    objects: dict[str, bytes] = field(default_factory=dict)  # key -> bytes, what its manifests list
 
 
 @dataclass
@@ -206,6 +220,7 @@ class CvatEmulator:
         self.issues: dict[int, dict[str, Any]] = {}
         self.comments: list[dict[str, Any]] = []
         self.requests: list[Recorded] = []
+        self.background: dict[str, dict[str, Any]] = {}  # /api/requests: rq_id -> CVAT's Request JSON
         self.on_write: Callable[[str], None] | None = None
         self.fail_writes_after_storing = 0
         self.fail_writes = 0
@@ -296,11 +311,13 @@ class CvatEmulator:
         manifests: list[str],
         prefix: str = "",
         organization: str | None = None,
+        objects: dict[str, bytes] | None = None,
     ) -> int:
-        """An S3 bucket attached as CVAT attaches one (access key pair); `add_task(cloud_storage_id=...)`."""
+        """An S3 bucket attached as CVAT attaches one (access key pair); `add_task(cloud_storage_id=...)`.
+        `objects`: the images its manifests list (key -> bytes), from which a created task gets its frames."""
         with self._lock:
             storage = EmulatedCloudStorage(
-                self._new_id(), bucket, endpoint_url, manifests, prefix, organization
+                self._new_id(), bucket, endpoint_url, manifests, prefix, organization, dict(objects or {})
             )
             self.cloud_storages[storage.id] = storage
             return storage.id
@@ -389,7 +406,7 @@ class CvatEmulator:
         return {
             "url": f"{base}/api/tasks/{task.id}",
             "id": task.id,
-            "name": f"task {task.id}",
+            "name": task.name or f"task {task.id}",
             "project_id": task.project_id,
             "mode": "interpolation" if task.video else "annotation",
             "owner": self._user_json("alice"),
@@ -642,6 +659,40 @@ class CvatEmulator:
             return f"source {annotation.get('source')!r} is not one of {sorted(SOURCES)}"
         return None
 
+    def _check_ids(self, task: EmulatedTask, data: dict[str, Any], action: str) -> str | None:
+        """An update or delete names stored annotations by id; an update is also checked as an upload is."""
+        if data.get("tracks"):
+            return "tracks are not emulated"
+        for kind in ("tags", "shapes"):
+            ids = {a["id"] for a in task.annotations[kind]}
+            for annotation in data.get(kind, []):
+                if annotation.get("id") not in ids:
+                    return f"{kind}: no annotation {annotation.get('id')} in task {task.id}"
+        if action == "delete":
+            return None
+        without_ids = {k: [{**a, "id": None} for a in data.get(k, [])] for k in ("tags", "shapes")}
+        return self._validate(task, without_ids)
+
+    def _change(self, task: EmulatedTask, data: dict[str, Any], action: str) -> dict[str, Any]:
+        """Apply an update (the annotation replaced, its id kept) or a delete; CVAT answers with the data."""
+        for kind in ("tags", "shapes"):
+            given = {a["id"]: a for a in data.get(kind, [])}
+            kept = []
+            for stored in task.annotations[kind]:
+                if stored["id"] not in given:
+                    kept.append(stored)
+                elif action == "update":
+                    new = copy.deepcopy(given[stored["id"]])
+                    new.pop("id")
+                    kept.append({**_with_defaults(new, kind, self._new_id), "id": stored["id"]})
+            task.annotations[kind] = kept
+        task.annotations["version"] += 1
+        return {
+            "version": task.annotations["version"],
+            "tracks": [],
+            **{k: data.get(k, []) for k in ("tags", "shapes")},
+        }
+
     def _store(self, task: EmulatedTask, data: dict[str, Any], replace: bool) -> dict[str, Any]:
         created: dict[str, Any] = {"version": 0, "tags": [], "shapes": [], "tracks": []}
         for kind in ("tags", "shapes"):
@@ -781,6 +832,11 @@ class CvatEmulator:
             return self._route_issues(handler, method, path, query, body)
         if re.fullmatch(r"/api/webhooks(/\d+(/ping)?)?", path):
             return self._route_webhooks(handler, method, path, query, body)
+        if (method, path) == ("POST", "/api/tasks"):
+            return self._create_task(handler, body if isinstance(body, dict) else {})
+        if method == "GET" and (found := re.fullmatch(r"/api/requests/(.+)", path)):
+            request = self.background.get(unquote(found[1]))
+            return handler.reply(200, request) if request else handler.reply(404, NOT_FOUND)
         found = re.fullmatch(r"/api/tasks/(\d+)(/.*)?", path)
         if found is None:
             return handler.reply(404, {"detail": "Not found."})
@@ -790,6 +846,8 @@ class CvatEmulator:
         rest = found[2] or ""
         if (method, rest) == ("GET", ""):
             return handler.reply(200, self._task_json(task))
+        if (method, rest) == ("POST", "/data/"):
+            return self._add_data(handler, task, body if isinstance(body, dict) else {})
         if (method, rest) == ("GET", "/data/meta"):
             return handler.reply(200, self._meta_json(task))
         if (method, rest) == ("GET", "/data/"):
@@ -801,8 +859,16 @@ class CvatEmulator:
         if rest == "/annotations/":
             if method == "GET":
                 return handler.reply(200, {**copy.deepcopy(task.annotations), "tracks": []})
-            if method == "PATCH" and query.get("action") != ["create"]:
-                return handler.reply(400, {"detail": "Only action=create is emulated."})
+            action = query.get("action", [""])[0]
+            if method == "PATCH" and action in ("update", "delete"):
+                problem = self._check_ids(task, body or {}, action)
+                if problem is not None:
+                    return handler.reply(400, {"detail": problem})
+                with self._lock:
+                    changed = self._change(task, body or {}, action)
+                return handler.reply(200, changed)
+            if method == "PATCH" and action != "create":
+                return handler.reply(400, {"detail": "action must be create, update or delete."})
             if method in ("PUT", "PATCH"):
                 if self.fail_writes:
                     self.fail_writes -= 1
@@ -819,6 +885,83 @@ class CvatEmulator:
                     return handler.reply(500, {"detail": "Gateway gave up waiting (emulated)."})
                 return handler.reply(200, created)
         return handler.reply(405, {"detail": f'Method "{method}" not allowed.'})
+
+    def _create_task(self, handler: Any, body: dict[str, Any]) -> None:
+        """TaskWriteSerializer: a name, and labels or a project's; the data come after."""
+        if not body.get("name"):
+            return handler.reply(400, {"name": ["This field is required."]})
+        if bool(body.get("labels")) == (body.get("project_id") is not None):
+            return handler.reply(400, {"labels": ["Give labels, or a project_id (its labels)."]})
+        if body.get("project_id") is not None and body["project_id"] not in self.projects:
+            return handler.reply(400, {"project_id": [f'Invalid pk "{body["project_id"]}".']})
+        with self._lock:
+            task_id = 40 + len(self.tasks) + 1
+            labels = [
+                {
+                    "id": self._new_id(),
+                    "name": label["name"],
+                    "type": label.get("type", "any"),
+                    "sublabels": [],
+                }
+                for label in body.get("labels") or []
+            ]
+            project = body.get("project_id")
+            organization = self.projects[project].organization if project is not None else None
+            task = EmulatedTask(
+                task_id, labels, [], organization=organization, project_id=project,
+                segment_size=int(body.get("segment_size") or 0), name=body["name"],
+            )  # fmt: skip
+            self.tasks[task_id] = task
+        return handler.reply(201, self._task_json(task))
+
+    def _add_data(self, handler: Any, task: EmulatedTask, body: dict[str, Any]) -> None:
+        """A task's data from a cloud storage (cvat/apps/engine/task.py): the one .jsonl among server_files is
+        the manifest, which must be attached to the storage; every other file must be one it lists. CVAT
+        checks in the background: a problem fails the request (GET /api/requests/{rq_id})."""
+        if task.data_request is not None or task.frames:
+            return handler.reply(400, {"detail": "Adding more data is not supported"})
+        rq_id = f"create:task-{task.id}"
+        task.data_request = copy.deepcopy(body)
+        storage = self.cloud_storages.get(body.get("cloud_storage_id") or 0)
+        files = list(body.get("server_files") or [])
+        manifests = [f for f in files if f.endswith(".jsonl")]
+        media = [f for f in files if not f.endswith(".jsonl")]
+        problem = None
+        if body.get("client_files") or body.get("remote_files") or storage is None:
+            problem = "only server_files from a cloud storage (cloud_storage_id) are emulated"
+        elif len(manifests) != 1 or manifests[0] not in storage.manifests:
+            problem = f"one manifest attached to cloud storage {storage.id} is required, got {manifests}"
+        elif not media or any(f not in storage.objects for f in media):
+            problem = f"files not in the manifest: {[f for f in media if f not in storage.objects][:5]}"
+        elif body.get("sorting_method", "lexicographical") not in ("lexicographical", "predefined"):
+            problem = "only lexicographical and predefined sorting are emulated"
+        if problem is None and storage is not None:
+            order = media if body.get("sorting_method") == "predefined" else sorted(media)
+            with self._lock:
+                task.frames = [EmulatedFrame(key, storage.objects[key]) for key in order]
+                task.cloud_storage_id = storage.id
+                task.segment_size = task.segment_size or len(order)
+                for start in range(0, len(order), task.segment_size):
+                    stop = min(start + task.segment_size, len(order)) - 1
+                    task.jobs.append(EmulatedJob(self._new_id(), task.id, start, stop))
+                self.jobs.update((job.id, job) for job in task.jobs)
+        status = "failed" if problem else "finished"
+        self.background[rq_id] = {
+            "status": status,
+            "message": problem or "",
+            "id": rq_id,
+            "operation": {"type": "create:task", "target": "task", "task_id": task.id, "project_id": None,
+                          "job_id": None, "format": None, "function_id": None, "org_id": None},
+            "progress": 1.0,
+            "created_date": DATE,
+            "started_date": DATE,
+            "finished_date": DATE,
+            "expiry_date": DATE,
+            "owner": self._user_json("alice"),
+            "result_url": None,
+            "result_id": None,
+        }  # fmt: skip
+        return handler.reply(202, {"rq_id": rq_id})
 
     def _route_issues(
         self, handler: Any, method: str, path: str, query: dict[str, list[str]], body: Any

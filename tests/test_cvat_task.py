@@ -121,6 +121,20 @@ def stored(task: EmulatedTask) -> list[tuple]:
     return sorted(found, key=repr)
 
 
+def ledger(engine: LocalEngine, job_id: str) -> list[tuple[str, int, int, int]]:
+    """What the job recorded as uploaded: (kind, CVAT id, label id, frame), sorted."""
+    return sorted((a.kind, a.cvat_id, a.label_id, a.frame) for a in engine.store.uploaded(job_id))
+
+
+def auto_ids(task: EmulatedTask) -> list[tuple[str, int, int, int]]:
+    return sorted(
+        (kind[:-1], a["id"], a["label_id"], a["frame"])
+        for kind in ("tags", "shapes")
+        for a in task.annotations[kind]
+        if a["source"] == "auto"
+    )
+
+
 # -- output: the upload equals the job's own files and cvat-sdk's own mapping -------------------------------
 
 
@@ -220,6 +234,7 @@ def test_upload_equals_the_xml_output_and_cvat_sdks_mapping(
     assert status.cvat_upload is not None and status.cvat_upload.uploaded_images == COUNT
     assert status.cvat_upload.shapes == len(got) and status.cvat_upload.skipped == 0
     assert status.outputs[-1] == f"{cvat.url}/tasks/{target.id}"
+    assert ledger(engine, status.id) == auto_ids(target)
 
 
 def test_credentials_are_redacted_in_the_spec_and_forgotten_when_done(
@@ -540,6 +555,8 @@ def test_kill_9_between_sending_a_chunk_and_recording_it_duplicates_nothing(
     assert stored(target) == expected and len(expected) > COUNT
     manual = [s for s in target.annotations["shapes"] if s["source"] == "manual"]
     assert len(manual) == (0 if clear_existing else 1)  # replaced, or kept once
+    # The ids recorded for a corrections report are exactly the task's pre-labels, the chunk in flight's too.
+    assert ledger(engine, job_id) == auto_ids(target)
 
 
 def test_failed_answers_are_retried_then_resumed_without_duplicates(
@@ -556,6 +573,7 @@ def test_failed_answers_are_retried_then_resumed_without_duplicates(
     assert wait_for(client.app.state.jobs, created.json()["id"]).state == "completed"
     expected = reference(cvat, directory, names, make_engine(db=tmp_path / "ref.sqlite3"))
     assert stored(target) == expected
+    assert ledger(client.app.state.jobs, created.json()["id"]) == auto_ids(target)
 
     again = cvat.add_task(RECT_LABELS, frames_of(directory, names))
     cvat.fail_writes = cvat_upload.ATTEMPTS  # every try of the first chunk: the job fails, results kept
@@ -572,6 +590,7 @@ def test_failed_answers_are_retried_then_resumed_without_duplicates(
     assert resumed.status_code == 200, resumed.text
     assert wait_for(client.app.state.jobs, job_id).state == "completed"
     assert stored(again) == expected
+    assert ledger(client.app.state.jobs, job_id) == auto_ids(again)
 
 
 # -- shape kinds --------------------------------------------------------------------------------------------

@@ -68,6 +68,7 @@ OPERATIONS = (
     "GET /v1/jobs/{job_id}",
     "DELETE /v1/jobs/{job_id}",
     "POST /v1/jobs/{job_id}/resume",
+    "POST /v1/corrections",
     "POST /v1/prefetch",
     "GET /v1/prefetch",
     "GET /v1/prefetch/{run_id}",

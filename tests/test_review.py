@@ -666,3 +666,62 @@ def test_the_http_route_answers_bad_reviews_with_4xx_json(
         created = client.post("/v1/jobs", json=body)
         assert created.status_code == 201
         assert wait_for(app.state.jobs, created.json()["id"]).state == "completed"
+
+
+# -- the annotations: a snapshot at submit, and s3:// --------------------------------------------------------
+
+
+def test_a_review_scores_the_annotations_as_they_were_at_submit(
+    coco: tuple[Path, Path, Corpus], make_engine: Callable[..., LocalEngine], tmp_path: Path
+) -> None:
+    """The file is changed, then deleted, while the job runs: the findings are those of the file at submit."""
+    images, original, _ = coco
+    annotations = tmp_path / "annotations.json"
+    annotations.write_bytes(original.read_bytes())
+    straight = make_engine(SeededRectDetector(), db=tmp_path / "straight.sqlite3")
+    job = straight.submit(review_spec(images, annotations, tmp_path / "straight"))
+    assert wait_for(straight, job.id).state == "completed"
+
+    slow = make_engine(SeededRectDetector(delay=0.05), db=tmp_path / "slow.sqlite3")
+    job = slow.submit(review_spec(images, annotations, tmp_path / "changed"))
+    data = json.loads(annotations.read_text())
+    data["annotations"] = data["annotations"][: len(data["annotations"]) // 2]  # half the boxes gone
+    annotations.write_text(json.dumps(data))
+    while slow.status(job.id).done < 8:
+        time.sleep(0.01)
+    annotations.unlink()
+    assert wait_for(slow, job.id).state == "completed"
+    assert (tmp_path / "changed" / "findings.json").read_bytes() == (
+        tmp_path / "straight" / "findings.json"
+    ).read_bytes()
+
+
+def test_annotations_from_s3_review_as_the_local_file_does(
+    coco: tuple[Path, Path, Corpus], tmp_path: Path
+) -> None:
+    from server.settings import Settings
+    from tests.s3_helpers import moto_s3
+
+    images, annotations, _ = coco
+    with moto_s3() as moto:
+        moto.create_bucket("labels")
+        moto.client().put_object(Bucket="labels", Key="set/annotations.json", Body=annotations.read_bytes())
+        settings = Settings(storage_profiles={"b2": moto.profile(["labels"])}, data_dir=tmp_path / "data")
+        engine = LocalEngine(
+            lambda _: SeededRectDetector(), state_db=tmp_path / "s3.sqlite3", settings=settings
+        )
+        try:
+            local = engine.submit(review_spec(images, annotations, tmp_path / "local"))
+            remote = engine.submit(
+                review_spec(images, "s3://labels/set/annotations.json", tmp_path / "remote")
+            )  # type: ignore[arg-type]
+            for job in (local, remote):
+                assert wait_for(engine, job.id).state == "completed"
+            with pytest.raises(ApiError) as missing:
+                engine.submit(review_spec(images, "s3://labels/set/nope.json", tmp_path / "x"))  # type: ignore[arg-type]
+            assert (missing.value.status, missing.value.code) == (400, "annotations_not_found")
+        finally:
+            engine.close()
+    assert (tmp_path / "remote" / "findings.json").read_bytes() == (
+        tmp_path / "local" / "findings.json"
+    ).read_bytes()

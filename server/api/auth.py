@@ -57,6 +57,7 @@ ROUTE_SCOPES: tuple[tuple[str, str, frozenset[Scope]], ...] = (
     ("GET", "/v1/cache/stats", frozenset({"interactive", "admin"})),
     ("DELETE", "/v1/cache", frozenset({"admin"})),
     ("*", "/v1/jobs", frozenset({"jobs"})),
+    ("POST", "/v1/corrections", frozenset({"jobs"})),
     # CVAT's Nuclio routes: CVAT itself comes through the CVAT listener or LABELSERVE_CVAT_ALLOW_IPS.
     ("*", "/api", frozenset({"interactive"})),
     ("GET", "/metrics", frozenset({"metrics"})),

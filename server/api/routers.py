@@ -29,6 +29,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     system.router,
     nuclio.router,
     jobs.router,
+    jobs.corrections_router,
     prefetch.router,
     cvat.router,
     storage.router,

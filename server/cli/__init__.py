@@ -35,12 +35,11 @@ def _prelabel_runtime(model: str, sam_refine: str | None):  # -> (get_detector, 
     return registry.detector, detect.refine_for_job if detect is not None else None
 
 
-def _sample_runtime(model: str, sam: str):  # -> (get_detector, embed)
+def _sample_runtime(model: str, sam: str | None):  # -> (get_detector, embed)
     """Models for `labelserve prelabel --sample`: the detector, and the SAM model whose pooled image
-    embeddings are the images' vectors."""
+    embeddings are the images' vectors (none: the detector's own features)."""
     registry, detect = _load_models(model, sam)
-    assert detect is not None
-    return registry.detector, detect.pooled_embedding_for_job
+    return registry.detector, detect.pooled_embedding_for_job if detect is not None and sam else None
 
 
 def _load_models(model: str, sam: str | None):  # -> (ModelRegistry, DetectService | None)

@@ -16,6 +16,8 @@ import sys
 from typing import Any
 from urllib.parse import quote
 
+from server.cli.corrections import add_corrections_command
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 PROG = "labelserve cvat webhook register"
 WEBHOOK_PATH = "/v1/cvat/webhooks/"  # the server's route; the profile name follows it
@@ -56,6 +58,7 @@ def add_cvat_commands(subparsers: Any) -> None:
         help="CVAT does not verify this server's TLS certificate (a self-signed one)",
     )
     p.set_defaults(func=cmd_register)
+    add_corrections_command(cvat_sub)
 
 
 def cmd_register(args: argparse.Namespace) -> int:

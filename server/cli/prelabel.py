@@ -51,7 +51,7 @@ from server.settings import get_settings
 
 Runtime = Callable[[str, str | None], tuple[GetDetector, Refine | None]]
 # (detector, SAM model) -> the detector lookup and the image embedder of a sample job
-SampleRuntime = Callable[[str, str], tuple[GetDetector, Embed]]
+SampleRuntime = Callable[[str, str | None], tuple[GetDetector, Embed | None]]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 STATE_DB_NAME = ".labelserve-jobs.sqlite3"  # default state database, inside the output directory
@@ -138,7 +138,9 @@ def add_prelabel_command(
         "review", "flag likely label errors in a dataset of SOURCE's images instead (docs/review.md); the "
         "model must not have been trained on these labels",
     )  # fmt: skip
-    review.add_argument("--review", metavar="ANNOTATIONS", help="COCO JSON, CVAT XML file or YOLO directory")
+    review.add_argument(
+        "--review", metavar="ANNOTATIONS", help="COCO JSON, CVAT XML file or YOLO directory (local or s3://)"
+    )
     review.add_argument("--review-format", choices=("coco", "cvat_images", "yolo"), default="coco")
     review.add_argument(
         "--review-map",
@@ -153,7 +155,11 @@ def add_prelabel_command(
         "sample", "rank which images of SOURCE to annotate next instead (docs/sampling.md)"
     )  # fmt: skip
     sample.add_argument("--sample", type=int, metavar="BUDGET", help="how many images to pick")
-    sample.add_argument("--sample-embeddings", metavar="SAM_MODEL", help="the SAM model giving image vectors")
+    sample.add_argument(
+        "--sample-embeddings",
+        metavar="SAM_MODEL",
+        help="the SAM model giving image vectors, or 'detector' for the detector's own pooled features",
+    )
     sample.add_argument("--uncertainty", choices=("least_confidence", "margin", "entropy"), default="entropy")
     sample.add_argument(
         "--prefilter", type=float, default=3.0, help="k-center among PREFILTER x BUDGET (0: all)"
@@ -177,7 +183,7 @@ def build_spec(args: argparse.Namespace) -> JobSpec:
         raise ValueError("give --out and --format, or --cvat-task, or both")
     if not sources and args.cvat_task is None:
         raise ValueError("give a SOURCE, or --cvat-task to pre-label the task's own frames")
-    cvat_task = _cvat_task(args) if args.cvat_task is not None else None
+    cvat_task = cvat_task_fields(args) if args.cvat_task is not None else None
     urls = ["://" in s and not s.startswith("file://") for s in sources]
     if any(urls) and not all(urls):
         raise ValueError("give either image URLs or local paths, not both")
@@ -248,9 +254,14 @@ def build_spec(args: argparse.Namespace) -> JobSpec:
 
 def _sample(args: argparse.Namespace) -> dict[str, Any]:
     if args.sample_embeddings is None:
-        raise ValueError("--sample needs --sample-embeddings SAM_MODEL")
-    return {"budget": args.sample, "embeddings": args.sample_embeddings, "uncertainty": args.uncertainty,
-            "prefilter": args.prefilter, "seed": args.seed}  # fmt: skip
+        raise ValueError("--sample needs --sample-embeddings SAM_MODEL (or detector)")
+    vectors = (
+        {"embedding": "detector"}
+        if args.sample_embeddings == "detector"
+        else {"embedding": "sam", "embeddings": args.sample_embeddings}
+    )
+    return vectors | {"budget": args.sample, "uncertainty": args.uncertainty, "prefilter": args.prefilter,
+                      "seed": args.seed}  # fmt: skip
 
 
 def _review(args: argparse.Namespace) -> dict[str, Any]:
@@ -260,7 +271,8 @@ def _review(args: argparse.Namespace) -> dict[str, Any]:
         if not sep or not detector or not label:
             raise ValueError(f"--review-map wants CLASS=LABEL, got {pair!r}")
         mapping[detector] = label
-    review: dict[str, Any] = {"annotations": str(Path(args.review).resolve()), "format": args.review_format}
+    annotations = args.review if is_s3_url(args.review) else str(Path(args.review).resolve())
+    review: dict[str, Any] = {"annotations": annotations, "format": args.review_format}
     optional = {"label_mapping": mapping or None, "sam": args.review_sam, "top_k": args.top_k}
     return review | {k: v for k, v in optional.items() if v is not None}
 
@@ -269,7 +281,7 @@ def output_directory(out: str) -> str:
     return out if is_s3_url(out) else str(Path(out).resolve())
 
 
-def _cvat_task(args: argparse.Namespace) -> dict[str, Any]:
+def cvat_task_fields(args: argparse.Namespace) -> dict[str, Any]:
     """--cvat-task and the environment's credentials as a spec's connection fields."""
     found = re.fullmatch(r"(?P<url>.+?)(?:/tasks/(?P<page>\d+)(?:/.*)?|#(?P<id>\d+))", args.cvat_task.strip())
     if found is None:

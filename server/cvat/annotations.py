@@ -1,9 +1,11 @@
 """A CVAT task's current annotations as a review reads them: its shapes (rectangles, polygons, masks) per
-frame, each keeping its CVAT shape id, the frames named as the task's frames are named in a job's items."""
+frame, each keeping its CVAT shape id, the frames named as the task's frames are named in a job's items.
+And as a corrections report reads them: every tag, shape and track with its id, label and `source`."""
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from models.shapes import Shape
 from server.cvat.spec import CvatTaskSource
@@ -58,3 +60,32 @@ def _shape(kind: str, label: str, points: list[float], rotation: float, frame: A
     if kind == "polygon":
         return Shape("polygon", label=label, polygon=points)
     return Shape("mask", label=label, mask=cvat_rle_decode(points, frame.width, frame.height))
+
+
+@dataclass(frozen=True)
+class TaskObject:
+    """One annotation of a task as it stands: CVAT's `source` is auto (uploaded by a model), semi-auto (a
+    model's annotation a human edited, or one drawn with an AI tool), manual, file (imported) or consensus."""
+
+    kind: Literal["tag", "shape", "track"]
+    id: int
+    label_id: int
+    frame: int
+    source: str
+
+
+def task_objects(connections: Connections, source: CvatTaskSource) -> list[TaskObject]:
+    """Every tag, shape and track of the task (skeleton points are part of their skeleton)."""
+    task = connections.task(source)
+    with cvat_errors(f"reading the annotations of task {task.id}", task.url, task_id=task.id):
+        found = task.task.get_annotations()
+    kinds: tuple[tuple[Literal["tag", "shape", "track"], Any], ...] = (
+        ("tag", found.tags),
+        ("shape", found.shapes),
+        ("track", found.tracks),
+    )
+    return [
+        TaskObject(kind, int(a.id), int(a.label_id), int(a.frame), str(a.source or "manual"))
+        for kind, annotations in kinds
+        for a in annotations
+    ]

@@ -9,7 +9,7 @@ out of the job database altogether.
 
 from __future__ import annotations
 
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
@@ -125,6 +125,52 @@ class CvatIssuesOutput(CvatConnection):
     @model_validator(mode="after")
     def _login(self) -> CvatIssuesOutput:
         self._check_login()
+        return self
+
+
+class NewTaskLabel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    type: Literal["any", "rectangle", "polygon", "polyline", "points", "ellipse", "cuboid", "mask", "tag"] = (
+        Field(
+            default="any", description="The shapes the label takes (skeletons need sublabels: use a project)."
+        )
+    )
+
+
+class CvatNewTask(CvatConnection):
+    """A new CVAT task whose data are images of a CVAT cloud storage, in a given order (a sample job's
+    picks): made through cvat-sdk from the storage's files and manifest, so no image bytes are copied."""
+
+    name: str = Field(min_length=1, max_length=256, description="The new task's name.")
+    cloud_storage_id: int | None = Field(
+        default=None,
+        ge=1,
+        description="The CVAT cloud storage attached to the bucket the pool's images are in; absent for a "
+        "pool that is a CVAT task: the cloud storage its data come from.",
+    )
+    manifest: str | None = Field(
+        default=None,
+        min_length=1,
+        description="The manifest.jsonl of that storage listing the images (its key, as attached in CVAT); "
+        "absent: the storage's first attached manifest.",
+    )
+    labels: list[NewTaskLabel] | None = Field(
+        default=None, description="The task's labels; or project_id, whose labels a task in it has."
+    )
+    project_id: int | None = Field(default=None, ge=1, description="Make the task in this CVAT project.")
+    segment_size: int | None = Field(
+        default=None, ge=1, description="Images per CVAT job (jobs keep the ranked order); absent: CVAT's."
+    )
+
+    @model_validator(mode="after")
+    def _login(self) -> CvatNewTask:
+        self._check_login()
+        if (self.labels is None) == (self.project_id is None):
+            raise ValueError("give the new task labels, or a project_id (its labels), not both")
+        if self.labels is not None and len({label.name for label in self.labels}) != len(self.labels):
+            raise ValueError("label names must be unique")
         return self
 
 

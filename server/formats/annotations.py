@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
+import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -18,6 +19,7 @@ from typing import Any, Literal
 from models.shapes import Shape
 from server.formats.files import YOLO_LABELS, YOLO_YAML, yolo_label_path
 from server.formats.rle import coco_rle_decode, cvat_rle_decode
+from server.formats.stored import shape_from_dict, shape_to_dict
 
 AnnotationFormat = Literal["coco", "cvat_images", "yolo"]
 
@@ -44,6 +46,28 @@ class AnnotatedImage:
         if self.width is not None:
             return self.annotations
         return [Annotation(a.shape_id, _scaled(a.shape, width, height)) for a in self.annotations]
+
+
+def dump_dataset(images: list[AnnotatedImage]) -> bytes:
+    """A dataset as compact bytes (zlib JSON, shapes as stored results are), for a job to keep."""
+    rows = [
+        [
+            image.name,
+            image.width,
+            image.height,
+            [[a.shape_id, shape_to_dict(a.shape)] for a in image.annotations],
+        ]
+        for image in images
+    ]
+    return zlib.compress(json.dumps(rows, separators=(",", ":")).encode(), 6)
+
+
+def load_dataset(data: bytes) -> list[AnnotatedImage]:
+    """What dump_dataset wrote: the same images, in the same order, with equal shapes."""
+    return [
+        AnnotatedImage(name, width, height, [Annotation(i, shape_from_dict(d)) for i, d in annotations])
+        for name, width, height, annotations in json.loads(zlib.decompress(data))
+    ]
 
 
 def read_annotations(fmt: AnnotationFormat, path: Path) -> list[AnnotatedImage]:

@@ -9,6 +9,11 @@ Exactly once: before a chunk is sent its last item index is committed as `starte
 as `confirmed`. A chunk that was started but not confirmed (the process died, or the request failed
 without an answer) may or may not have landed, so it is never simply sent again: the task's annotations
 are read back and only what is missing is added (a repeated `PUT` replaces, so it is sent whole).
+
+The CVAT ids of what each chunk created (from CVAT's reply to a `PATCH`; read back after a `PUT`, whose
+reply has no schema; for a chunk checked after a lost answer, also those already there) are committed with
+its confirmation: a corrections report
+(server.jobs.corrections) tells from them which pre-labels were kept, edited or deleted.
 """
 
 from __future__ import annotations
@@ -16,10 +21,9 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from models.shapes import Shape
 from server.cvat.agent_functions import cvat_annotation
@@ -28,7 +32,7 @@ from server.errors import ApiError
 from server.formats.api_json import render_shape
 from server.formats.files import label_of
 from server.formats.stored import shape_from_dict
-from server.jobs.store import ItemRow, JobStore, UploadRow
+from server.jobs.store import ItemRow, JobStore, UploadedAnnotation, UploadRow
 
 log = logging.getLogger("labelserve.jobs.cvat")
 
@@ -180,26 +184,39 @@ def upload(
         if stopped():
             return False
         # With clear_existing the first chunk is a PUT, which replaces whatever the task had.
-        _send(store, job_id, task, chunk, replace=clear_existing and confirmed < 0, check_first=pending)
-        store.upload_confirmed(job_id, chunk.last, len(chunk.shapes), len(chunk.tags), chunk.skipped)
+        created = _send(
+            store, job_id, task, chunk, replace=clear_existing and confirmed < 0, check_first=pending
+        )
+        store.upload_confirmed(job_id, chunk.last, len(chunk.shapes), len(chunk.tags), chunk.skipped, created)
         confirmed, pending = chunk.last, False
     return True
 
 
 def _send(
     store: JobStore, job_id: str, task: TaskInfo, chunk: Chunk, *, replace: bool, check_first: bool
-) -> None:
+) -> list[UploadedAnnotation]:
+    """Send the chunk; the CVAT annotations that now stand for it (created, or found already there)."""
     store.upload_started(job_id, chunk.last)
     for attempt in range(1, ATTEMPTS + 1):
         try:
             with cvat_errors("uploading annotations", task.url, task_id=task.id):
                 if replace:  # PUT replaces every annotation of the task: sending it again is harmless
                     _put(task, chunk.tags, chunk.shapes)
-                else:
-                    tags, shapes = _missing(task, chunk) if check_first else (chunk.tags, chunk.shapes)
-                    if tags or shapes:
-                        _patch(task, tags, shapes)
-            return
+                    # CVAT's schema gives a PUT no reply body: the new ids are read back.
+                    return _compare(task, chunk)[2]
+                there: list[UploadedAnnotation] = []
+                tags, shapes = chunk.tags, chunk.shapes
+                if check_first:
+                    tags, shapes, there = _compare(task, chunk)
+                    log.info(
+                        "%s already had %d of the %d annotations of an unconfirmed chunk",
+                        task.describe(),
+                        len(there),
+                        chunk.size,
+                    )
+                if tags or shapes:
+                    there += _recorded(_patch(task, tags, shapes))
+                return there
         except ApiError as exc:
             if exc.code not in _TRANSIENT or attempt == ATTEMPTS:
                 raise
@@ -216,34 +233,47 @@ def _put(task: TaskInfo, tags: list[Any], shapes: list[Any]) -> None:
     task.task.set_annotations(models.LabeledDataRequest(tags=tags, shapes=shapes))
 
 
-def _patch(task: TaskInfo, tags: list[Any], shapes: list[Any]) -> None:
+def _patch(task: TaskInfo, tags: list[Any], shapes: list[Any]) -> Any:
+    """The created annotations, with their ids (cvat-sdk's update_annotations drops CVAT's reply)."""
     from cvat_sdk import models
-    from cvat_sdk.core.proxies.annotations import AnnotationUpdateAction
 
     data = models.PatchedLabeledDataRequest(tags=tags, shapes=shapes)
-    task.task.update_annotations(data, action=AnnotationUpdateAction.CREATE)
+    return task.task.api.partial_update_annotations(
+        action="create", id=task.id, patched_labeled_data_request=data
+    )[0]
 
 
-def _missing(task: TaskInfo, chunk: Chunk) -> tuple[list[Any], list[Any]]:
-    """The chunk's annotations the task does not have yet (an identical one already there counts as ours)."""
+def _recorded(created: Any) -> list[UploadedAnnotation]:
+    """CVAT's reply to an upload (its LabeledData) as the annotations to remember."""
+    return [_recorded_one("tag", t) for t in created.tags] + [
+        _recorded_one("shape", s) for s in created.shapes
+    ]
+
+
+def _compare(task: TaskInfo, chunk: Chunk) -> tuple[list[Any], list[Any], list[UploadedAnnotation]]:
+    """The chunk's tags and shapes the task does not have yet, and the task's annotations that stand for the
+    others (an identical one already there counts as ours)."""
     existing = task.task.get_annotations()
-    have = Counter(_tag_key(t) for t in existing.tags) + Counter(_shape_key(s) for s in existing.shapes)
+    have: dict[tuple, list[UploadedAnnotation]] = {}
+    for t in existing.tags:
+        have.setdefault(_tag_key(t), []).append(_recorded_one("tag", t))
+    for s in existing.shapes:
+        have.setdefault(_shape_key(s), []).append(_recorded_one("shape", s))
+    there: list[UploadedAnnotation] = []
 
     def fresh(key: tuple) -> bool:
-        if have[key] > 0:
-            have[key] -= 1
+        if have.get(key):
+            there.append(have[key].pop(0))
             return False
         return True
 
     tags = [t for t in chunk.tags if fresh(_tag_key(t))]
     shapes = [s for s in chunk.shapes if fresh(_shape_key(s))]
-    log.info(
-        "%s already had %d of the %d annotations of an unconfirmed chunk",
-        task.describe(),
-        chunk.size - len(tags) - len(shapes),
-        chunk.size,
-    )
-    return tags, shapes
+    return tags, shapes, there
+
+
+def _recorded_one(kind: Literal["shape", "tag"], annotation: Any) -> UploadedAnnotation:
+    return UploadedAnnotation(kind, int(annotation.id), int(annotation.label_id), int(annotation.frame))
 
 
 def _rounded(values: Any) -> tuple[float, ...]:

@@ -26,7 +26,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from models.concept_detector import ConceptDetector
 from models.detector import Detector
@@ -37,10 +37,11 @@ from server.formats.files import check_names
 from server.inputs.urls import read
 from server.inputs.video import copy_path, local_path
 from server.jobs.control import JobControl, JobFailed
+from server.jobs.corrections import CorrectionsRequest, corrections_report
 from server.jobs.image_job import Embed, ImageRun, Read, Refine
 from server.jobs.outputs import output_locations, upload_to_cvat, write_files
 from server.jobs.review_job import annotated_items, review_entries, write_review
-from server.jobs.sample_job import check_budget, write_sample
+from server.jobs.sample_job import check_budget, check_new_task, write_sample
 from server.jobs.spec import JobSpec
 from server.jobs.status import JobStatus, job_status, task_page
 from server.jobs.store import ACTIVE_STATES, JobRow, JobState, JobStore
@@ -92,6 +93,8 @@ class Engine(Protocol):
     def resume(self, job_id: str, credentials: JobSpec | None = None) -> JobStatus: ...
 
     def list(self, state: JobState | None = None, limit: int = 100) -> list[JobStatus]: ...
+
+    def corrections(self, request: CorrectionsRequest) -> dict[str, Any]: ...
 
 
 class LocalEngine:
@@ -165,15 +168,26 @@ class LocalEngine:
         if spec.output.directory is not None:
             check_output(spec.output.directory, self._settings)
         check_destinations(spec, self.store)
-        if spec.sample is not None:
+        if spec.sample is not None and spec.sample.embeddings is not None:
             if self._embed is None:
                 raise ApiError(
-                    422, "embed_unavailable", "Sample jobs need SAM embeddings, which this server lacks."
+                    422,
+                    "embed_unavailable",
+                    "This server has no SAM embeddings for sample jobs; use the detector's own features "
+                    '("embedding": "detector").',
                 )
             if self._check_refine is not None:
                 model_call(spec.sample.embeddings, self._check_refine)
+        elif spec.sample is not None and not detector.pools_features:
+            raise ApiError(
+                422,
+                "embed_unsupported",
+                f"{spec.detector!r} gives no pooled features (only Ultralytics YOLO models do); use SAM "
+                'embeddings ("embedding": "sam" with a SAM model in "embeddings").',
+            )
+        annotations = None
         if spec.review is not None:
-            entries = review_entries(spec, info, self._settings)
+            entries, annotations = review_entries(spec, info, self._settings)
         elif spec.uses_cvat():
             entries = cvat_checked_entries(spec, info, self._settings)
         else:
@@ -182,13 +196,14 @@ class LocalEngine:
             check_names(spec.output.format, (name for _, name in entries))
         if spec.sample is not None:
             check_budget(spec, len(entries))
+            check_new_task(spec, entries, self._settings)
 
         job_id = uuid.uuid4().hex
         secrets = spec.secrets()
         # The spec's JSON has the credentials redacted; the real ones are kept apart until the job completes.
         stored = spec.model_dump_json()
         total = self.store.create_job(
-            job_id, stored, entries, time.time(), json.dumps(secrets) if secrets else None
+            job_id, stored, entries, time.time(), json.dumps(secrets) if secrets else None, annotations
         )
         log.info("job %s: %d images, %s -> %s", job_id, total, spec.detector, ", ".join(destinations(spec)))
         self._enqueue(job_id)
@@ -275,6 +290,10 @@ class LocalEngine:
         rows = self.store.jobs([state] if state else None, limit=limit)
         return [self._status(row) for row in rows]
 
+    def corrections(self, request: CorrectionsRequest) -> dict[str, Any]:
+        """The corrections report of a pre-labelled CVAT task (server.jobs.corrections)."""
+        return corrections_report(self.store, self._settings, request)
+
     # -- status ----------------------------------------------------------------------------------------------
 
     def _row(self, job_id: str) -> JobRow:
@@ -330,14 +349,14 @@ class LocalEngine:
         secrets = self.store.secrets(job_id)
         if secrets is not None:
             spec = spec.with_secrets(json.loads(secrets))
-        for task in (spec.source.cvat_task, spec.output.cvat_task, spec.issues()):
+        for task in (spec.source.cvat_task, spec.output.cvat_task, spec.issues(), spec.new_task()):
             if task is not None:  # credentials gone, or a profile removed: fail now, not after every image
                 _cvat_step("logging in to CVAT", cvat.Login.of, task, self._settings)
         if spec.sam_refine is not None and self._refine is None:  # resumed by a process without SAM
             raise JobFailed("the job asks for SAM refinement, which this process does not have")
         if spec.review is not None and spec.review.sam is not None and self._refine is None:
             raise JobFailed("the review asks for SAM, which this process does not have")
-        if spec.sample is not None and self._embed is None:
+        if spec.sample is not None and spec.sample.embeddings is not None and self._embed is None:
             raise JobFailed("the sample job needs SAM embeddings, which this process does not have")
         if spec.engine == "ray" and self._ray is None:  # resumed by a process without Ray
             raise JobFailed("the job runs on Ray, which this process does not have (the `ray` extra)")
@@ -358,7 +377,7 @@ class LocalEngine:
                 if spec.review is not None and spec.review.sam is not None:
                     with cvat.Connections(self._settings) as own:
                         annotated = _review_step(
-                            annotated_items, self.store, job_id, spec, connections or own
+                            annotated_items, self.store, job_id, spec, connections or own, self._settings
                         )
                 self._process(job_id, spec, detector, control, read, annotated)
             if control.stop.is_set():
@@ -370,8 +389,8 @@ class LocalEngine:
             assert detector is not None
             outputs: list[str] = []
             if spec.sample is not None:
-                write_sample(self.store, job_id, spec, self._settings)
-                outputs += output_locations(spec)
+                page = write_sample(self.store, job_id, spec, self._settings)
+                outputs += output_locations(spec) + ([page] if page is not None else [])
             elif spec.review is not None:
                 with cvat.Connections(self._settings) as own:
                     write_review(

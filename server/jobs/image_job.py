@@ -140,11 +140,20 @@ class BatchWorker:
             prompt, sam, annotated = self.refine, self.sam, self.annotated[item.index]
             assert prompt is not None and sam is not None and data is not None
             steps.append(("SAM", lambda shapes: shapes + review_masks(prompt, sam, item, annotated)))
-        if spec.sample is not None:
+        if spec.sample is not None and spec.sample.embeddings is not None:
             embed, embeddings = self.embed, spec.sample.embeddings
             assert embed is not None and data is not None
             steps.append(
                 ("embedding", lambda shapes: [*shapes, embedding_shape(embed(embeddings, data, image))])
+            )
+        elif spec.sample is not None:  # the detector's own pooled features
+            detector, imgsz = self.detector, spec.params.imgsz
+            assert image is not None
+            steps.append(
+                (
+                    "embedding",
+                    lambda shapes: [*shapes, embedding_shape(detector.pooled_features([image], imgsz)[0])],
+                )
             )
         return steps
 

@@ -2,30 +2,41 @@
 batches, progress, cancel and resume), with low-confidence boxes kept. When every image is done, the stored
 detections and the annotations are scored (server.services.review) and the ranked findings are written.
 
-The annotations are read at submit (to check names and labels) and again at the end; nothing but the
-detections is stored, so a resumed job scores what the annotations file says when it finishes.
+The annotations (a local path, an s3:// object or folder, or the source CVAT task's shapes) are read once,
+at submit, to check names and labels, and stored with the job: it scores them as they were then, however the
+file or task changes while it runs or before it is resumed. (A job stored before the snapshot existed reads
+them again.)
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 from models.detector import DetectorInfo
 from server.cvat.tasks import Connections
 from server.errors import ApiError
-from server.formats.annotations import AnnotatedImage, AnnotationError, read_annotations
+from server.formats.annotations import (
+    AnnotatedImage,
+    AnnotationError,
+    AnnotationFormat,
+    dump_dataset,
+    load_dataset,
+    read_annotations,
+)
 from server.formats.files import yolo_label_path
 from server.formats.findings import FINDINGS_FILE, write_findings
 from server.formats.review_html import REPORT_FILE, write_report
 from server.formats.stored import shape_from_dict
 from server.inputs.images import decode_image
 from server.inputs.objectstore.locations import is_s3_url
+from server.inputs.objectstore.store import store_for
 from server.jobs.control import JobFailed
 from server.jobs.image_job import REVIEW_OF
 from server.jobs.outputs import output_directory
@@ -38,10 +49,11 @@ from server.settings import Settings
 REVIEWED_TASKS = ("detect", "segment")  # detectors whose boxes ObjectLab can compare
 
 
-def review_entries(spec: JobSpec, info: DetectorInfo, settings: Settings) -> list[ImageEntry]:
+def review_entries(spec: JobSpec, info: DetectorInfo, settings: Settings) -> tuple[list[ImageEntry], bytes]:
     """The job's items: the annotated images, in the dataset's order (YOLO: the source's order), after
     checking that the detector gives boxes, that every annotated image is in the source and that the
-    detector's classes map onto the dataset's labels. ApiError (4xx) otherwise."""
+    detector's classes map onto the dataset's labels; and the annotations to store with the job
+    (dump_dataset). ApiError (4xx) otherwise."""
     review = spec.review
     assert review is not None
     if info.task not in REVIEWED_TASKS:
@@ -52,24 +64,26 @@ def review_entries(spec: JobSpec, info: DetectorInfo, settings: Settings) -> lis
             f"{' or '.join(REVIEWED_TASKS)} model.",
         )
     with Connections(settings) as connections:
-        dataset = load(spec, connections)
+        dataset = load(spec, connections, settings)
         class_map(review, info, dataset)
+        snapshot = dump_dataset(dataset)
         if review.cvat_issues is not None:  # the connection and the job, before anything is stored
             from server.cvat.issues import check_job
 
             check_job(connections, review.cvat_issues)
         if spec.source.cvat_task is not None:
             entries = connections.source_frames(spec.source.cvat_task)
-            return spec.source.frames.select(entries) if spec.source.frames is not None else entries
+            selected = spec.source.frames.select(entries) if spec.source.frames is not None else entries
+            return selected, snapshot
     entries = spec.source.enumerate(settings)
     if review.format == "yolo":
         by_label = {annotation_name(review, name): (ref, name) for ref, name in entries}
         stray = [image.name for image in dataset if image.name not in by_label]
         _no_images(stray, spec)
-        return entries
+        return entries, snapshot
     by_name = dict((name, (ref, name)) for ref, name in entries)
     _no_images([image.name for image in dataset if image.name not in by_name], spec)
-    return [by_name[image.name] for image in dataset]
+    return [by_name[image.name] for image in dataset], snapshot
 
 
 def annotation_name(review: ReviewSpec, image_name: str) -> str:
@@ -90,7 +104,15 @@ def _no_images(names: list[str], spec: JobSpec) -> None:
         )
 
 
-def load(spec: JobSpec, connections: Connections) -> list[AnnotatedImage]:
+def dataset_of(
+    store: JobStore, job_id: str, spec: JobSpec, connections: Connections, settings: Settings
+) -> list[AnnotatedImage]:
+    """The job's annotations as stored at submit (read again for a job stored without them)."""
+    stored = store.annotations(job_id)
+    return load_dataset(stored) if stored is not None else load(spec, connections, settings)
+
+
+def load(spec: JobSpec, connections: Connections, settings: Settings) -> list[AnnotatedImage]:
     """The annotations (ApiError 400 when they cannot be read)."""
     review = spec.review
     assert review is not None
@@ -100,8 +122,13 @@ def load(spec: JobSpec, connections: Connections) -> list[AnnotatedImage]:
         assert spec.source.cvat_task is not None
         return task_annotations(connections, spec.source.cvat_task)
     assert review.annotations is not None
-    if is_s3_url(review.annotations) or "://" in review.annotations:
-        raise ApiError(400, "unsupported_annotations", "review.annotations must be a local path.")
+    if is_s3_url(review.annotations):
+        with tempfile.TemporaryDirectory(prefix="labelserve-annotations-") as folder:
+            return _read(review.format, _download(review.annotations, review.format, Path(folder), settings))
+    if "://" in review.annotations:
+        raise ApiError(
+            400, "unsupported_annotations", "review.annotations must be a local path or s3:// URL."
+        )
     path = Path(review.annotations)
     try:
         found = path.exists()
@@ -109,12 +136,43 @@ def load(spec: JobSpec, connections: Connections) -> list[AnnotatedImage]:
         found = False
     if not found:
         raise ApiError(400, "annotations_not_found", f"The annotations {review.annotations!r} do not exist.")
+    return _read(review.format, path)
+
+
+def _read(fmt: AnnotationFormat, path: Path) -> list[AnnotatedImage]:
     try:
-        return read_annotations(review.format, path)
+        return read_annotations(fmt, path)
     except AnnotationError as exc:
-        raise ApiError(
-            400, "bad_annotations", f"The {review.format} annotations cannot be read: {exc}"
-        ) from None
+        raise ApiError(400, "bad_annotations", f"The {fmt} annotations cannot be read: {exc}") from None
+
+
+YOLO_FILES = (".yaml", ".yml", ".txt")  # what a YOLO annotations folder holds besides images
+
+
+def _download(url: str, fmt: AnnotationFormat, folder: Path, settings: Settings) -> Path:
+    """An s3:// annotations file, or YOLO folder (its data.yaml and label files), copied into `folder`;
+    the local path to read. ApiError 400 when there is nothing there."""
+    store = store_for(settings)
+    if fmt != "yolo":
+        target = folder / (PurePosixPath(url).name or "annotations")
+        try:
+            target.write_bytes(store.read(url, "job"))
+        except ApiError as exc:
+            if exc.status == 404:
+                raise ApiError(
+                    400, "annotations_not_found", f"The annotations {url!r}: {exc.message}"
+                ) from None
+            raise
+        return target
+    base = url.rstrip("/") + "/"
+    keys = list(store.list_keys(base, YOLO_FILES))
+    if not keys:
+        raise ApiError(400, "annotations_not_found", f"No YOLO data.yaml or label files under {url!r}.")
+    for key in keys:
+        target = folder.joinpath(*(part for part in key.split("/") if part not in ("", ".", "..")))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(store.read(base + key, "job"))
+    return folder
 
 
 def class_map(
@@ -151,12 +209,12 @@ def class_map(
 
 
 def annotated_items(
-    store: JobStore, job_id: str, spec: JobSpec, connections: Connections
+    store: JobStore, job_id: str, spec: JobSpec, connections: Connections, settings: Settings
 ) -> dict[int, AnnotatedImage]:
     """Item index -> its annotations, for the items still pending (what SAM prompts come from)."""
     review = spec.review
     assert review is not None
-    by_name = {image.name: image for image in load(spec, connections)}
+    by_name = {image.name: image for image in dataset_of(store, job_id, spec, connections, settings)}
     found = {}
     for item in store.items(job_id, status="pending"):
         key = annotation_name(review, item.name)
@@ -179,7 +237,7 @@ def write_review(
     review, target = spec.review, spec.output.directory
     assert review is not None and target is not None
     try:
-        dataset = load(spec, connections)
+        dataset = dataset_of(store, job_id, spec, connections, settings)
         classes, mapping = class_map(review, info, dataset)
     except ApiError as exc:
         raise JobFailed(f"reading the annotations failed: {exc.message}") from None

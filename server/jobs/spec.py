@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.detector import TILE_DESCRIPTION, TILE_OVERLAP_DESCRIPTION, DetectParams
-from server.cvat.spec import CvatIssuesOutput, CvatTaskOutput
+from server.cvat.spec import CvatIssuesOutput, CvatNewTask, CvatTaskOutput
 from server.formats.annotations import AnnotationFormat
 from server.services.collections import Source
 
@@ -122,9 +122,10 @@ class ReviewSpec(BaseModel):
     annotations: str | None = Field(
         default=None,
         min_length=1,
-        description="The annotations, a local path: a COCO instances JSON file, a CVAT for images 1.1 XML "
-        "file, or a YOLO directory (data.yaml and labels/). Their image names are relative to the source "
-        "directory, whose images must all be there. Absent for the cvat_task format.",
+        description="The annotations, a local path or s3:// URL: a COCO instances JSON file, a CVAT for "
+        "images 1.1 XML file, or a YOLO directory (data.yaml and labels/). Their image names are relative "
+        "to the source directory, whose images must all be there. Read once, at submit, and stored with the "
+        "job. Absent for the cvat_task format.",
     )
     format: AnnotationFormat | Literal["cvat_task"] = Field(
         description="coco, cvat_images or yolo; or cvat_task: the source CVAT task's current annotations "
@@ -171,12 +172,30 @@ class SampleSpec(BaseModel):
         le=1000.0,
         description="k-center greedy runs among the prefilter x budget most uncertain images; 0: among all.",
     )
-    embeddings: str = Field(
+    embedding: Literal["sam", "detector"] = Field(
+        default="sam",
+        description="Each image's vector for diversity: sam, the pooled image embedding of the SAM model "
+        "`embeddings` (from the cache when there); or detector, the detector's own features (Ultralytics "
+        "YOLO: its second-to-last layer, average-pooled), which need no SAM model.",
+    )
+    embeddings: str | None = Field(
+        default=None,
         min_length=1,
-        description="The SAM model whose image embeddings (from the cache when there) give each image's "
-        "vector for diversity.",
+        description="The SAM model of embedding 'sam'.",
     )
     seed: int = Field(default=0, ge=0, description="The first k-center pick; the same seed, the same picks.")
+
+    @model_validator(mode="after")
+    def _vectors(self) -> SampleSpec:
+        if (self.embedding == "sam") != (self.embeddings is not None):
+            raise ValueError("embedding 'sam' needs embeddings (a SAM model); 'detector' takes none")
+        return self
+
+    cvat_task: CvatNewTask | None = Field(
+        default=None,
+        description="Also make a new CVAT task of the picked images, in rank order, from the CVAT cloud "
+        "storage of the bucket the pool is in (an s3:// source): no image bytes are copied.",
+    )
 
 
 class JobSpec(BaseModel):
@@ -299,10 +318,18 @@ class JobSpec(BaseModel):
     def issues(self) -> CvatIssuesOutput | None:
         return self.review.cvat_issues if self.review is not None else None
 
+    def new_task(self) -> CvatNewTask | None:
+        return self.sample.cvat_task if self.sample is not None else None
+
     def secrets(self) -> dict[str, dict[str, str]]:
-        """CVAT credentials by place ("source", "output", "issues"); the JSON dump of the spec has them
-        redacted."""
-        places = {"source": self.source.cvat_task, "output": self.output.cvat_task, "issues": self.issues()}
+        """CVAT credentials by place ("source", "output", "issues", "new_task"); the JSON dump of the spec
+        has them redacted."""
+        places = {
+            "source": self.source.cvat_task,
+            "output": self.output.cvat_task,
+            "issues": self.issues(),
+            "new_task": self.new_task(),
+        }
         return {
             place: task.secrets() for place, task in places.items() if task is not None and task.secrets()
         }
@@ -316,4 +343,6 @@ class JobSpec(BaseModel):
             spec.output.cvat_task = spec.output.cvat_task.with_secrets(secrets["output"])
         if spec.review is not None and spec.review.cvat_issues is not None and "issues" in secrets:
             spec.review.cvat_issues = spec.review.cvat_issues.with_secrets(secrets["issues"])
+        if spec.sample is not None and spec.sample.cvat_task is not None and "new_task" in secrets:
+            spec.sample.cvat_task = spec.sample.cvat_task.with_secrets(secrets["new_task"])
         return spec

@@ -47,7 +47,7 @@ class JobStatus(BaseModel):
     images_per_second: float | None = Field(description="This run's throughput (since it last started).")
     eta_seconds: float | None = Field(description="Pending images at that throughput; while running.")
     outputs: list[str] = Field(
-        description="The files written, and the CVAT task uploaded to, once completed."
+        description="The files written, and the CVAT task uploaded to (or made), once completed."
     )
     failures: list[ItemFailure] = Field(description=f"The first {FAILURES_SHOWN} failed images, in order.")
     cvat_upload: CvatUploadStatus | None = Field(
@@ -65,6 +65,9 @@ def job_status(row: JobRow, store: JobStore, settings: Settings, rate: float | N
     upload = store.upload(row.id) if spec.output.cvat_task is not None else None
     if row.state == "completed" and spec.output.cvat_task is not None:
         outputs.append(task_page(spec.output.cvat_task, settings))
+    made = store.created_task(row.id) if row.state == "completed" and spec.new_task() is not None else None
+    if made is not None:  # a sample job's new CVAT task
+        outputs.append(made[1])
     failures = store.failures(row.id, FAILURES_SHOWN) if row.failed else []
     return JobStatus(
         id=row.id,

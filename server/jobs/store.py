@@ -62,6 +62,29 @@ CREATE TABLE IF NOT EXISTS uploads (
     tags INTEGER NOT NULL DEFAULT 0,
     skipped INTEGER NOT NULL DEFAULT 0
 );
+-- What each acknowledged chunk created in CVAT: the annotation's kind ('shape' or 'tag'), CVAT id, CVAT
+-- label id and frame. A corrections report compares them with the task's annotations now: an id gone is a
+-- pre-label someone deleted.
+CREATE TABLE IF NOT EXISTS uploaded (
+    job_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    cvat_id INTEGER NOT NULL,
+    label_id INTEGER NOT NULL,
+    frame INTEGER NOT NULL,
+    PRIMARY KEY (job_id, kind, cvat_id)
+) WITHOUT ROWID;
+-- A review job's annotations as they were at submit (server.formats.annotations.dump_dataset): what it
+-- scores, however the file or CVAT task changes while it runs or before it is resumed.
+CREATE TABLE IF NOT EXISTS annotations (
+    job_id TEXT PRIMARY KEY,
+    data BLOB NOT NULL
+);
+-- The CVAT task a sample job made of its picks, so that a job resumed after making it does not make another.
+CREATE TABLE IF NOT EXISTS created_tasks (
+    job_id TEXT PRIMARY KEY,
+    task_id INTEGER NOT NULL,
+    url TEXT NOT NULL
+);
 -- Video jobs: the tracker's state after item next_index - 1, committed with that item's result, and where the
 -- decoder stood (JSON); resuming restores the tracker and decodes on from there.
 CREATE TABLE IF NOT EXISTS checkpoints (
@@ -109,6 +132,14 @@ class UploadRow:
 
 
 @dataclass(frozen=True)
+class UploadedAnnotation:
+    kind: Literal["shape", "tag"]
+    cvat_id: int
+    label_id: int
+    frame: int
+
+
+@dataclass(frozen=True)
 class Checkpoint:
     next_index: int  # the first item not covered
     position: str  # JSON, the engine's own
@@ -153,8 +184,10 @@ class JobStore:
         entries: Iterable[tuple[str, str]],
         now: float,
         secrets: str | None = None,
+        annotations: bytes | None = None,
     ) -> int:
-        """Insert a queued job and all its items in one transaction: a crash never leaves half a job."""
+        """Insert a queued job and all its items (and a review's annotations) in one transaction: a crash
+        never leaves half a job."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -165,6 +198,10 @@ class JobStore:
                 if secrets is not None:
                     self._db.execute(
                         "INSERT INTO job_secrets (job_id, secrets) VALUES (?, ?)", (job_id, secrets)
+                    )
+                if annotations is not None:
+                    self._db.execute(
+                        "INSERT INTO annotations (job_id, data) VALUES (?, ?)", (job_id, annotations)
                     )
                 cur = self._db.executemany(
                     "INSERT INTO items (job_id, idx, ref, name) VALUES (?, ?, ?, ?)",
@@ -208,7 +245,16 @@ class JobStore:
             if not ids:
                 return 0
             self._db.execute("BEGIN")
-            for table in ("items", "job_secrets", "uploads", "checkpoints"):
+            tables = (
+                "items",
+                "job_secrets",
+                "uploads",
+                "uploaded",
+                "created_tasks",
+                "annotations",
+                "checkpoints",
+            )
+            for table in tables:
                 self._db.executemany(f"DELETE FROM {table} WHERE job_id = ?", [(i,) for i in ids])
             self._db.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in ids])
             self._db.execute("COMMIT")
@@ -388,15 +434,61 @@ class JobStore:
                 (job_id, last),
             )
 
-    def upload_confirmed(self, job_id: str, last: int, shapes: int, tags: int, skipped: int) -> None:
-        """CVAT acknowledged the chunk ending at item `last`, holding these counts."""
+    def upload_confirmed(
+        self,
+        job_id: str,
+        last: int,
+        shapes: int,
+        tags: int,
+        skipped: int,
+        created: Iterable[UploadedAnnotation] = (),
+    ) -> None:
+        """CVAT acknowledged the chunk ending at item `last`, holding these counts; `created` are the CVAT
+        annotations it made (committed in the same transaction)."""
         with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
             self._db.execute(
                 "INSERT INTO uploads (job_id, confirmed, shapes, tags, skipped) VALUES (?, ?, ?, ?, ?) "
                 "ON CONFLICT (job_id) DO UPDATE SET confirmed = excluded.confirmed, started = NULL, "
                 "shapes = shapes + excluded.shapes, tags = tags + excluded.tags, "
                 "skipped = skipped + excluded.skipped",
                 (job_id, last, shapes, tags, skipped),
+            )
+            self._db.executemany(
+                "INSERT OR REPLACE INTO uploaded (job_id, kind, cvat_id, label_id, frame) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(job_id, a.kind, a.cvat_id, a.label_id, a.frame) for a in created],
+            )
+            self._db.execute("COMMIT")
+
+    def uploaded(self, job_id: str) -> list[UploadedAnnotation]:
+        """The CVAT annotations the job's confirmed chunks created, by kind and id."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT kind, cvat_id, label_id, frame FROM uploaded WHERE job_id = ? ORDER BY kind, cvat_id",
+                (job_id,),
+            ).fetchall()
+        return [UploadedAnnotation(*row) for row in rows]
+
+    def annotations(self, job_id: str) -> bytes | None:
+        """A review job's annotations as stored at submit; None for a job stored without them."""
+        with self._lock:
+            row = self._db.execute("SELECT data FROM annotations WHERE job_id = ?", (job_id,)).fetchone()
+        return bytes(row[0]) if row else None
+
+    def created_task(self, job_id: str) -> tuple[int, str] | None:
+        """(CVAT task id, its page) of the task the job made, if it made one."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT task_id, url FROM created_tasks WHERE job_id = ?", (job_id,)
+            ).fetchone()
+        return (int(row[0]), str(row[1])) if row else None
+
+    def set_created_task(self, job_id: str, task_id: int, url: str) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO created_tasks (job_id, task_id, url) VALUES (?, ?, ?)",
+                (job_id, task_id, url),
             )
 
     def done_through(self, job_id: str, last: int) -> int:

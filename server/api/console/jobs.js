@@ -80,7 +80,9 @@ function spec() {
     return result;
   }
   if (result.output.format === "ranking") {
-    result.sample = { budget: Number($("#job-budget").value), embeddings: $("#job-refine").value };
+    // "SAM refine" names the SAM model whose embeddings give the vectors; "none": the detector's own features.
+    const sam = $("#job-refine").value;
+    result.sample = { budget: Number($("#job-budget").value), ...(sam ? { embeddings: sam } : { embedding: "detector" }) };
     return result;
   }
   if ($("#job-refine").value) result.sam_refine = $("#job-refine").value;

@@ -1,4 +1,5 @@
 """/v1/jobs: submit, watch, list and cancel pre-labeling jobs. The engine (server/jobs/engine.py) is JobsDep.
+/v1/corrections: how people corrected a pre-labelled CVAT task (server/jobs/corrections.py).
 
 The handlers are plain functions, so FastAPI runs them on its thread pool: submitting enumerates the source
 (a directory walk) and the store is SQLite, neither of which belongs on the event loop.
@@ -7,8 +8,11 @@ The handlers are plain functions, so FastAPI runs them on its thread pool: submi
 from __future__ import annotations
 
 from fastapi import APIRouter, Query
+from fastapi.responses import PlainTextResponse
 
 from server.api.deps import JobsDep
+from server.formats.corrections import corrections_csv
+from server.jobs.corrections import CorrectionsRequest, ReportFormat, report_rows
 from server.jobs.spec import JobSpec
 from server.jobs.status import JobStatus
 from server.jobs.store import JobState
@@ -16,6 +20,7 @@ from server.ops.request_context import note_image_reference, redact_url
 from server.services.collections import Source
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+corrections_router = APIRouter(prefix="/v1/corrections", tags=["jobs"])
 
 ERRORS = {
     code: {"description": text}
@@ -80,3 +85,30 @@ def resume_job(job_id: str, jobs: JobsDep) -> JobStatus:
 def cancel_job(job_id: str, jobs: JobsDep) -> JobStatus:
     """Cancel a queued or running job; the finished items keep their results."""
     return jobs.cancel(job_id)
+
+
+CORRECTION_ERRORS = {
+    code: {"description": text}
+    for code, text in {
+        400: "CVAT unreachable, credentials refused or unknown task; a task without pre-labels; a job that "
+        "did not upload into this task",
+        404: "Unknown prelabel_job",
+        409: "The job has not completed, or uploaded before labelserve recorded what it uploaded",
+        422: "Invalid request",
+        502: "CVAT failed or answered unexpectedly",
+    }.items()
+}
+
+
+@corrections_router.post(
+    "",
+    responses=CORRECTION_ERRORS | {200: {"content": {"text/csv": {}}, "description": "The report"}},
+)
+def corrections(request: CorrectionsRequest, jobs: JobsDep, format: ReportFormat = "json") -> object:
+    """Per class of a pre-labelled CVAT task: pre-labels accepted (still source auto), edited (semi-auto),
+    deleted (gone; counted only when `prelabel_job` names the job that uploaded them), objects missed
+    (added by a human), and the acceptance rate. `format=csv` answers CSV."""
+    report = jobs.corrections(request)
+    if format == "csv":
+        return PlainTextResponse(corrections_csv(*report_rows(report)), media_type="text/csv")
+    return report
