@@ -4,6 +4,7 @@ keys in rank order, the storage's manifest and `sorting_method: predefined`; no 
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from server.cli import prelabel as cli
 from server.errors import ApiError
 from server.jobs.engine import LocalEngine
 from server.jobs.sample_job import write_sample
@@ -222,3 +224,31 @@ def test_a_cvat_task_pool_in_a_cloud_storage_gives_a_task_of_its_picked_frames(
         assert (other.value.status, other.value.code) == (400, "wrong_cloud_storage")
     finally:
         engine.close()
+
+
+def test_the_cli_flags_describe_the_same_new_task(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`labelserve prelabel --sample … --new-task NAME …` builds the spec the API test above runs."""
+    monkeypatch.setenv("CVAT_ACCESS_TOKEN", TOKEN)
+    parser = argparse.ArgumentParser()
+    cli.add_prelabel_command(parser.add_subparsers(), lambda model, sam: ({}.__getitem__, None))
+    argv = ["prelabel", f"s3://{BUCKET}/pool/", "--model", "rects", "--out", str(tmp_path / "next"),
+            "--sample", str(LOOKS), "--sample-embeddings", "sam_x", "--prefilter", "0",
+            "--new-task", "annotate next", "--new-task-server", "https://cvat.example.com",
+            "--new-task-labels", "thing:rectangle,other", "--new-task-cloud-storage", "7",
+            "--new-task-segment-size", "4"]  # fmt: skip
+    built = cli.build_spec(parser.parse_args(argv))
+    new_task = {
+        "url": "https://cvat.example.com", "token": TOKEN, "name": "annotate next", "cloud_storage_id": 7,
+        "labels": [{"name": "thing", "type": "rectangle"}, {"name": "other"}], "segment_size": 4,
+    }  # fmt: skip
+    expected = spec(tmp_path, {"directory": f"s3://{BUCKET}/pool/"}, new_task)
+    assert built.sample == expected.sample and built.output == expected.output
+    assert built.sample is not None and built.sample.cvat_task is not None
+    assert built.sample.cvat_task.token is not None  # the environment's credentials reached the spec
+
+    orphan = [*argv[: argv.index("--new-task")], "--new-task-project", "3"]
+    with pytest.raises(ValueError, match="--new-task NAME"):
+        cli.build_spec(parser.parse_args(orphan))
+    no_server = [a for a in argv if a not in ("--new-task-server", "https://cvat.example.com")]
+    with pytest.raises(ValueError, match="--new-task-server"):
+        cli.build_spec(parser.parse_args(no_server))

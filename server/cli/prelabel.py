@@ -7,7 +7,7 @@ A single video file (mp4, mkv, mov, webm, avi, ...) is pre-labelled with detecti
 model's opinion, and OUT gets findings.json and report.html (docs/review.md).
 
 `--sample BUDGET --sample-embeddings SAM_MODEL` ranks which images of SOURCE to annotate next: OUT gets
-ranking.json and ranking.csv (docs/sampling.md).
+ranking.json and ranking.csv (docs/sampling.md); `--new-task NAME` also makes a CVAT task of the picks.
 
 `--cvat-task URL/tasks/ID` uploads the results into that CVAT task (as well as, or instead of, writing
 files); with no SOURCE the task's own frames are pre-labelled. Credentials come from the environment, as
@@ -165,6 +165,31 @@ def add_prelabel_command(
         "--prefilter", type=float, default=3.0, help="k-center among PREFILTER x BUDGET (0: all)"
     )
     sample.add_argument("--seed", type=int, default=0, help="the first pick (default 0)")
+    sample.add_argument(
+        "--new-task",
+        metavar="NAME",
+        help="also make a CVAT task NAME of the picks, in rank order, from the CVAT cloud storage the images "
+        "are in (no bytes copied; credentials as for --cvat-task)",
+    )
+    sample.add_argument(
+        "--new-task-server", metavar="URL", help="the CVAT of the new task (default: --cvat-task's)"
+    )
+    sample.add_argument(
+        "--new-task-labels",
+        metavar="NAME[:TYPE],...",
+        help="the new task's labels (TYPE: rectangle, polygon, mask, ...; default any)",
+    )
+    sample.add_argument("--new-task-project", type=int, metavar="ID", help="or: make it in this project")
+    sample.add_argument(
+        "--new-task-cloud-storage",
+        type=int,
+        metavar="ID",
+        help="the CVAT cloud storage of the pool's bucket (default for a --cvat-task pool: the task's)",
+    )
+    sample.add_argument(
+        "--new-task-manifest", metavar="KEY", help="its manifest (default: the first attached)"
+    )
+    sample.add_argument("--new-task-segment-size", type=int, metavar="N", help="images per CVAT job")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prelabel, runtime=runtime, sample_runtime=sample_runtime)
 
@@ -260,8 +285,42 @@ def _sample(args: argparse.Namespace) -> dict[str, Any]:
         if args.sample_embeddings == "detector"
         else {"embedding": "sam", "embeddings": args.sample_embeddings}
     )
-    return vectors | {"budget": args.sample, "uncertainty": args.uncertainty, "prefilter": args.prefilter,
-                      "seed": args.seed}  # fmt: skip
+    sample = vectors | {"budget": args.sample, "uncertainty": args.uncertainty, "prefilter": args.prefilter,
+                        "seed": args.seed}  # fmt: skip
+    if args.new_task is not None:
+        sample["cvat_task"] = _new_task(args)
+    elif any(getattr(args, name) is not None for name in NEW_TASK_OPTIONS):
+        raise ValueError("the --new-task-* options describe the task --new-task NAME makes: give it")
+    return sample
+
+
+NEW_TASK_OPTIONS = ("new_task_server", "new_task_labels", "new_task_project", "new_task_cloud_storage",
+                    "new_task_manifest", "new_task_segment_size")  # fmt: skip
+
+
+def _new_task(args: argparse.Namespace) -> dict[str, Any]:
+    """--new-task and its options as a sample spec's `cvat_task` (server.cvat.spec.CvatNewTask)."""
+    server = args.new_task_server
+    if server is None and args.cvat_task is not None:
+        server = cvat_task_fields(args)["url"]
+    if server is None:
+        raise ValueError("--new-task needs --new-task-server URL (or a --cvat-task pool, whose CVAT it uses)")
+    labels = None
+    if args.new_task_labels is not None:
+        labels = []
+        for item in args.new_task_labels.split(","):
+            name, _, kind = item.strip().partition(":")
+            labels.append({"name": name, "type": kind or "any"})
+    task: dict[str, Any] = {"url": server, "name": args.new_task, **cvat_login()}
+    optional = {
+        "organization": args.cvat_org,
+        "labels": labels,
+        "project_id": args.new_task_project,
+        "cloud_storage_id": args.new_task_cloud_storage,
+        "manifest": args.new_task_manifest,
+        "segment_size": args.new_task_segment_size,
+    }
+    return task | {k: v for k, v in optional.items() if v is not None}
 
 
 def _review(args: argparse.Namespace) -> dict[str, Any]:
@@ -292,11 +351,16 @@ def cvat_task_fields(args: argparse.Namespace) -> dict[str, Any]:
     task: dict[str, Any] = {"url": found["url"], "task_id": int(found["page"] or found["id"])}
     if args.cvat_org:
         task["organization"] = args.cvat_org
+    return task | cvat_login()
+
+
+def cvat_login() -> dict[str, str]:
+    """The environment's CVAT credentials, as cvat-cli reads them, as a spec's login fields."""
     token, user, password = (os.environ.get(k) for k in ("CVAT_ACCESS_TOKEN", "CVAT_USER", "CVAT_PASSWORD"))
     if token:
-        return task | {"token": token}
+        return {"token": token}
     if user and password:
-        return task | {"username": user, "password": password}
+        return {"username": user, "password": password}
     raise ValueError("set CVAT_ACCESS_TOKEN, or CVAT_USER and CVAT_PASSWORD, to log in to CVAT")
 
 
