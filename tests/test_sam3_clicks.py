@@ -453,3 +453,21 @@ def test_cvat_agent_interaction_function_serves_sam3_clicks(
     (shape,) = function.detect(None, frame, clicks)
     assert shape.type == "mask" and shape.points == native
     assert default.get("/v1/cache/stats").json()["encoders"]["sam3/clicks"]["done"]["interactive"] == encodes
+
+
+def test_cvat_nuclio_interactor_serves_sam3_clicks(default: TestClient, images) -> None:
+    """CVAT Community's AI Tools list SAM 3's clicks as an interactor function of their own (the model's
+    own id is its concept detector when it has a vocabulary); it answers /segment's mask for the clicks."""
+    data = images["bus.jpg"]
+    native = segment(default, data, points=[[400, 500], [100, 200]], labels=[1, 0])["masks"][0]["cvat"]
+    functions = default.get("/api/functions").json()
+    assert "labelserve-sam3" not in functions  # no vocabulary configured here: no detector
+    annotations = functions["labelserve-sam3-clicks"]["metadata"]["annotations"]
+    assert (annotations["type"], annotations["name"]) == ("interactor", "labelserve sam3 clicks")
+    frame = base64.b64encode(data).decode()
+    payload = {"image": frame, "pos_points": [[400, 500]], "neg_points": [[100, 200]]}
+    headers = {"x-nuclio-function-name": "labelserve-sam3-clicks"}
+    reply = default.post("/api/function_invocations", json=payload, headers=headers)
+    assert reply.status_code == 200, reply.text
+    (shape,) = reply.json()["shapes"]
+    assert shape["type"] == "mask" and shape["points"] == native

@@ -84,8 +84,11 @@ def invoke(client: TestClient, data: bytes, threshold: float = THRESHOLD) -> lis
 
 def test_the_nuclio_detector_declares_the_vocabulary(masks: TestClient, boxes: TestClient) -> None:
     for client, label_type in ((masks, "mask"), (boxes, "rectangle")):
-        function = client.get("/api/functions").json()["labelserve-sam3"]
+        functions = client.get("/api/functions").json()
+        function = functions["labelserve-sam3"]
         assert function["metadata"]["annotations"]["type"] == "detector"
+        # The click head is an interactor of its own (tests/test_sam3_clicks.py invokes it).
+        assert functions["labelserve-sam3-clicks"]["metadata"]["annotations"]["type"] == "interactor"
         spec = json.loads(function["metadata"]["annotations"]["spec"])
         assert [(label["name"], label["type"]) for label in spec] == [
             ("vehicle", label_type),

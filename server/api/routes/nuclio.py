@@ -70,7 +70,8 @@ class NuclioFunction:
             annotations = _INTERACTOR
         else:
             weights = svc.registry.record(self.model).weights
-            name = f"labelserve {self.model}"
+            clicks = self.id == clicks_function_id(self.model)
+            name = f"labelserve {self.model}" + (" clicks" if clicks else "")
             description = f"Interactive segmentation with {self.model} ({weights}), embeddings cached"
             annotations = _INTERACTOR
         return {
@@ -91,6 +92,11 @@ class NuclioFunction:
 
 def function_id(model: str) -> str:
     return "labelserve-" + model.replace("_", "-")
+
+
+def clicks_function_id(model: str) -> str:
+    """The interactor of a model whose own id is its detector function (SAM 3: concepts and clicks)."""
+    return function_id(model) + "-clicks"
 
 
 def tracker_function_id(tracker: str) -> str:
@@ -130,11 +136,17 @@ def catalogue(svc: Services) -> dict[str, NuclioFunction]:
         for model, kind in loaded.items()
         if kind in ("detector", "segmenter")  # tracker models are listed below, with the other trackers
     }
-    # A concept model (SAM 3) is a detector of the server's vocabulary, when it has one.
+    # A concept model (SAM 3) is a detector of the server's vocabulary, when it has one, and with a click head
+    # also an interactor: CVAT wants one kind per function, so the clicks get a function of their own.
     for record in records:
-        if record["kind"] == "concept" and "detector" in record["kinds"] and record.get("classes"):
+        if record["kind"] != "concept":
+            continue
+        if "detector" in record["kinds"] and record.get("classes"):
             fid = function_id(record["name"])
             functions[fid] = NuclioFunction(fid, "detector", record["name"])
+        if "segmenter" in record["kinds"]:
+            fid = clicks_function_id(record["name"])
+            functions[fid] = NuclioFunction(fid, "interactor", record["name"])
     for tracker in svc.track.names():
         fid = tracker_function_id(tracker)
         functions[fid] = NuclioFunction(fid, "tracker", tracker)
