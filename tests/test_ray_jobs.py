@@ -3,7 +3,8 @@
 fall detector and MobileSAM refinement, an s3:// source and output on moto); an actor killed mid-job loses
 and duplicates nothing, with progress on GET /v1/jobs/{id}; a driver killed mid-job (`labelserve prelabel
 --engine ray` in its own process, joined to the cluster) resumes from the ledger into byte-identical output.
-A video job and a CVAT task job (frames read by the actors, upload by the driver) equal the local engine's.
+A video job, a CVAT task job (frames read by the actors, upload by the driver), and local folder, paths and
+manifest sources into YOLO, CVAT XML and COCO files equal the local engine's.
 The refusals, an actor that cannot load its model, and the RayJob manifest are checked too. Skipped without
 the `ray` extra."""
 
@@ -185,6 +186,58 @@ def test_ray_output_is_the_local_engines_byte_for_byte(cluster: str, tmp_path: P
     assert ray_rows == local_rows
     assert sum(r[5].count('"kind":"mask"') for r in local_rows) > 0  # SAM refined some boxes into masks
     assert ray_files == local_files and local_files
+
+
+@pytest.mark.parametrize(
+    ("source_kind", "fmt"), [("directory", "yolo"), ("paths", "cvat_images"), ("manifest", "coco")]
+)
+def test_local_sources_and_file_formats_on_ray_equal_the_local_engines(
+    cluster: str, tmp_path: Path, source_kind: str, fmt: str
+) -> None:
+    """The sources and formats the s3:// test above does not take: a local folder, a list of paths, a CVAT
+    manifest.jsonl beside its images; YOLO, CVAT XML and COCO files. Same bytes from both engines."""
+    from server.scale.batch import RayBatchEngine
+
+    from .test_s3_sources import manifest_text
+
+    fall = str(fall_checkpoint())
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    names = ["bus.jpg", "sub/zidane.jpg", "scene.jpg"]
+    (images / names[0]).write_bytes(ultralytics_asset("bus.jpg").read_bytes())
+    (images / names[1]).write_bytes(ultralytics_asset("zidane.jpg").read_bytes())
+    (images / names[2]).write_bytes(encode_image(synthetic_scene(320, 240, seed=3), "JPEG"))
+    (images / "manifest.jsonl").write_text(manifest_text(names))
+    source = {
+        "directory": {"directory": str(images)},
+        "paths": {"paths": [str(images / name) for name in names]},
+        "manifest": {"manifest": str(images / "manifest.jsonl")},
+    }[source_kind]
+    settings = make_settings(tmp_path, models=[], data_dir=tmp_path / "data")
+    registry, _ = load_job_models(settings, fall, None)
+    outputs = {}
+    for name in ("local", "ray"):
+        out = tmp_path / f"out-{name}"
+        spec = JobSpec.model_validate(
+            {"source": source, "detector": fall, "params": {"conf": 0.05, "imgsz": 320}, "batch_size": 2,
+             "output": {"format": fmt, "directory": str(out)}, "engine": name}
+        )  # fmt: skip
+        engine = LocalEngine(
+            registry.detector,
+            state_db=tmp_path / f"{name}.sqlite3",
+            settings=settings,
+            readers=0,
+            ray=RayBatchEngine(settings) if name == "ray" else None,
+        )
+        try:
+            status = wait_for(engine, engine.submit(spec).id, timeout=120)
+            assert (status.state, status.done, status.failed) == ("completed", 3, 0), status
+        finally:
+            engine.close()
+        outputs[name] = {
+            str(f.relative_to(out)): f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file()
+        }
+    assert outputs["ray"] == outputs["local"] and outputs["local"]
 
 
 def test_a_video_job_on_ray_writes_the_local_engines_tracks(cluster: str, tmp_path: Path) -> None:
