@@ -13,6 +13,7 @@ import json
 import shutil
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -21,6 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cvat_sdk import models as cvat_models
+from cvat_sdk.core.client import AccessTokenCredentials, Client
+from cvat_sdk.core.proxies.annotations import AnnotationUpdateAction
 from PIL import Image
 
 from models.sam3 import TINY_CONFIG, sam3_config
@@ -28,6 +32,7 @@ from server.api.auth import hash_key, new_key
 from server.formats.rle import cvat_rle_decode
 
 from .conftest import encode_image, fall_checkpoint, ultralytics_asset
+from .cvat_emulator import CvatEmulator
 from .server_process import ROOT, ServerProcess
 from .synthetic_video import SyntheticVideo, box_iou
 
@@ -426,6 +431,130 @@ def test_a_review_job_from_the_form_writes_its_findings(console: Console, tmp_pa
     ranking = json.loads((tmp_path / "next" / "ranking.json").read_text())
     assert [r["rank"] for r in ranking["images"]] == [1, 2] and ranking["summary"]["pool"] == 4
     assert console.errors == []
+
+
+def test_the_corrections_report_shows_the_apis_counts_for_a_reviewed_cvat_task(
+    console: Console, server: ServerProcess, tmp_path: Path
+) -> None:
+    """A task pre-labelled by a job of this server, then reviewed through cvat-sdk (an edit, a deletion, an
+    added object): the page's table holds the API's numbers for the same request, and the constructed ones."""
+    token = "good-token"
+    small = Image.open(ultralytics_asset("bus.jpg")).resize((405, 540))
+    images = tmp_path / "frames"
+    images.mkdir()
+    for i in range(2):
+        small.save(images / f"{i}.jpg", quality=90)
+    names = sorted(p.name for p in images.iterdir())
+    with CvatEmulator(token=token) as cvat:
+        task = cvat.add_task(
+            [{"name": "Normal"}, {"name": "Fall"}], [(n, (images / n).read_bytes()) for n in names]
+        )
+        connection = {"url": cvat.url, "task_id": task.id, "token": token}
+        spec = {"source": {"directory": str(images)}, "detector": "fall", "output": {"cvat_task": connection}}
+        created = server.http.post("/v1/jobs", json=spec)
+        assert created.status_code == 201, created.text
+        job_id = created.json()["id"]
+        deadline = time.monotonic() + 120
+        while (job := server.http.get(f"/v1/jobs/{job_id}").json())["state"] not in ("completed", "failed"):
+            assert time.monotonic() < deadline, job
+            time.sleep(0.3)
+        assert job["state"] == "completed", job
+
+        # The review, by construction: the first pre-label moved (semi-auto), the second deleted, one object
+        # added by hand on a label of its own.
+        labels = {label["name"]: label["id"] for label in task.labels}
+        names = {number: name for name, number in labels.items()}
+        with Client(cvat.url, check_server_version=False) as client:
+            client.login(AccessTokenCredentials(token))
+            proxy = client.tasks.retrieve(task.id)
+            shapes = sorted(proxy.get_annotations().shapes, key=lambda s: s.id)
+            assert len(shapes) >= 3 and all(s.source == "auto" for s in shapes)
+            uploaded = Counter(names[s.label_id] for s in shapes)
+            edited = cvat_models.LabeledShapeRequest(**shapes[0].to_dict())
+            edited.points = [shapes[0].points[0] + 3, *shapes[0].points[1:]]
+            edited.source = "semi-auto"
+            proxy.update_annotations(
+                cvat_models.PatchedLabeledDataRequest(shapes=[edited]), action=AnnotationUpdateAction.UPDATE
+            )
+            proxy.remove_annotations(ids=[shapes[1].id])
+            added = cvat_models.LabeledShapeRequest(
+                type="rectangle",
+                frame=0,
+                label_id=labels["Fall"],
+                points=[1.0, 2.0, 30.0, 40.0],
+                source="manual",
+            )
+            proxy.update_annotations(
+                cvat_models.PatchedLabeledDataRequest(shapes=[added]), action=AnnotationUpdateAction.CREATE
+            )
+        first, second = (names[s.label_id] for s in shapes[:2])
+        expected = {name: Counter(accepted=uploaded[name]) for name in labels}
+        expected[first].update(edited=1, accepted=-1)
+        expected[second].update(deleted=1, accepted=-1)
+        expected["Fall"].update(missed=1)
+
+        console.models_listed()
+        console.tab("jobs")
+        console.page.wait_for_selector(f"#corrections-job option[value='{job_id}']", state="attached")
+        console.page.select_option("#corrections-job", job_id)  # fills in the task and CVAT's URL
+        assert console.page.input_value("#corrections-task") == str(task.id)
+        assert console.page.input_value("#corrections-url") == cvat.url
+        console.page.fill("#corrections-token", token)
+        columns = ("accepted", "edited", "relabelled", "deleted", "missed", "other")
+
+        def table() -> dict[str, list[str]]:
+            console.page.click("#corrections-form button[type=submit]")
+            console.page.wait_for_selector("#corrections-table tr.total")
+            found = console.page.eval_on_selector_all(
+                "#corrections-table tr[data-label]",
+                "rows => rows.map(r => [...r.children].map(c => c.textContent))",
+            )  # fmt: skip
+            return {row[0]: row[1:] for row in found}
+
+        def shown(row: dict) -> list[str]:
+            rate = row["acceptance_rate"]
+            values = ["–" if row[c] is None else str(row[c]) for c in columns]
+            return [*values, "–" if rate is None else f"{100 * rate:.1f} %"]
+
+        body = {"task": connection, "prelabel_job": job_id}
+        report = server.http.post("/v1/corrections", json=body).json()
+        got = table()
+        assert got == {row["label"]: shown(row) for row in [*report["classes"], report["total"]]}
+        for name, want in expected.items():  # the API's numbers are the constructed ones
+            row = next(r for r in report["classes"] if r["label"] == name)
+            assert {c: row[c] for c in ("accepted", "edited", "deleted", "missed")} == {
+                c: want[c] for c in ("accepted", "edited", "deleted", "missed")
+            }
+            if uploaded[name]:
+                assert row["acceptance_rate"] == round(want["accepted"] / uploaded[name], 4)
+        assert "Deleted unknown" not in console.page.inner_text("#corrections-note")
+        console.shot("jobs-corrections")
+
+        # The same request as CSV, downloaded: the API's bytes.
+        with console.page.expect_download() as download:
+            console.page.click("#corrections-csv")
+        saved = Path(download.value.path()).read_text()
+        assert saved == server.http.post("/v1/corrections?format=csv", json=body).text
+        assert saved.splitlines()[0].startswith("label,accepted,edited")
+
+        # Without the job: deletions unknown, as the API says.
+        console.page.select_option("#corrections-job", "")
+        alone = server.http.post("/v1/corrections", json={"task": connection}).json()
+        assert alone["deletions_known"] is False
+        got = table()
+        assert got == {row["label"]: shown(row) for row in [*alone["classes"], alone["total"]]}
+        assert got["total"][columns.index("deleted")] == "–"
+        assert "Deleted unknown" in console.page.inner_text("#corrections-note")
+
+        # An API error is shown as its message, and the table is cleared.
+        console.page.fill("#corrections-token", "bad")
+        console.page.click("#corrections-form button[type=submit]")
+        status = console.page.locator("#corrections-status.error")
+        status.filter(has_text="cvat_auth_failed").wait_for()
+        assert console.page.locator("#corrections-table tr").count() == 0
+    # The only failed call is the refused token's, which the browser logs as a failed load.
+    assert [(m, p, s) for m, p, s in console.calls if s >= 400] == [("POST", "/v1/corrections", 400)]
+    assert all("status of 400" in e for e in console.errors), console.errors
 
 
 def test_with_keys_the_page_refuses_to_act_without_a_key_and_works_with_one(browser, tmp_path: Path) -> None:

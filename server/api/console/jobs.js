@@ -1,7 +1,9 @@
-// Jobs: submit a pre-labeling job, watch every job's progress live, see failures, cancel and resume; and
-// prefetch runs (embeddings computed ahead of the annotator): start one, watch and cancel them.
+// Jobs: submit a pre-labeling job, watch every job's progress live, see failures, cancel and resume; a
+// pre-labelled CVAT task's corrections report (corrections.js); and prefetch runs (embeddings computed ahead of
+// the annotator): start one, watch and cancel them.
 
 import { api, can, needs } from "./api.js";
+import { initCorrections, setPrelabelJobs } from "./corrections.js";
 import { $, duration, el, errorText } from "./ui.js";
 
 const ACTIVE = new Set(["queued", "running"]);
@@ -15,6 +17,7 @@ const SOURCE_HINTS = {
 export function initJobs() {
   $("#job-form").addEventListener("submit", submit);
   $("#prefetch-form").addEventListener("submit", submitPrefetch);
+  initCorrections();
   for (const kind of document.querySelectorAll("select.source-kind")) {
     kind.addEventListener("change", () => {
       $(`#${kind.dataset.for}`).placeholder = SOURCE_HINTS[kind.value];
@@ -53,7 +56,7 @@ export function accessChanged() {
   const allowed = can("jobs");
   $("#jobs-denied").textContent = allowed ? "" : needs("jobs");
   $("#jobs-denied").hidden = allowed;
-  for (const control of document.querySelectorAll("#job-form .needs-jobs")) control.disabled = !allowed;
+  for (const control of document.querySelectorAll("#job-form .needs-jobs, #corrections-form .needs-jobs")) control.disabled = !allowed;
   const prefetch = can("interactive");
   $("#prefetch-denied").textContent = prefetch ? "" : needs("interactive");
   $("#prefetch-denied").hidden = prefetch;
@@ -173,6 +176,7 @@ export async function refreshJobs() {
   const reply = await api("GET", "/v1/jobs?limit=50");
   if (!reply.ok) return $("#jobs-list").replaceChildren(el("li", { class: "error" }, errorText(reply.error)));
   const jobs = reply.data.jobs;
+  setPrelabelJobs(jobs);
   $("#jobs-list").replaceChildren(...(jobs.length ? jobs.map(jobRow) : [el("li", { class: "muted" }, "No jobs yet.")]));
   $("#tab-button-jobs").dataset.active = String(jobs.filter((j) => ACTIVE.has(j.state)).length || "");
 }
