@@ -558,10 +558,11 @@ def test_the_corrections_report_shows_the_apis_counts_for_a_reviewed_cvat_task(
 
 
 def test_with_keys_the_page_refuses_to_act_without_a_key_and_works_with_one(browser, tmp_path: Path) -> None:
-    full, jobs_only = new_key(), new_key()
+    full, jobs_only, clicks_only = new_key(), new_key(), new_key()
     keys = [
         {"id": "annotator", "hash": hash_key(full), "scopes": ["interactive", "jobs"]},
         {"id": "batch", "hash": hash_key(jobs_only), "scopes": ["jobs"]},
+        {"id": "clicks", "hash": hash_key(clicks_only), "scopes": ["interactive"]},
     ]
     env = {
         "LABELSERVE_WEIGHTS_DIR": str(tmp_path / "weights"),
@@ -597,6 +598,8 @@ def test_with_keys_the_page_refuses_to_act_without_a_key_and_works_with_one(brow
             page.page.locator("#models-table tr[data-model='fall'] button").wait_for()
             assert page.page.locator("#models-table tr[data-model='fall'] button").is_disabled()
             assert "admin key needed" in page.page.inner_text("#models-table tr[data-model='fall']")
+            page.tab("jobs")
+            assert page.page.locator("#corrections-form button[type=submit]").is_enabled()  # jobs scope
             page.shot("keys-jobs-scope")
 
             # The annotator's key works: a detection is drawn.
@@ -612,6 +615,17 @@ def test_with_keys_the_page_refuses_to_act_without_a_key_and_works_with_one(brow
             page.wait_for("() => document.querySelector('#try-stage').dataset.detectConf")
             assert page.page.locator("#try-stage .det-box").count() > 0
             page.shot("keys-annotator")
+
+            # A key without the jobs scope: the corrections report says what it lacks, its controls disabled.
+            page.page.click("#key-forget")
+            page.page.wait_for_selector("#key-form", state="visible")
+            page.page.fill("#key-input", clicks_only)
+            page.page.click("#key-form button")
+            page.page.locator("#key-who-text").filter(has_text="clicks").wait_for()
+            page.tab("jobs")
+            assert "needs the jobs scope" in page.page.inner_text("#jobs-denied")
+            for control in ("#corrections-task", "#corrections-csv", "#corrections-form button[type=submit]"):
+                assert page.page.locator(control).is_disabled(), control
             # Every refusal was the server's own (401 without a valid key), not the page's guess.
             refused = {(p, s) for _, p, s in page.calls if s >= 400}
             assert refused == {("/v1/whoami", 401)}
