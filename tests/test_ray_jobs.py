@@ -17,7 +17,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -31,6 +31,7 @@ from server.cli import build_parser
 from server.cli import prelabel as cli
 from server.jobs.engine import LocalEngine
 from server.jobs.spec import JobSpec
+from server.jobs.status import JobStatus
 from server.services.detect import load_job_models
 from server.settings import Settings
 from tests.jobs_helpers import RectDetector, rect_models, wait_for, write_dataset
@@ -120,12 +121,29 @@ def test_unsupported_job_kinds_are_refused_on_ray(tmp_path: Path) -> None:
         engine.close()
 
 
+def run_job(
+    spec: JobSpec, detector: Callable, refine: Callable | None, settings: Settings, tmp_path: Path
+) -> tuple[JobStatus, list[tuple]]:
+    """The job on the engine its spec names (its own ledger file), to the end: its status and ledger rows."""
+    from server.scale.batch import RayBatchEngine
+
+    ray = RayBatchEngine(settings) if spec.engine == "ray" else None
+    db = tmp_path / f"{spec.engine}.sqlite3"
+    engine = LocalEngine(detector, refine, state_db=db, settings=settings, readers=0, ray=ray)
+    try:
+        job_id = engine.submit(spec).id
+        status = wait_for(engine, job_id, timeout=120)
+        rows = [(r.index, r.name, r.status, r.width, r.height, r.result) for r in engine.store.items(job_id)]
+    finally:
+        engine.close()
+    return status, rows
+
+
 def test_ray_output_is_the_local_engines_byte_for_byte(cluster: str, tmp_path: Path) -> None:
     """The real fall detector (conf 0.05, so that every image has boxes) with MobileSAM refinement (seeded
     random weights), batches of 2, images read from an s3:// prefix and COCO written to s3://, by each
     engine: the same ledger rows and the same bytes. Every other format is written from those rows by the
     same code."""
-    from server.scale.batch import RayBatchEngine
 
     fall = str(fall_checkpoint())
     with moto_s3() as moto:
@@ -156,24 +174,8 @@ def test_ray_output_is_the_local_engines_byte_for_byte(cluster: str, tmp_path: P
                     "engine": name,
                 }
             )
-            engine = LocalEngine(
-                registry.detector,
-                detect.refine_for_job,
-                state_db=tmp_path / f"{name}.sqlite3",
-                settings=settings,
-                readers=0,
-                ray=RayBatchEngine(settings) if name == "ray" else None,
-            )
-            try:
-                job_id = engine.submit(spec).id
-                status = wait_for(engine, job_id, timeout=120)
-                assert (status.state, status.done, status.failed) == ("completed", 5, 0), status
-                rows = [
-                    (r.index, r.name, r.status, r.width, r.height, r.result)
-                    for r in engine.store.items(job_id)
-                ]
-            finally:
-                engine.close()
+            status, rows = run_job(spec, registry.detector, detect.refine_for_job, settings, tmp_path)
+            assert (status.state, status.done, status.failed) == ("completed", 5, 0), status
             listing = s3.list_objects_v2(Bucket="frames", Prefix=f"out-{name}/")["Contents"]
             files = {
                 o["Key"].removeprefix(f"out-{name}/"): s3.get_object(Bucket="frames", Key=o["Key"])[
@@ -196,7 +198,6 @@ def test_local_sources_and_file_formats_on_ray_equal_the_local_engines(
 ) -> None:
     """The sources and formats the s3:// test above does not take: a local folder, a list of paths, a CVAT
     manifest.jsonl beside its images; YOLO, CVAT XML and COCO files. Same bytes from both engines."""
-    from server.scale.batch import RayBatchEngine
 
     from .test_s3_sources import manifest_text
 
@@ -222,18 +223,8 @@ def test_local_sources_and_file_formats_on_ray_equal_the_local_engines(
             {"source": source, "detector": fall, "params": {"conf": 0.05, "imgsz": 320}, "batch_size": 2,
              "output": {"format": fmt, "directory": str(out)}, "engine": name}
         )  # fmt: skip
-        engine = LocalEngine(
-            registry.detector,
-            state_db=tmp_path / f"{name}.sqlite3",
-            settings=settings,
-            readers=0,
-            ray=RayBatchEngine(settings) if name == "ray" else None,
-        )
-        try:
-            status = wait_for(engine, engine.submit(spec).id, timeout=120)
-            assert (status.state, status.done, status.failed) == ("completed", 3, 0), status
-        finally:
-            engine.close()
+        status, _ = run_job(spec, registry.detector, None, settings, tmp_path)
+        assert (status.state, status.done, status.failed) == ("completed", 3, 0), status
         outputs[name] = {
             str(f.relative_to(out)): f.read_bytes() for f in sorted(out.rglob("*")) if f.is_file()
         }
