@@ -31,8 +31,10 @@ def _serve(args: argparse.Namespace) -> int:
 def _prelabel_runtime(model: str, sam_refine: str | None):  # -> (get_detector, refine)
     """Models for `labelserve prelabel`, loaded in this process. MODEL is a manifest name or a local
     checkpoint path (.pt), as in LABELSERVE_DETECTOR_PATHS."""
-    registry, detect = _load_models(model, sam_refine)
-    return registry.detector, detect.refine_for_job if detect is not None else None
+    from server.services.detect import job_runtime
+    from server.settings import Settings
+
+    return job_runtime(Settings(), model, sam_refine)
 
 
 def _sample_runtime(model: str, sam: str | None):  # -> (get_detector, embed)

@@ -112,7 +112,7 @@ class CvatTaskOutput(CvatConnection):
         """Whether the upload goes back into the source task (frames then match by index, not by name)."""
         if source is None or self.task_id != source.task_id:
             return False
-        return (self.profile, _server(self.url)) == (source.profile, _server(source.url))
+        return (self.profile, server_key(self.url)) == (source.profile, server_key(source.url))
 
 
 class CvatIssuesOutput(CvatConnection):
@@ -174,5 +174,6 @@ class CvatNewTask(CvatConnection):
         return self
 
 
-def _server(url: str | None) -> str | None:
-    return url.rstrip("/").lower() if url else None
+def server_key(url: str | None) -> str:
+    """A CVAT server's address as compared: without a trailing slash, case-folded ("" for none)."""
+    return url.rstrip("/").lower() if url else ""

@@ -24,7 +24,7 @@ from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
 from models.detector import DetectorInfo
-from server.cvat.spec import CvatConnection, CvatTaskOutput, CvatTaskSource
+from server.cvat.spec import CvatConnection, CvatTaskOutput, CvatTaskSource, server_key
 from server.errors import ApiError
 from server.formats.cvat_json import LABEL_TYPES
 from server.inputs.objectstore.locations import S3Url, profile_for
@@ -77,7 +77,7 @@ class Login:
                 f"This server has no CVAT profile {connection.profile!r} "
                 f"(LABELSERVE_CVAT_PROFILES has: {known}).",
             )
-        if connection.url and _server(connection.url) != _server(profile.url):
+        if connection.url and server_key(connection.url) != server_key(profile.url):
             # The profile's credentials go to the profile's server only, never to a URL from the request.
             raise ApiError(
                 400,
@@ -271,10 +271,6 @@ def _endpoint(url: str) -> tuple[str, str]:
 
 def _secret(value: Any) -> str | None:
     return value.get_secret_value() if value is not None else None
-
-
-def _server(url: str) -> str:
-    return url.rstrip("/").lower()
 
 
 def frame_name(name: str) -> str:

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from server.cvat.spec import CvatConnection, CvatTaskSource
+from server.cvat.spec import CvatConnection, CvatTaskSource, server_key
 from server.cvat.tasks import Connections
 from server.errors import ApiError
 from server.jobs.spec import JobSpec
@@ -148,7 +148,7 @@ def _server(connection: CvatConnection, settings: Settings) -> str:
     if connection.profile is not None:
         profile = settings.cvat_profiles.get(connection.profile)
         url = profile.url if profile is not None else f"profile {connection.profile}"
-    return (url or "").rstrip("/").lower()
+    return server_key(url)
 
 
 def latest_upload(store: JobStore, settings: Settings, task: CvatTaskSource) -> str | None:

@@ -45,7 +45,7 @@ from server.jobs.engine import GetDetector, job_detector
 from server.jobs.image_job import BatchRecorder, BatchWorker, ImageRun, Read, Refine, aligned_batches
 from server.jobs.spec import JobSpec
 from server.jobs.store import Outcome
-from server.services.detect import load_job_models
+from server.services.detect import job_runtime
 from server.settings import Settings
 
 log = logging.getLogger("labelserve.jobs")
@@ -53,12 +53,6 @@ log = logging.getLogger("labelserve.jobs")
 # (settings, detector name, SAM model or None) -> (get_detector, refine): how an actor builds its models.
 # It runs in the actor's process, so it must be importable there (a module-level function).
 Models = Callable[[Settings, str, str | None], tuple[GetDetector, Refine | None]]
-
-
-def job_models(settings: Settings, detector: str, sam: str | None) -> tuple[GetDetector, Refine | None]:
-    """The models a job's actor needs, loaded in the actor (the detector, and SAM for `sam_refine`)."""
-    registry, detect = load_job_models(settings, detector, sam)
-    return registry.detector, detect.refine_for_job if detect is not None else None
 
 
 class _Worker:
@@ -123,7 +117,7 @@ class RayBatchEngine:
     already connected (a RayJob's entrypoint, or tests). `models` builds the job's models inside each actor.
     """
 
-    def __init__(self, settings: Settings, models: Models = job_models) -> None:
+    def __init__(self, settings: Settings, models: Models = job_runtime) -> None:
         self._settings = settings
         self._models = models
         self._lock = threading.Lock()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -176,3 +177,12 @@ def load_job_models(
     registry.load_enabled()
     registry.detector(detector)  # raises with the fix when the weights are missing
     return registry, DetectService(registry, settings, SamService(registry, settings)) if sam else None
+
+
+def job_runtime(
+    settings: Settings, detector: str, sam: str | None
+) -> tuple[Callable[[str], Detector], Callable[..., list[Shape]] | None]:
+    """load_job_models as a job engine takes them: the detector lookup, and SAM refinement when `sam` is
+    given. For `labelserve prelabel` and each actor of a Ray job, which must import it by name."""
+    registry, detect = load_job_models(settings, detector, sam)
+    return registry.detector, detect.refine_for_job if detect is not None else None
